@@ -61,12 +61,13 @@ cdef struct drb_waiter:
 
 # ---- producer -------------------------------------------------------------
 
-cdef inline int64_t prod_space(drb_prod *p) noexcept nogil:
-    """Free entries, refreshing the peer's head only when the cached one is
-    not enough; -EPROTO if the peer published an impossible head."""
+cdef inline int64_t prod_space(drb_prod *p, uint32_t want) noexcept nogil:
+    """Free entries, loading the peer's head (a shared cache line) only when
+    the cached one leaves fewer than `want`; -EPROTO if the peer published
+    an impossible head."""
     cdef uint32_t used = p.local_tail - p.cached_head
     cdef uint32_t h
-    if used >= p.size:
+    if p.size - used < want:
         h = drb_load_acquire(p.head)
         used = p.local_tail - h
         if used > p.size:
@@ -97,7 +98,7 @@ cdef inline void prod_publish(drb_prod *p, uint32_t n) noexcept nogil:
 cdef inline uint32_t prod_push(drb_prod *p, const char *src, uint32_t n) noexcept nogil:
     """Copy up to n entries from src; returns how many went in (0 if full or
     the peer is corrupt; callers that care use prod_space first)."""
-    cdef int64_t free_ = prod_space(p)
+    cdef int64_t free_ = prod_space(p, n)
     cdef uint32_t i, k
     if free_ <= 0:
         return 0
@@ -110,11 +111,13 @@ cdef inline uint32_t prod_push(drb_prod *p, const char *src, uint32_t n) noexcep
 
 # ---- consumer -------------------------------------------------------------
 
-cdef inline int64_t cons_avail(drb_cons *c) noexcept nogil:
-    """Entries ready to read; -EPROTO if the peer published an impossible tail."""
+cdef inline int64_t cons_avail(drb_cons *c, uint32_t want) noexcept nogil:
+    """Entries ready to read, loading the peer's tail only when the cached
+    one shows fewer than `want`; -EPROTO if the peer published an
+    impossible tail."""
     cdef uint32_t avail = c.cached_tail - c.local_head
     cdef uint32_t t
-    if avail == 0:
+    if avail < want:
         t = drb_load_acquire(c.tail)
         avail = t - c.local_head
         if avail > c.size:
@@ -134,7 +137,7 @@ cdef inline void cons_release(drb_cons *c, uint32_t n) noexcept nogil:
 
 cdef inline uint32_t cons_pop(drb_cons *c, char *dst, uint32_t n) noexcept nogil:
     """Copy up to n entries out (the only read of them: no double fetch)."""
-    cdef int64_t avail = cons_avail(c)
+    cdef int64_t avail = cons_avail(c, n)
     cdef uint32_t i, k
     if avail <= 0:
         return 0
@@ -208,7 +211,7 @@ cdef inline int64_t drb_deadline(int64_t timeout_ns) noexcept nogil:
 cdef inline int64_t drb_wait_cons(drb_waiter *w, drb_cons *c, int64_t timeout_ns) noexcept nogil:
     """Wait until the consumer has entries: spin for the budget, then sleep.
     Returns the number available, 0 on timeout, or a negative errno."""
-    cdef int64_t n = cons_avail(c)
+    cdef int64_t n = cons_avail(c, 1)
     cdef int64_t deadline, spin_end
     cdef int i, r
     if n != 0:
@@ -221,7 +224,7 @@ cdef inline int64_t drb_wait_cons(drb_waiter *w, drb_cons *c, int64_t timeout_ns
         while True:
             for i in range(DRB_SPIN_CHUNK):
                 drb_cpu_relax()
-                n = cons_avail(c)
+                n = cons_avail(c, 1)
                 if n != 0:
                     return n
             if <int64_t>drb_now_ns() >= spin_end:
@@ -229,13 +232,13 @@ cdef inline int64_t drb_wait_cons(drb_waiter *w, drb_cons *c, int64_t timeout_ns
     while True:
         drb_store_relaxed(w.my_flags, DRB_NEED_WAKEUP)
         drb_fence()       # pairs with the fence in the peer's drb_notify
-        n = cons_avail(c)
+        n = cons_avail(c, 1)
         if n != 0:
             drb_store_relaxed(w.my_flags, 0)
             return n
         r = drb_block(w, deadline)
         drb_store_relaxed(w.my_flags, 0)
-        n = cons_avail(c)
+        n = cons_avail(c, 1)
         if n != 0:
             return n
         if r <= 0:
@@ -245,7 +248,7 @@ cdef inline int64_t drb_wait_cons(drb_waiter *w, drb_cons *c, int64_t timeout_ns
 cdef inline int64_t drb_wait_prod(drb_waiter *w, drb_prod *p, uint32_t need, int64_t timeout_ns) noexcept nogil:
     """Wait until the producer has room for `need` entries (need <= size).
     Returns the free count, 0 on timeout, or a negative errno."""
-    cdef int64_t n = prod_space(p)
+    cdef int64_t n = prod_space(p, need)
     cdef int64_t deadline, spin_end
     cdef int i, r
     if n < 0 or n >= need:

@@ -153,3 +153,32 @@ def decode_header(raw: bytes, magic: bytes) -> Geometry:
         if got != want:
             raise LayoutError(f"{name} {got} does not match the geometry ({want})")
     return geo
+
+
+# Byte-level encodings of the kernel's entries, for Python-side tools and
+# tests (the Cython paths use the kernel's own struct declarations).
+SQE_FIELDS = ("opcode", "flags", "ioprio", "fd", "off", "addr", "len", "rw_flags",
+              "user_data", "buf_index", "personality", "file_index", "addr3", "pad2")
+SQE = struct.Struct("<BBHiQQIIQHHIQQ")
+CQE_FIELDS = ("user_data", "res", "flags")
+CQE = struct.Struct("<QiI")
+assert SQE.size == SQE_SIZE and CQE.size == CQE_SIZE
+
+
+def field_offsets(st: struct.Struct, names: tuple[str, ...]) -> dict[str, int]:
+    """Offset of each field of a little-endian, unpadded struct format."""
+    out, fmt = {}, st.format[1:]
+    for i, name in enumerate(names):
+        out[name] = struct.calcsize("<" + fmt[:i])
+    return out
+
+
+def encode_sqe(**fields: int) -> bytes:
+    unknown = set(fields) - set(SQE_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown SQE field(s): {', '.join(sorted(unknown))}")
+    return SQE.pack(*(fields.get(n, 0) for n in SQE_FIELDS))
+
+
+def decode_cqes(raw: bytes) -> list[tuple[int, int, int]]:
+    return [CQE.unpack_from(raw, i) for i in range(0, len(raw), CQE_SIZE)]

@@ -20,6 +20,7 @@ import dataclasses
 import fcntl
 import os
 import stat
+
 from drb_uring import layout as L
 from drb_uring._ring import DriverEnd, UserEnd
 

@@ -144,7 +144,7 @@ cdef class RingEnd:
     def readable(self):
         """Entries waiting in the incoming ring."""
         self._check()
-        cdef int64_t n = cons_avail(&self.cons)
+        cdef int64_t n = cons_avail(&self.cons, 0xffffffff)
         if n < 0:
             raise _oserror(n)
         return n
@@ -203,14 +203,14 @@ cdef class RingEnd:
             PyBuffer_Release(&view)
         if done == 0 and n:
             # Distinguish "full" from a corrupt peer index.
-            self.writable
+            _ = self.writable
         return done
 
     def pop(self, size_t max_entries=0xffffffff):
         """Remove up to max_entries entries from the incoming ring and return
         their bytes (each entry read once from shared memory)."""
         self._check()
-        cdef int64_t avail = cons_avail(&self.cons)
+        cdef int64_t avail = cons_avail(&self.cons, <uint32_t>min(max_entries, 0xffffffff))
         if avail < 0:
             raise _oserror(avail)
         cdef uint32_t n = <uint32_t>min(<size_t>avail, max_entries)
@@ -238,7 +238,7 @@ cdef class RingEnd:
         finally:
             PyBuffer_Release(&view)
         if got == 0:
-            self.readable
+            _ = self.readable
         return got
 
     def wait_readable(self, timeout=None):

@@ -102,7 +102,7 @@ def stream_user(UserEnd u, uint64_t count, uint32_t batch=32, double timeout=10.
         while recvd < count:
             space = 0
             if sent < count:
-                space = prod_space(&u.prod)
+                space = prod_space(&u.prod, batch)
                 if space < 0:
                     err = space
                     break
@@ -120,7 +120,7 @@ def stream_user(UserEnd u, uint64_t count, uint32_t batch=32, double timeout=10.
                     batches += 1
                     if pause_every and batches % pause_every == 0:
                         nanosleep(&ts, NULL)
-            n = cons_avail(&u.cons)
+            n = cons_avail(&u.cons, 1)
             if n < 0:
                 err = n
                 break
@@ -245,9 +245,9 @@ def drain_driver(DriverEnd d, uint64_t count, uint32_t batch=32, double timeout=
     return _result(err, done, errors, t0, t1, d)
 
 
-def pingpong_user(UserEnd u, uint64_t iters, double timeout=10.0):
-    """Round trips of one request and its response; returns an array('Q')
-    of per-trip nanoseconds."""
+def pingpong_user(UserEnd u, uint64_t iters, double timeout=10.0, uint64_t first=0):
+    """Round trips of one request and its response, numbered from `first`;
+    returns an array('Q') of per-trip nanoseconds."""
     samples = array("Q", bytes(8 * iters))
     cdef uint64_t[:] out = samples
     cdef uint64_t i, t0
@@ -257,7 +257,7 @@ def pingpong_user(UserEnd u, uint64_t iters, double timeout=10.0):
     with nogil:
         for i in range(iters):
             t0 = drb_now_ns()
-            fill_sqe(<io_uring_sqe *>prod_entry(&u.prod, 0), i)
+            fill_sqe(<io_uring_sqe *>prod_entry(&u.prod, 0), first + i)
             prod_publish(&u.prod, 1)
             drb_notify(&u.waiter)
             n = drb_wait_cons(&u.waiter, &u.cons, tmo)
@@ -267,7 +267,7 @@ def pingpong_user(UserEnd u, uint64_t iters, double timeout=10.0):
             memcpy(&cqe, cons_entry(&u.cons, 0), sizeof(cqe))
             cons_release(&u.cons, 1)
             out[i] = drb_now_ns() - t0
-            if not cqe_ok(&cqe, i):
+            if not cqe_ok(&cqe, first + i):
                 err = -EPROTO
                 break
     if err:

@@ -1,0 +1,57 @@
+# drb-uring: `make demo` and `make test` do all set-up themselves.
+# The virtualenv is made from Debian's python3 so bcc (python3-bpfcc) imports.
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+SRC    := $(shell find cython_ext drb_uring -name '*.pyx' -o -name '*.pxd' -o -name '*.h' -o -name '*.py') \
+          setup.py setup.cfg pyproject.toml
+PYTEST_ARGS ?=
+
+.PHONY: all setup system build demo test bench-ring annotate debug clean
+
+all: setup
+
+setup: system build
+
+system:
+	@bash scripts/setup-system.sh
+
+$(VENV)/.stamp-venv: requirements-dev.txt
+	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	@$(PIP) install -r requirements-dev.txt
+	@touch $@
+
+# In-place extensions for the source tree (tests and tools run from it), and
+# a regular, non-editable install into the virtualenv (what `drb` runs).
+$(VENV)/.stamp-build: $(VENV)/.stamp-venv $(SRC)
+	@echo "setup: building the Cython extensions"
+	@$(PY) setup.py -q build_ext --inplace 2>&1 | grep -vE '^(Compiling|\[|warning: no files)' || true
+	@$(PY) -c 'import drb_uring._ring, drb_uring._ringbench'
+	@$(PIP) install --no-build-isolation --no-deps --force-reinstall . 2>&1 | grep -v 'DEPRECATION' || true
+	@touch $@
+
+build: $(VENV)/.stamp-build
+
+demo: setup
+	$(VENV)/bin/drb bench-ring
+
+bench-ring: setup
+	$(VENV)/bin/drb bench-ring --json bench/results/ring.json
+
+# pytest's exit code 5 (no tests collected) counts as a failure.
+test: setup
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	 if [ $$rc -eq 5 ]; then echo "make test: no tests ran" >&2; exit 1; fi; exit $$rc
+
+# Annotated build: open cython_ext/drb_uring/*.html and look for yellow
+# lines in the per-entry loops.
+annotate: $(VENV)/.stamp-venv
+	DRB_ANNOTATE=1 $(PY) setup.py -q build_ext --inplace --force
+
+# Line tracing and debug macros, for coverage and profiling of Cython code.
+debug: $(VENV)/.stamp-venv
+	DRB_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
+
+clean:
+	rm -rf build dist *.egg-info $(VENV) drb_uring/*.so cython_ext/drb_uring/*.c cython_ext/drb_uring/*.html

@@ -1,0 +1,5 @@
+import sys
+
+from drb_uring.cli import main
+
+sys.exit(main())
