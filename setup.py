@@ -32,6 +32,7 @@ setup(
         include_path=[EXT],
         language_level=3,
         annotate=os.environ.get("DRB_ANNOTATE") == "1",
+        force=os.environ.get("DRB_ANNOTATE") == "1" or DEBUG,
         compiler_directives={"linetrace": DEBUG, "embedsignature": True},
     ),
 )
