@@ -18,11 +18,17 @@ cflags = ["-O2", "-g", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
 MODULES = {
     "drb_uring._ring": "drb_uring/_ring.pyx",
     "drb_uring._ringbench": "drb_uring/_ringbench.pyx",
+    "drb_uring._grant": "drb_uring/_grant.pyx",
+    "drb_uring._backend": "drb_uring/_backend.pyx",
 }
+
+# The backend worker's hot loop drives its grant ring with liburing.
+LIBRARIES = {"drb_uring._backend": ["uring"]}
 
 extensions = [
     Extension(name, [os.path.join("cython_ext", src)], include_dirs=[EXT],
-              define_macros=macros, extra_compile_args=cflags)
+              define_macros=macros, extra_compile_args=cflags,
+              libraries=LIBRARIES.get(name, []))
     for name, src in MODULES.items()
 ]
 

@@ -14,7 +14,8 @@ import mmap
 import os
 import subprocess
 import sys
-from pathlib import Path
+
+from drb_uring import procs
 
 MODES = ("echo", "drain", "raw", "write-peer-page")
 
@@ -23,16 +24,11 @@ def spawn(mode: str, fds: list[int], *, count: int = 0, batch: int = 32,
           spin_ns: int = 0, timeout: float = 10.0, cpu: int | None = None,
           stdout=subprocess.PIPE) -> subprocess.Popen:
     """Start a peer process that inherits exactly ``fds``."""
-    args = [sys.executable, "-m", "drb_uring.ringpeer", mode,
-            "--fds", ",".join(map(str, fds)), "--count", str(count),
+    args = [mode, "--fds", ",".join(map(str, fds)), "--count", str(count),
             "--batch", str(batch), "--spin-ns", str(spin_ns), "--timeout", str(timeout)]
     if cpu is not None:
         args += ["--cpu", str(cpu)]
-    env = dict(os.environ)
-    # Import the same build as the parent (an in-place build or an install).
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    return subprocess.Popen(args, pass_fds=fds, stdout=stdout, env=env)
+    return procs.spawn_module("drb_uring.ringpeer", args, fds, stdout=stdout)
 
 
 def result(proc: subprocess.Popen, timeout: float) -> dict:

@@ -12,11 +12,14 @@ import warnings
 from cpython.buffer cimport PyBUF_WRITABLE, PyObject_GetBuffer, PyBuffer_Release
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport uint32_t, uint64_t, int64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
+from includes.atomic cimport drb_store_relaxed, drb_fence
+from includes.io_uring cimport io_uring_sqe
 from includes.sys cimport (mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED,
                            MAP_FAILED, errno, EINTR, EPROTO)
-from spsc cimport (prod_space_fresh, prod_push,
+from spsc cimport (prod_space, prod_space_fresh, prod_push, prod_entry, prod_publish,
+                   DRB_NEED_WAKEUP,
                    cons_avail, cons_pop, drb_notify, drb_wait_cons,
                    drb_wait_prod)
 
@@ -170,6 +173,24 @@ cdef class RingEnd:
     @spin_ns.setter
     def spin_ns(self, uint64_t v):
         self.waiter.spin_ns = v
+
+    @property
+    def watch_fd(self):
+        """An fd whose readiness also ends a wait (as OSError EPIPE): the
+        control connection, so a failure report or the monitor's death
+        interrupts a wait at once. -1 for none."""
+        return self.waiter.extra_fd
+
+    @watch_fd.setter
+    def watch_fd(self, int fd):
+        self.waiter.extra_fd = fd
+
+    def hold_wakeup(self, bint on):
+        """Keep NEED_WAKEUP set (on) so the peer signals our eventfd after
+        every publish: for event loops that wait on the eventfd themselves."""
+        self._check()
+        drb_store_relaxed(self.waiter.my_flags, DRB_NEED_WAKEUP if on else 0)
+        drb_fence()
 
     @property
     def stats(self):
@@ -343,6 +364,32 @@ cdef class UserEnd(RingEnd):
         self.waiter.my_flags = <uint32_t *>(self.ctl_mine + OFF_USER_FLAGS)
         self.waiter.peer_flags = <const uint32_t *>(self.ctl_peer + OFF_DRIVER_FLAGS)
         self._check_indexes()
+
+
+    def post(self, unsigned char opcode, unsigned short slot, uint64_t addr, uint32_t length,
+             uint64_t off, uint64_t user_data, uint32_t op_flags=0):
+        """Write one request straight into the request ring and publish it
+        (no encoding in Python). Returns False if the ring is full."""
+        self._check()
+        cdef int64_t space = prod_space(&self.prod, 1)
+        cdef io_uring_sqe *s
+        if space < 0:
+            raise _oserror(space)
+        if space == 0:
+            return False
+        s = <io_uring_sqe *>prod_entry(&self.prod, 0)
+        memset(s, 0, sizeof(io_uring_sqe))
+        s.opcode = opcode
+        s.buf_index = slot
+        s.addr = addr
+        s.len = length
+        s.off = off
+        s.user_data = user_data
+        s.rw_flags = op_flags
+        with nogil:
+            prod_publish(&self.prod, 1)
+            drb_notify(&self.waiter)
+        return True
 
 
 cdef class DriverEnd(RingEnd):

@@ -1,0 +1,324 @@
+"""The monitor: the only trusted party. It brokers every channel.
+
+It listens on a Unix SOCK_SEQPACKET socket. The driver side hands it its
+device once; each user side opens channels by sending its ring's memory and
+eventfds. For every channel the monitor checks the layout, gives the channel
+an extent of the device that it alone decides, builds the grant ring (the
+user's pool as fixed buffers, the device as fixed file 0, restricted, then
+enabled) and spawns a backend worker that inherits the grant ring. It
+watches each worker through a pidfd: a worker that dies fails its channel at
+once, and the user side hears it on its connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+
+from drb_uring import _backend, _grant, procs, protocol, ring
+from drb_uring import layout as L
+
+log = logging.getLogger("drb.monitor")
+
+BLKGETSIZE64 = 0x80081272
+MAX_SLOTS = 16384          # io_uring's limit on registered buffers
+WORKER_STOP_GRACE = 1.0    # seconds between SIGTERM and SIGKILL
+
+
+class MonitorError(Exception):
+    pass
+
+
+class Device:
+    """The driver domain's device and the extents handed out on it."""
+
+    def __init__(self, fd: int, align: int):
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            self.size = st.st_size
+        elif stat.S_ISBLK(st.st_mode):
+            buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+            self.size = struct.unpack("Q", buf)[0]
+        else:
+            raise protocol.ProtocolError("the device must be a regular file or a block device")
+        self.fd = fd
+        self.align = align
+        self.free = [(0, self.size)]   # sorted, disjoint (base, size)
+
+    def alloc(self, size: int) -> tuple[int, int]:
+        for i, (base, n) in enumerate(self.free):
+            if n >= size:
+                self.free[i:i + 1] = [(base + size, n - size)] if n > size else []
+                return base, size
+        raise MonitorError(f"no free extent of {size} bytes on the device "
+                           f"(largest free: {max((n for _, n in self.free), default=0)})")
+
+    def release(self, base: int, size: int) -> None:
+        self.free.append((base, size))
+        self.free.sort()
+        merged: list[tuple[int, int]] = []
+        for b, n in self.free:
+            if merged and merged[-1][0] + merged[-1][1] == b:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((b, n))
+        self.free = merged
+
+
+class Channel:
+    def __init__(self, cid: int, conn: socket.socket, extent: tuple[int, int]):
+        self.id = cid
+        self.conn: socket.socket | None = conn
+        self.extent = extent
+        self.worker: subprocess.Popen | None = None
+        self.pidfd = -1
+        self.closing = False
+
+
+class Monitor:
+    def __init__(self, path: str, *, worker_spin_ns: int = ring.DEFAULT_SPIN_NS):
+        self.path = path
+        self.worker_spin_ns = worker_spin_ns
+        self.sel = selectors.DefaultSelector()
+        self.device: Device | None = None
+        self.channels: dict[int, Channel] = {}
+        self.next_id = 1
+        self.stopping = False
+        if os.path.exists(path):
+            os.unlink(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.sock.bind(path)
+        os.chmod(path, 0o600)
+        self.sock.listen(64)
+        self.sel.register(self.sock, selectors.EVENT_READ, ("listen", None))
+
+    # ---- the loop ------------------------------------------------------------
+
+    def run(self) -> None:
+        while not self.stopping:
+            for key, _ in self.sel.select(timeout=1.0):
+                kind, obj = key.data
+                try:
+                    if kind == "listen":
+                        conn, _ = self.sock.accept()
+                        conn.setblocking(True)
+                        self.sel.register(conn, selectors.EVENT_READ, ("conn", None))
+                    elif kind == "conn":
+                        self._on_message(key.fileobj)
+                    elif kind == "channel":
+                        self._on_channel_message(obj)
+                    elif kind == "worker":
+                        self._on_worker_exit(obj)
+                except Exception:   # one bad party must not take the monitor down
+                    log.exception("while handling %s", kind)
+
+    def stop(self, *_):
+        self.stopping = True
+
+    def close(self) -> None:
+        """Stop every worker and release everything. Idempotent."""
+        for ch in list(self.channels.values()):
+            self._stop_worker(ch)
+            self._finish(ch, None)
+        if self.device:
+            protocol.close_fds([self.device.fd])
+            self.device = None
+        for key in list(self.sel.get_map().values()):
+            if key.data[0] == "conn":
+                key.fileobj.close()
+        self.sel.close()
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    # ---- messages ------------------------------------------------------------
+
+    def _reply_error(self, conn: socket.socket, err: Exception) -> None:
+        log.warning("refused: %s", err)
+        try:
+            protocol.send(conn, {"op": "error", "error": str(err)})
+        except OSError:
+            pass
+
+    def _drop(self, conn: socket.socket) -> None:
+        self.sel.unregister(conn)
+        conn.close()
+
+    def _on_message(self, conn: socket.socket) -> None:
+        try:
+            msg, fds = protocol.recv(conn)
+        except protocol.ProtocolError as e:
+            self._reply_error(conn, e)
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        if msg is None:
+            self._drop(conn)
+            return
+        try:
+            if msg["op"] == "register-device":
+                reply = self._register_device(msg, fds)
+            elif msg["op"] == "open":
+                reply = self._open(conn, msg, fds)
+            else:
+                raise protocol.ProtocolError(f"operation {msg['op']!r} is not a request")
+        except (protocol.ProtocolError, MonitorError, L.LayoutError, OSError) as e:
+            protocol.close_fds(fds)
+            self._reply_error(conn, e)
+            return
+        protocol.send(conn, {"op": "ok", **reply})
+
+    def _register_device(self, msg: dict, fds: list[int]) -> dict:
+        if self.device is not None:
+            raise MonitorError("a device is already registered")
+        align = protocol.int_field(msg, "align", 0, 1 << 20) if "align" in msg else 0
+        if align & (align - 1):
+            raise protocol.ProtocolError(f"align {align} is not a power of two")
+        self.device = Device(fds[0], align)
+        log.info("device registered: %d bytes, align %d", self.device.size, align)
+        return {"size": self.device.size}
+
+    def _open(self, conn: socket.socket, msg: dict, fds: list[int]) -> dict:
+        if self.device is None:
+            raise MonitorError("no device registered by the driver domain yet")
+        size = protocol.int_field(msg, "size", 1, self.device.size)
+        peer = ring.PeerFds.from_list(fds)
+        geo = ring.validate_peer_fds(peer)
+        if geo.slot_count > MAX_SLOTS:
+            raise MonitorError(f"slot_count {geo.slot_count} exceeds {MAX_SLOTS}")
+        if self.device.align and geo.slot_size % self.device.align:
+            raise MonitorError("slot size is not a multiple of the device alignment")
+        extent = self.device.alloc(size)
+        ch = Channel(self.next_id, conn, extent)
+        try:
+            ring_fd, params = _grant.setup_disabled(geo.sq_entries)
+            try:
+                pool_base = _grant.register_pool(ring_fd, peer.pool, geo.slot_size,
+                                                 geo.slot_count)
+                _grant.register_device(ring_fd, self.device.fd)
+                _grant.restrict(ring_fd, [_backend.OP_READ_FIXED, _backend.OP_WRITE_FIXED,
+                                          _backend.OP_FSYNC],
+                                _backend.FLAG_FIXED_FILE, _backend.FLAG_FIXED_FILE)
+                _grant.enable(ring_fd)
+                ch.worker = self._spawn_worker(ring_fd, params, pool_base, peer, extent)
+            finally:
+                os.close(ring_fd)
+        except BaseException:
+            self.device.release(*extent)
+            raise
+        finally:
+            peer.close()       # the worker has its own copies; never the pool
+        self.next_id += 1
+        ch.pidfd = os.pidfd_open(ch.worker.pid)
+        self.channels[ch.id] = ch
+        self.sel.unregister(conn)
+        self.sel.register(conn, selectors.EVENT_READ, ("channel", ch))
+        self.sel.register(ch.pidfd, selectors.EVENT_READ, ("worker", ch))
+        log.info("channel %d open: extent %d+%d, worker pid %d", ch.id, extent[0], extent[1],
+                 ch.worker.pid)
+        return {"channel": ch.id, "extent_size": extent[1], "worker_pid": ch.worker.pid}
+
+    def _spawn_worker(self, ring_fd, params, pool_base, peer, extent) -> subprocess.Popen:
+        fds = [ring_fd, peer.ctl_user, peer.ctl_driver, peer.user_efd, peer.driver_efd]
+        spec = {"ring_fd": ring_fd, "params": params.hex(), "pool_base": pool_base,
+                "ring_fds": [peer.ctl_user, peer.ctl_driver, -1, peer.user_efd,
+                             peer.driver_efd],
+                "extent_base": extent[0], "extent_size": extent[1],
+                "align": self.device.align, "spin_ns": self.worker_spin_ns,
+                "monitor_pid": os.getpid()}
+        return procs.spawn_module("drb_uring.worker", [json.dumps(spec)], fds)
+
+    # ---- channel life --------------------------------------------------------
+
+    def _on_channel_message(self, ch: Channel) -> None:
+        try:
+            msg, fds = protocol.recv(ch.conn)
+            protocol.close_fds(fds)
+        except (protocol.ProtocolError, OSError):
+            msg = None
+        if msg is None or msg["op"] == "close":
+            ch.closing = True
+            self.sel.unregister(ch.conn)
+            ch.conn.close()
+            ch.conn = None
+            self._stop_worker(ch, wait=False)
+
+    def _stop_worker(self, ch: Channel, wait: bool = True) -> None:
+        w = ch.worker
+        if w is None or w.poll() is not None:
+            return
+        w.send_signal(signal.SIGTERM)
+        if wait:
+            try:
+                w.wait(WORKER_STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait()
+
+    def _on_worker_exit(self, ch: Channel) -> None:
+        rc = ch.worker.wait()
+        reason = None
+        if not ch.closing:
+            how = f"killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+            reason = f"backend worker {ch.worker.pid} {how}"
+            log.error("channel %d failed: %s", ch.id, reason)
+        self._finish(ch, reason)
+
+    def _finish(self, ch: Channel, reason: str | None) -> None:
+        if ch.conn is not None:
+            if reason:
+                try:
+                    protocol.send(ch.conn, {"op": "failed", "reason": reason})
+                except OSError:
+                    pass
+            self.sel.unregister(ch.conn)
+            ch.conn.close()
+            ch.conn = None
+        if ch.pidfd >= 0:
+            self.sel.unregister(ch.pidfd)
+            os.close(ch.pidfd)
+            ch.pidfd = -1
+        if ch.worker is not None and ch.worker.poll() is None:
+            ch.worker.kill()
+            ch.worker.wait()
+        if self.device is not None:
+            self.device.release(*ch.extent)
+        self.channels.pop(ch.id, None)
+        log.info("channel %d closed", ch.id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="drb-monitor", description=__doc__.splitlines()[0])
+    p.add_argument("--socket", required=True)
+    p.add_argument("--worker-spin-ns", type=int, default=ring.DEFAULT_SPIN_NS)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s drb-monitor[%(process)d] %(message)s")
+    mon = Monitor(a.socket, worker_spin_ns=a.worker_spin_ns)
+    signal.signal(signal.SIGTERM, mon.stop)
+    signal.signal(signal.SIGINT, mon.stop)
+    print("ready", flush=True)
+    try:
+        mon.run()
+    finally:
+        mon.close()
+        time.sleep(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

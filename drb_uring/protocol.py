@@ -1,0 +1,102 @@
+"""Messages between the parties and the monitor, over SOCK_SEQPACKET.
+
+One message is one datagram: a JSON object with a version, and the file
+descriptors it carries as SCM_RIGHTS. Every message is length-checked and
+its fd count and types checked against what its operation needs; a message
+that fails is refused with a clear error and its fds are closed.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import socket
+
+VERSION = 1
+MAX_MSG = 8192
+MAX_FDS = 8
+
+# Operation -> number of fds it carries.
+FDS_FOR = {
+    "register-device": 1,   # driver side: its device, once
+    "open": 5,              # user side: ring fds (ctl_user ro, ctl_driver, pool, 2 eventfds)
+    "close": 0,
+    "ok": 0,
+    "error": 0,
+    "failed": 0,            # monitor -> user: the channel failed (reason)
+}
+
+
+class ProtocolError(Exception):
+    """A peer sent something this version does not accept."""
+
+
+def close_fds(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def send(sock: socket.socket, msg: dict, fds: list[int] = ()) -> None:
+    body = json.dumps({"v": VERSION, **msg}).encode()
+    if len(body) > MAX_MSG:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MSG}")
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    sock.sendmsg([body], anc)
+
+
+def recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
+    """One message, or (None, []) at end of stream. Raises ProtocolError
+    (having closed any fds received) when the message is malformed."""
+    fds = array.array("i")
+    data, anc, flags, _ = sock.recvmsg(MAX_MSG + 1, socket.CMSG_LEN(MAX_FDS * fds.itemsize))
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    fds = list(fds)
+    try:
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) > MAX_MSG:
+            raise ProtocolError("message or its file descriptors were truncated")
+        if not data:
+            if fds:
+                raise ProtocolError("file descriptors without a message")
+            return None, []
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            raise ProtocolError("message is not JSON") from None
+        if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+            raise ProtocolError("message has no operation")
+        if msg.get("v") != VERSION:
+            raise ProtocolError(f"protocol version {msg.get('v')!r}, this is {VERSION}")
+        want = FDS_FOR.get(msg["op"])
+        if want is None:
+            raise ProtocolError(f"unknown operation {msg['op']!r}")
+        if len(fds) != want:
+            raise ProtocolError(f"operation {msg['op']!r} carries {want} fds, got {len(fds)}")
+        return msg, fds
+    except ProtocolError:
+        close_fds(fds)
+        raise
+
+
+def request(sock: socket.socket, msg: dict, fds: list[int] = ()) -> dict:
+    """Send a message and wait for the monitor's reply; raise on 'error'."""
+    send(sock, msg, fds)
+    reply, rfds = recv(sock)
+    close_fds(rfds)
+    if reply is None:
+        raise ConnectionError("the monitor closed the connection")
+    if reply["op"] == "error":
+        raise ProtocolError(reply.get("error", "refused"))
+    return reply
+
+
+def int_field(msg: dict, name: str, lo: int, hi: int) -> int:
+    v = msg.get(name)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ProtocolError(f"field {name!r} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
