@@ -315,9 +315,11 @@ class Channel:
         for req, _, _ in list(self.inflight.values()):
             req._fail(exc)
         self.inflight.clear()
-        with contextlib.suppress(OSError, protocol.ProtocolError):
+        with contextlib.suppress(OSError, protocol.ProtocolError, ConnectionError):
             if not self.failed:
-                protocol.send(self.sock, {"op": "close"})
+                # Answered once the worker is gone and the extent is free.
+                self.sock.settimeout(5.0)
+                protocol.request(self.sock, {"op": "close"})
         self.sock.close()
         self.pool.release()
         self.end.close()

@@ -24,7 +24,6 @@ import stat
 import struct
 import subprocess
 import sys
-import time
 
 from drb_uring import _backend, _grant, procs, protocol, ring
 from drb_uring import layout as L
@@ -250,12 +249,17 @@ class Monitor:
             protocol.close_fds(fds)
         except (protocol.ProtocolError, OSError):
             msg = None
-        if msg is None or msg["op"] == "close":
-            ch.closing = True
-            self.sel.unregister(ch.conn)
-            ch.conn.close()
-            ch.conn = None
-            self._stop_worker(ch, wait=False)
+        ch.closing = True
+        # The extent is released only once the worker is gone: until then it
+        # could still be doing I/O there. A "close" is answered after that,
+        # so the user side may reuse the space as soon as it has the reply.
+        self._stop_worker(ch, wait=True)
+        if msg is not None and msg["op"] == "close":
+            try:
+                protocol.send(ch.conn, {"op": "ok"})
+            except OSError:
+                pass
+        self._finish(ch, None)
 
     def _stop_worker(self, ch: Channel, wait: bool = True) -> None:
         w = ch.worker
@@ -316,7 +320,6 @@ def main(argv: list[str] | None = None) -> int:
         mon.run()
     finally:
         mon.close()
-        time.sleep(0)
     return 0
 
 

@@ -6,7 +6,7 @@ number and a checksum derived from it, so the receiving side can prove that
 nothing was lost, duplicated, reordered or torn.
 """
 from cpython.buffer cimport PyBUF_WRITABLE, PyObject_GetBuffer, PyBuffer_Release
-from libc.stdint cimport uint32_t, uint64_t, int64_t, int32_t
+from libc.stdint cimport uint16_t, uint32_t, uint64_t, int64_t, int32_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 
@@ -326,3 +326,98 @@ def raw_pingpong(buffer, uint64_t iters, bint initiator, double timeout=10.0):
     if stalled:
         raise RuntimeError("raw ping-pong peer stalled")
     return samples if initiator else None
+
+
+def channel_workload(UserEnd u, int opcode, uint32_t bs, uint32_t qd, double seconds,
+                     uint64_t extent, bint rand, uint64_t seed, uint32_t max_samples=2000000):
+    """The `drb bench` loop: keep `qd` requests of `bs` bytes in flight on
+    one channel for `seconds`, one slot per request (zero copy: the data
+    stays in the pool). Returns counts and an array('Q') of latencies (ns)."""
+    if qd == 0 or qd > u.geometry.slot_count or qd > u.prod.size:
+        raise ValueError(f"qd must be in [1, {min(u.geometry.slot_count, u.prod.size)}]")
+    if bs == 0 or bs > u.geometry.slot_size or bs > extent:
+        raise ValueError(f"bs must be in [1, {min(u.geometry.slot_size, extent)}]")
+    samples = array("Q", bytes(8 * max_samples))
+    cdef uint64_t[:] lat = samples
+    cdef uint64_t *posted = <uint64_t *>malloc(sizeof(uint64_t) * qd)
+    cdef uint64_t blocks = extent // bs
+    cdef uint64_t next_block = 0, state = seed | 1
+    cdef uint64_t ios = 0, errors = 0, nsamp = 0, t0, now, end_ns
+    cdef uint32_t i, slot, inflight = 0, k
+    cdef int64_t n, err = 0
+    cdef io_uring_sqe *s
+    cdef io_uring_cqe cqe
+    if posted == NULL:
+        raise MemoryError()
+    with nogil:
+        t0 = drb_now_ns()
+        end_ns = t0 + <uint64_t>(seconds * 1e9)
+        now = t0
+        for slot in range(qd):
+            s = <io_uring_sqe *>prod_entry(&u.prod, slot)
+            memset(s, 0, sizeof(io_uring_sqe))
+            s.opcode = opcode
+            s.buf_index = slot
+            s.len = bs
+            if rand:
+                state ^= state << 13
+                state ^= state >> 7
+                state ^= state << 17
+                s.off = (state % blocks) * bs
+            else:
+                s.off = (next_block % blocks) * bs
+                next_block += 1
+            s.user_data = slot
+            posted[slot] = now
+        prod_publish(&u.prod, qd)
+        drb_notify(&u.waiter)
+        inflight = qd
+        while inflight:
+            n = drb_wait_cons(&u.waiter, &u.cons, 5000000000)
+            if n <= 0:
+                err = n if n < 0 else ERR_TIMEOUT
+                break
+            now = drb_now_ns()
+            k = 0
+            for i in range(<uint32_t>n):
+                memcpy(&cqe, cons_entry(&u.cons, i), sizeof(cqe))
+                slot = <uint32_t>cqe.user_data
+                if slot >= qd:
+                    errors += 1
+                    continue
+                if cqe.res != <int32_t>bs:
+                    errors += 1
+                ios += 1
+                if nsamp < max_samples:
+                    lat[nsamp] = now - posted[slot]
+                    nsamp += 1
+                if now >= end_ns:
+                    inflight -= 1
+                    continue
+                # Re-post in the same slot: the ring has room, since every
+                # response frees exactly one request entry.
+                s = <io_uring_sqe *>prod_entry(&u.prod, k)
+                memset(s, 0, sizeof(io_uring_sqe))
+                s.opcode = opcode
+                s.buf_index = <uint16_t>slot
+                s.len = bs
+                if rand:
+                    state ^= state << 13
+                    state ^= state >> 7
+                    state ^= state << 17
+                    s.off = (state % blocks) * bs
+                else:
+                    s.off = (next_block % blocks) * bs
+                    next_block += 1
+                s.user_data = slot
+                posted[slot] = now
+                k += 1
+            cons_release(&u.cons, <uint32_t>n)
+            if k:
+                prod_publish(&u.prod, k)
+            drb_notify(&u.waiter)
+        now = drb_now_ns()
+    free(posted)
+    res = _result(err, ios, errors, t0, now, u)
+    res["latencies_ns"] = samples[:nsamp]
+    return res

@@ -1,0 +1,67 @@
+"""A real monitor process with a registered backing file, for channel tests."""
+import os
+import signal
+import socket
+import subprocess
+import time
+
+from drb_uring import procs, protocol
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+class MonitorProc:
+    def __init__(self, tmp_path, size=256 << 20, env=None):
+        self.sock_path = str(tmp_path / "monitor.sock")
+        self.backing = str(tmp_path / "backing")
+        self.log = open(tmp_path / "monitor.log", "w+")
+        e = procs.module_env()
+        e.update(env or {})
+        self.proc = procs.spawn_module("drb_uring.monitor", ["--socket", self.sock_path], [],
+                                       stdout=subprocess.PIPE, stderr=self.log, env=e)
+        line = self.proc.stdout.readline()
+        assert line.strip() == b"ready", line
+        fd = os.open(self.backing, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(fd, size)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect(self.sock_path)
+        try:
+            protocol.request(s, {"op": "register-device"}, [fd])
+        finally:
+            os.close(fd)
+            s.close()
+
+    def workers(self) -> list[int]:
+        return children_of(self.proc.pid)
+
+    def log_text(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+        self.proc.stdout.close()
+        self.log.close()
+
+
+def wait_until(pred, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.005)
+    return pred()
