@@ -235,6 +235,10 @@ class Channel:
         if not wait and (len(self.free) < pieces or self.end.writable < pieces):
             # All or nothing: never leave part of a request posted.
             raise BlockingIOError(errno.EAGAIN, "not enough free slots or ring entries")
+        # Posting a piece may reap responses (to free a slot or ring entry);
+        # the guard count keeps the request from finishing while pieces
+        # remain to be posted.
+        req.pending += 1
         for pos in range(0, n, self.slot_size):
             piece = min(self.slot_size, n - pos)
             slot = self._slot(wait)
@@ -242,6 +246,10 @@ class Channel:
                 base = slot * self.slot_size
                 self.pool[base:base + piece] = buf[pos:pos + piece]
             self._post(req, slot, op, off + pos, pos, piece, wait)
+        if not req.done:
+            req.pending -= 1
+            if req.pending == 0:
+                req._finish()
         return req
 
     # ---- the API -------------------------------------------------------------

@@ -222,3 +222,14 @@ def test_many_channels_leak_nothing(monitor):
     memfds = [os.readlink(f"/proc/{monitor.proc.pid}/fd/{fd}")
               for fd in os.listdir(f"/proc/{monitor.proc.pid}/fd")]
     assert not any("memfd" in m for m in memfds)
+
+
+def test_request_larger_than_free_slots_completes_whole(monitor):
+    # 4 slots, a 1 MiB request (16 pieces): posting must reap the first
+    # pieces to free slots, and the request may only finish with the last.
+    geo = L.Geometry(sq_entries=4, cq_entries=4, slot_size=64 * 1024, slot_count=4)
+    data = os.urandom(1 << 20)
+    with Channel(monitor.sock_path, EXTENT, geometry=geo) as ch:
+        assert ch.pwrite(4096, data) == len(data)
+        for _ in range(20):
+            assert ch.pread(4096, len(data)) == data

@@ -328,6 +328,32 @@ def raw_pingpong(buffer, uint64_t iters, bint initiator, double timeout=10.0):
     return samples if initiator else None
 
 
+cdef inline uint64_t next_offset(uint64_t *state, uint64_t *next_block, uint64_t blocks,
+                                 uint32_t bs, bint rand) noexcept nogil:
+    """Block-aligned offset: xorshift64 for random, else the next block."""
+    cdef uint64_t x
+    if rand:
+        x = state[0]
+        x ^= x << 13
+        x ^= x >> 7
+        x ^= x << 17
+        state[0] = x
+        return (x % blocks) * bs
+    x = next_block[0]
+    next_block[0] = x + 1
+    return (x % blocks) * bs
+
+
+cdef inline void fill_io(io_uring_sqe *s, int opcode, uint32_t slot, uint32_t bs,
+                         uint64_t off) noexcept nogil:
+    memset(s, 0, sizeof(io_uring_sqe))
+    s.opcode = opcode
+    s.buf_index = <uint16_t>slot
+    s.len = bs
+    s.off = off
+    s.user_data = slot
+
+
 def channel_workload(UserEnd u, int opcode, uint32_t bs, uint32_t qd, double seconds,
                      uint64_t extent, bint rand, uint64_t seed, uint32_t max_samples=2000000):
     """The `drb bench` loop: keep `qd` requests of `bs` bytes in flight on
@@ -345,7 +371,6 @@ def channel_workload(UserEnd u, int opcode, uint32_t bs, uint32_t qd, double sec
     cdef uint64_t ios = 0, errors = 0, nsamp = 0, t0, now, end_ns
     cdef uint32_t i, slot, inflight = 0, k
     cdef int64_t n, err = 0
-    cdef io_uring_sqe *s
     cdef io_uring_cqe cqe
     if posted == NULL:
         raise MemoryError()
@@ -354,20 +379,8 @@ def channel_workload(UserEnd u, int opcode, uint32_t bs, uint32_t qd, double sec
         end_ns = t0 + <uint64_t>(seconds * 1e9)
         now = t0
         for slot in range(qd):
-            s = <io_uring_sqe *>prod_entry(&u.prod, slot)
-            memset(s, 0, sizeof(io_uring_sqe))
-            s.opcode = opcode
-            s.buf_index = slot
-            s.len = bs
-            if rand:
-                state ^= state << 13
-                state ^= state >> 7
-                state ^= state << 17
-                s.off = (state % blocks) * bs
-            else:
-                s.off = (next_block % blocks) * bs
-                next_block += 1
-            s.user_data = slot
+            fill_io(<io_uring_sqe *>prod_entry(&u.prod, slot), opcode, slot, bs,
+                    next_offset(&state, &next_block, blocks, bs, rand))
             posted[slot] = now
         prod_publish(&u.prod, qd)
         drb_notify(&u.waiter)
@@ -396,20 +409,8 @@ def channel_workload(UserEnd u, int opcode, uint32_t bs, uint32_t qd, double sec
                     continue
                 # Re-post in the same slot: the ring has room, since every
                 # response frees exactly one request entry.
-                s = <io_uring_sqe *>prod_entry(&u.prod, k)
-                memset(s, 0, sizeof(io_uring_sqe))
-                s.opcode = opcode
-                s.buf_index = <uint16_t>slot
-                s.len = bs
-                if rand:
-                    state ^= state << 13
-                    state ^= state >> 7
-                    state ^= state << 17
-                    s.off = (state % blocks) * bs
-                else:
-                    s.off = (next_block % blocks) * bs
-                    next_block += 1
-                s.user_data = slot
+                fill_io(<io_uring_sqe *>prod_entry(&u.prod, k), opcode, slot, bs,
+                        next_offset(&state, &next_block, blocks, bs, rand))
                 posted[slot] = now
                 k += 1
             cons_release(&u.cons, <uint32_t>n)
