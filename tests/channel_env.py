@@ -22,7 +22,7 @@ def children_of(pid: int) -> list[int]:
 
 
 class MonitorProc:
-    def __init__(self, tmp_path, size=256 << 20, env=None):
+    def __init__(self, tmp_path, size=256 << 20, env=None, o_direct=False, device=None):
         self.sock_path = str(tmp_path / "monitor.sock")
         self.backing = str(tmp_path / "backing")
         self.log = open(tmp_path / "monitor.log", "w+")
@@ -32,12 +32,17 @@ class MonitorProc:
                                        stdout=subprocess.PIPE, stderr=self.log, env=e)
         line = self.proc.stdout.readline()
         assert line.strip() == b"ready", line
-        fd = os.open(self.backing, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(fd, size)
+        if device:
+            fd = os.open(device, os.O_RDWR | (os.O_DIRECT if o_direct else 0))
+        else:
+            fd = os.open(self.backing, os.O_RDWR | os.O_CREAT | os.O_TRUNC
+                         | (os.O_DIRECT if o_direct else 0), 0o600)
+            os.ftruncate(fd, size)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         s.connect(self.sock_path)
         try:
-            protocol.request(s, {"op": "register-device"}, [fd])
+            msg = {"op": "register-device", "align": 4096 if o_direct else 0}
+            protocol.request(s, msg, [fd])
         finally:
             os.close(fd)
             s.close()

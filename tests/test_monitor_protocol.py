@@ -1,0 +1,129 @@
+"""The monitor refuses malformed set-up messages and leaks nothing; devices
+opened with O_DIRECT and block devices work."""
+import errno
+import os
+import socket
+import subprocess
+
+import pytest
+from channel_env import MonitorProc, wait_until
+
+from drb_uring import layout as L
+from drb_uring import protocol, ring
+from drb_uring.frontend import OP_READ_FIXED, Channel
+
+GEO = L.Geometry(sq_entries=16, cq_entries=16, slot_size=64 * 1024, slot_count=8)
+
+
+@pytest.fixture
+def monitor(tmp_path, no_fd_leak):
+    m = MonitorProc(tmp_path)
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+def _ask(path, body: bytes = None, msg=None, fds=()):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with s:
+        s.connect(path)
+        if body is not None:
+            s.sendmsg([body])
+        else:
+            protocol.send(s, msg, list(fds))
+        reply, rfds = protocol.recv(s)
+        protocol.close_fds(rfds)
+        return reply
+
+
+def _fds(pid):
+    out = []
+    for f in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{f}"))
+        except FileNotFoundError:      # closed while we looked
+            pass
+    return sorted(out)
+
+
+@pytest.mark.parametrize("body, words", [
+    (b"not json", "message is not JSON"),
+    (b'{"v": 1}', "message has no operation"),
+    (b'{"v": 9, "op": "open"}', "protocol version 9, this is 1"),
+    (b'{"v": 1, "op": "launch"}', "unknown operation 'launch'"),
+    (b'{"v": 1, "op": "open", "size": 1}', "operation 'open' carries 5 fds, got 0"),
+    (b"x" * 9000, "truncated"),
+])
+def test_malformed_messages_refused(monitor, body, words):
+    before = _fds(monitor.proc.pid)
+    reply = _ask(monitor.sock_path, body=body)
+    assert reply["op"] == "error" and words in reply["error"]
+    assert wait_until(lambda: _fds(monitor.proc.pid) == before)
+
+
+def test_wrong_kind_of_fds_refused_and_closed(monitor):
+    before = _fds(monitor.proc.pid)
+    pipes = [os.pipe() for _ in range(3)]
+    fds = [fd for p in pipes for fd in p][:5]
+    try:
+        reply = _ask(monitor.sock_path, msg={"op": "open", "size": 4096}, fds=fds)
+    finally:
+        protocol.close_fds([fd for p in pipes for fd in p])
+    assert reply["op"] == "error" and "not a memfd" in reply["error"]
+    assert wait_until(lambda: _fds(monitor.proc.pid) == before)
+    assert not monitor.workers()
+
+
+def test_oversized_extent_refused(monitor):
+    u, peer = ring.create(GEO)
+    with u:
+        try:
+            reply = _ask(monitor.sock_path, msg={"op": "open", "size": 1 << 40},
+                         fds=peer.as_list())
+        finally:
+            peer.close()
+    assert reply["op"] == "error"
+    assert "field 'size' must be an integer in [1, 268435456]" in reply["error"]
+
+
+def test_o_direct_device_enforces_alignment(tmp_path, no_fd_leak):
+    m = MonitorProc(tmp_path, o_direct=True)
+    try:
+        with Channel(m.sock_path, 1 << 20, geometry=GEO) as ch:
+            assert ch.pwrite(8192, b"d" * 4096) == 4096
+            assert ch.pread(8192, 4096) == b"d" * 4096
+            with pytest.raises(OSError) as e:
+                ch.pread(100, 4096)
+            assert e.value.errno == errno.EINVAL
+            assert ch.end.post(OP_READ_FIXED, 0, 0, 4096, 4096 + 512, 1, 0)
+            assert ch.end.wait_readable(5) == 1
+            assert L.decode_cqes(ch.end.pop()) == [(1, -errno.EINVAL, 0)]
+    finally:
+        m.stop()
+
+
+def test_block_device(tmp_path, no_fd_leak):
+    img = tmp_path / "disk.img"
+    with open(img, "wb") as f:
+        f.truncate(16 << 20)
+    try:
+        dev = subprocess.run(["losetup", "--find", "--show", str(img)], check=True,
+                             capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"no loop device available: {e}")
+    try:
+        m = MonitorProc(tmp_path, device=dev)
+        try:
+            with Channel(m.sock_path, 8 << 20, geometry=GEO) as ch:
+                assert ch.size == 8 << 20
+                ch.pwrite(4096, b"block!")
+                ch.flush()
+                assert ch.pread(4096, 6) == b"block!"
+        finally:
+            m.stop()
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)
+    with open(img, "rb") as f:
+        f.seek(4096)
+        assert f.read(6) == b"block!"
