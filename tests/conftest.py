@@ -1,6 +1,7 @@
 import os
 
 import pytest
+from channel_env import MonitorProc, wait_until
 
 from drb_uring import layout as L
 from drb_uring import ring
@@ -40,3 +41,14 @@ def ring_pair(no_fd_leak):
     finally:
         for end in made:
             end.close()
+
+
+@pytest.fixture
+def monitor(tmp_path, no_fd_leak):
+    m = MonitorProc(tmp_path)
+    try:
+        yield m
+    finally:
+        m.stop()
+        # Every worker went with the monitor.
+        assert wait_until(lambda: not m.workers()), m.workers()

@@ -18,16 +18,6 @@ GEO = L.Geometry(sq_entries=128, cq_entries=256, slot_size=64 * 1024, slot_count
 EXTENT = 64 << 20
 
 
-@pytest.fixture
-def monitor(tmp_path, no_fd_leak):
-    m = MonitorProc(tmp_path)
-    try:
-        yield m
-    finally:
-        m.stop()
-        # Every worker went with the monitor.
-        assert wait_until(lambda: not m.workers()), m.workers()
-
 
 def test_kernel_constants_literal():
     assert (_backend.OP_FSYNC, _backend.OP_READ_FIXED, _backend.OP_WRITE_FIXED) == (3, 4, 5)

@@ -15,14 +15,6 @@ from drb_uring.frontend import OP_READ_FIXED, Channel
 GEO = L.Geometry(sq_entries=16, cq_entries=16, slot_size=64 * 1024, slot_count=8)
 
 
-@pytest.fixture
-def monitor(tmp_path, no_fd_leak):
-    m = MonitorProc(tmp_path)
-    try:
-        yield m
-    finally:
-        m.stop()
-
 
 def _ask(path, body: bytes = None, msg=None, fds=()):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
