@@ -81,13 +81,17 @@ class Channel:
         self.conn: socket.socket | None = conn
         self.extent = extent
         self.worker: subprocess.Popen | None = None
+        self.worker_pid = 0
         self.pidfd = -1
         self.closing = False
 
 
 class Monitor:
-    def __init__(self, path: str, *, worker_spin_ns: int = ring.DEFAULT_SPIN_NS):
+    def __init__(self, path: str, *, worker_spin_ns: int = ring.DEFAULT_SPIN_NS,
+                 spawn=None):
         self.path = path
+        # spawn(argv_tail, fds) -> (Popen to watch, pid of the worker itself)
+        self.spawn = spawn or _spawn_plain
         self.worker_spin_ns = worker_spin_ns
         self.sel = selectors.DefaultSelector()
         self.device: Device | None = None
@@ -106,21 +110,25 @@ class Monitor:
 
     def run(self) -> None:
         while not self.stopping:
-            for key, _ in self.sel.select(timeout=1.0):
-                kind, obj = key.data
-                try:
-                    if kind == "listen":
-                        conn, _ = self.sock.accept()
-                        conn.setblocking(True)
-                        self.sel.register(conn, selectors.EVENT_READ, ("conn", None))
-                    elif kind == "conn":
-                        self._on_message(key.fileobj)
-                    elif kind == "channel":
-                        self._on_channel_message(obj)
-                    elif kind == "worker":
-                        self._on_worker_exit(obj)
-                except Exception:   # one bad party must not take the monitor down
-                    log.exception("while handling %s", kind)
+            self.step(1.0)
+
+    def step(self, timeout: float) -> None:
+        """One round of the loop: handle whatever is ready within `timeout`."""
+        for key, _ in self.sel.select(timeout=timeout):
+            kind, obj = key.data
+            try:
+                if kind == "listen":
+                    conn, _ = self.sock.accept()
+                    conn.setblocking(True)
+                    self.sel.register(conn, selectors.EVENT_READ, ("conn", None))
+                elif kind == "conn":
+                    self._on_message(key.fileobj)
+                elif kind == "channel":
+                    self._on_channel_message(obj)
+                elif kind == "worker":
+                    self._on_worker_exit(obj)
+            except Exception:   # one bad party must not take the monitor down
+                log.exception("while handling %s", kind)
 
     def stop(self, *_):
         self.stopping = True
@@ -213,7 +221,8 @@ class Monitor:
                                           _backend.OP_FSYNC],
                                 _backend.FLAG_FIXED_FILE, _backend.FLAG_FIXED_FILE)
                 _grant.enable(ring_fd)
-                ch.worker = self._spawn_worker(ring_fd, params, pool_base, peer, extent)
+                ch.worker, ch.worker_pid = self._spawn_worker(ring_fd, params, pool_base,
+                                                              peer, extent)
             finally:
                 os.close(ring_fd)
         except BaseException:
@@ -228,8 +237,8 @@ class Monitor:
         self.sel.register(conn, selectors.EVENT_READ, ("channel", ch))
         self.sel.register(ch.pidfd, selectors.EVENT_READ, ("worker", ch))
         log.info("channel %d open: extent %d+%d, worker pid %d", ch.id, extent[0], extent[1],
-                 ch.worker.pid)
-        return {"channel": ch.id, "extent_size": extent[1], "worker_pid": ch.worker.pid}
+                 ch.worker_pid)
+        return {"channel": ch.id, "extent_size": extent[1], "worker_pid": ch.worker_pid}
 
     def _spawn_worker(self, ring_fd, params, pool_base, peer, extent) -> subprocess.Popen:
         fds = [ring_fd, peer.ctl_user, peer.ctl_driver, peer.user_efd, peer.driver_efd]
@@ -237,9 +246,8 @@ class Monitor:
                 "ring_fds": [peer.ctl_user, peer.ctl_driver, -1, peer.user_efd,
                              peer.driver_efd],
                 "extent_base": extent[0], "extent_size": extent[1],
-                "align": self.device.align, "spin_ns": self.worker_spin_ns,
-                "monitor_pid": os.getpid()}
-        return procs.spawn_module("drb_uring.worker", [json.dumps(spec)], fds)
+                "align": self.device.align, "spin_ns": self.worker_spin_ns}
+        return self.spawn(["-m", "drb_uring.worker", json.dumps(spec)], fds)
 
     # ---- channel life --------------------------------------------------------
 
@@ -265,7 +273,10 @@ class Monitor:
         w = ch.worker
         if w is None or w.poll() is not None:
             return
-        w.send_signal(signal.SIGTERM)
+        try:
+            os.kill(ch.worker_pid, signal.SIGTERM)   # the worker itself stops cleanly
+        except ProcessLookupError:
+            pass
         if wait:
             try:
                 w.wait(WORKER_STOP_GRACE)
@@ -278,7 +289,7 @@ class Monitor:
         reason = None
         if not ch.closing:
             how = f"killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
-            reason = f"backend worker {ch.worker.pid} {how}"
+            reason = f"backend worker {ch.worker_pid} {how}"
             log.error("channel %d failed: %s", ch.id, reason)
         self._finish(ch, reason)
 
@@ -303,6 +314,11 @@ class Monitor:
             self.device.release(*ch.extent)
         self.channels.pop(ch.id, None)
         log.info("channel %d closed", ch.id)
+
+
+def _spawn_plain(args: list[str], fds: list[int]):
+    proc = subprocess.Popen([sys.executable, *args], pass_fds=fds, env=procs.module_env())
+    return proc, proc.pid
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,19 +16,20 @@ from drb_uring import ring
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_monitor(monitor_pid: int) -> None:
-    # No channel runs unmonitored: the kernel kills us when the monitor goes.
+def _die_with_monitor() -> None:
+    # No channel runs unmonitored: the kernel kills us when our parent (the
+    # monitor, or its stand-in that itself dies with the monitor) goes.
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-    if os.getppid() != monitor_pid:
+    if os.getppid() == 1:      # reparented: the parent died before prctl
         sys.exit("drb-worker: the monitor is already gone")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(argv[0])
-    _die_with_monitor(spec["monitor_pid"])
+    _die_with_monitor()
     from drb_uring._backend import Backend
     end = ring.attach(ring.PeerFds.from_list(spec["ring_fds"]), spin_ns=spec["spin_ns"],
                       map_pool=False)

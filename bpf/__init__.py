@@ -1,0 +1,1 @@
+"""eBPF C sources, loaded with bcc (installed with the package as data)."""
