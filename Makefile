@@ -34,7 +34,7 @@ $(VENV)/.stamp-build: $(VENV)/.stamp-venv $(SRC)
 build: $(VENV)/.stamp-build
 
 demo: setup
-	$(VENV)/bin/drb bench-ring
+	$(VENV)/bin/drb demo
 
 bench-ring: setup
 	$(VENV)/bin/drb bench-ring --json bench/results/ring.json

@@ -214,7 +214,7 @@ def exec_in(name: str, role: str, cmd: list[str], **kw) -> subprocess.Popen:
     if st is None or not pair.daemon_pid(name):
         raise CliError(f"pair {name!r} is not up")
     dm = st["domains"][role]
-    return nsutil.spawn_in(dm["pid"], cmd, group=None if st["attached"] else dm["cgroup"],
+    return nsutil.spawn_in(dm["pid"], cmd, group=dm["cgroup"],
                            packet_filter=role == "user" and "packet" in st["deny"],
                            env=procs.module_env(), **kw)
 

@@ -20,6 +20,7 @@ from drb_uring import hist, pair
 
 
 def _say(msg: str) -> None:
+    sys.stdout.flush()
     print(f"  .. {msg}", file=sys.stderr, flush=True)
 
 

@@ -148,14 +148,23 @@ class Pair:
             os.kill(pid, 0)
         except ProcessLookupError:
             raise PairError(f"--attach-{role} {pid}: no such process") from None
+        group = cgroup.path_of(pid)
+        # A policy on a shared group would confine far more than the domain.
+        if os.path.realpath(group) == os.path.realpath(cgroup.cgroup2_root()):
+            raise PairError(f"--attach-{role} {pid}: the process is in the root cgroup; "
+                            "put the container in a cgroup of its own first")
+        if group == cgroup.path_of(os.getpid()):
+            raise PairError(f"--attach-{role} {pid}: the process shares drb's own cgroup")
+        if group in self.groups.values():
+            raise PairError("the user and driver containers share one cgroup")
         self.pids[role] = pid
-        self.groups[role] = cgroup.path_of(pid)
+        self.groups[role] = group
         if role == "user":
             nsutil.bind_into(pid, self.sock, self.sock)
 
     def _spawn_worker(self, args: list[str], fds: list[int]):
         proc = nsutil.spawn_in(self.pids["driver"], [sys.executable, *args],
-                               group=self.groups["driver"] if self.group else None,
+                               group=self.groups["driver"],
                                fds=fds, die_with_spawner=True, env=procs.module_env())
         for _ in range(400):
             pid = nsutil.child_of(proc.pid)
@@ -194,7 +203,7 @@ class Pair:
                               [sys.executable, "-m", "drb_uring.domain", "register",
                                "--socket", self.sock, "--device", dev_path]
                               + (["--o-direct"] if a.o_direct else []),
-                              group=self.groups["driver"] if self.group else None,
+                              group=self.groups["driver"],
                               env=procs.module_env(), stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20
         while reg.poll() is None and time.monotonic() < deadline:
@@ -240,8 +249,17 @@ class Pair:
         self.policies.close()
         if self.group:
             cgroup.kill_and_remove(self.group)
+            _remove_if_empty(os.path.dirname(self.group))
         if not self.group and self.pids.get("user"):
             nsutil.unbind_from(self.pids["user"], self.sock)
+
+
+def _remove_if_empty(path: str) -> None:
+    """The shared parents (<cgroup2>/drb, /run/drb) go with their last pair."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def teardown_leftovers(name: str) -> list[str]:
@@ -254,10 +272,13 @@ def teardown_leftovers(name: str) -> list[str]:
     if g and os.path.isdir(g):
         cgroup.kill_and_remove(g)
         done.append(f"removed cgroup {g}")
+    if g:
+        _remove_if_empty(os.path.dirname(g))
     d = state_dir(name)
     if os.path.isdir(d):
         shutil.rmtree(d, ignore_errors=True)
         done.append(f"removed {d}")
+    _remove_if_empty(RUN)
     return done
 
 
@@ -300,6 +321,7 @@ def daemon(a: argparse.Namespace, ready_fd: int) -> int:
             log.info("pair %s down", a.name)
             logging.shutdown()
             shutil.rmtree(d, ignore_errors=True)
+            _remove_if_empty(RUN)
     return status
 
 

@@ -1,0 +1,61 @@
+"""Helpers for tests that bring pairs up with the real CLI."""
+import os
+import subprocess
+import sys
+import time
+
+DRB = os.path.join(os.path.dirname(sys.executable), "drb")
+
+
+def drb(*args, check=True, timeout=120, **kw):
+    proc = subprocess.run([DRB, *args], capture_output=True, text=True, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"drb {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def in_domain(name, role, code, check=True, timeout=60):
+    return drb("exec", name, role, "--", sys.executable, "-c", code, check=check,
+               timeout=timeout)
+
+
+def bpf_prog_ids(names=("drb_dev_policy", "drb_sock_policy")) -> set[int]:
+    out = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True).stdout
+    ids = set()
+    for line in out.splitlines():
+        if any(f"name {n}" in line for n in names):
+            ids.add(int(line.split(":")[0]))
+    return ids
+
+
+def leftovers(name_prefix: str) -> list[str]:
+    """What the kernel and file system still hold of pairs with this prefix."""
+    from drb_uring import cgroup
+    found = []
+    root = os.path.join(cgroup.cgroup2_root(), "drb")
+    if os.path.isdir(root):
+        found += [f"cgroup {root}/{n}" for n in os.listdir(root) if n.startswith(name_prefix)]
+    if os.path.isdir("/run/drb"):
+        found += [f"state /run/drb/{n}" for n in os.listdir("/run/drb")
+                  if n.startswith(name_prefix)]
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"{name_prefix}" in cmd and "pytest" not in cmd:
+            found.append(f"process {pid}: {cmd[:120]}")
+    with open("/proc/self/mountinfo") as f:
+        found += [f"mount {line.split()[4]}" for line in f if name_prefix in line]
+    return found
+
+
+def wait_gone(pred, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not pred():
+        time.sleep(0.02)
+    return pred()

@@ -1,0 +1,283 @@
+"""Paired containers, as root, with real namespaces, cgroups and cgroup-BPF."""
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from pair_env import DRB, bpf_prog_ids, drb, in_domain, leftovers, wait_gone
+
+PREFIX = "tdom"
+
+
+@pytest.fixture
+def clean():
+    """Every test here must leave no pair state, cgroup, process, mount or
+    BPF program behind; checked against the kernel's own lists."""
+    progs = bpf_prog_ids()
+    yield
+    assert wait_gone(lambda: not leftovers(PREFIX)), leftovers(PREFIX)
+    assert wait_gone(lambda: bpf_prog_ids() <= progs), bpf_prog_ids() - progs
+
+
+@pytest.fixture
+def pair(clean):
+    names = []
+
+    def up(name, *args):
+        names.append(name)
+        drb("up", name, *args)
+        return json.loads(drb("status", name, "--json").stdout)
+
+    try:
+        yield up
+    finally:
+        for n in names:
+            drb("down", n, check=False)
+
+
+def test_user_domain_cannot_see_backing_or_open_block_devices(pair, tmp_path):
+    st = pair(f"{PREFIX}-a", "--size", "64m")
+    backing = st["device"]
+    assert os.path.exists(backing)                    # the host sees it
+    node = tmp_path / "blk"
+    os.mknod(node, 0o600 | stat.S_IFBLK, os.makedev(7, 0))   # made outside, opened inside
+    code = textwrap.dedent(f"""
+        import errno, os
+        print(os.path.exists({backing!r}))
+        for p in ({str(node)!r}, "/dev/null"):
+            try:
+                os.close(os.open(p, os.O_RDONLY)); print(p, "ok")
+            except OSError as e:
+                print(p, errno.errorcode[e.errno])
+        try:
+            os.mknod("/tmp/tdom-blk2", 0o600 | 0o060000, os.makedev(7, 1)); print("mknod ok")
+        except OSError as e:
+            print("mknod", errno.errorcode[e.errno])
+        print(sorted(os.listdir("/dev")))
+    """)
+    out = in_domain(st["name"], "user", code).stdout.splitlines()
+    assert out[0] == "False"
+    assert out[1] == f"{node} EPERM"
+    assert out[2] == "/dev/null ok"
+    assert out[3] == "mknod EPERM"
+    assert "vda" not in out[4] and "loop0" not in out[4]
+    # The driver domain does see its device.
+    assert in_domain(st["name"], "driver", f"import os; print(os.path.exists({backing!r}))"
+                     ).stdout.strip() == "True"
+
+
+def test_domains_are_isolated_from_each_other(pair):
+    st = pair(f"{PREFIX}-b", "--size", "16m")
+    code = ("import os, socket; print(socket.gethostname());"
+            "print(open('/proc/1/cmdline').read().replace(chr(0), ' '));"
+            "print(len([p for p in os.listdir('/proc') if p.isdigit()]))")
+    u = in_domain(st["name"], "user", code).stdout.splitlines()
+    d = in_domain(st["name"], "driver", code).stdout.splitlines()
+    assert u[0] == f"{PREFIX}-b-user" and d[0] == f"{PREFIX}-b-driver"
+    assert "--role user" in u[1] and "--role driver" in d[1]
+    # Each sees only its own few processes (its init, and us).
+    assert int(u[2]) <= 3 and int(d[2]) <= 3
+    host_pids = {st["domains"]["driver"]["pid"], st["domains"]["user"]["pid"]}
+    seen = in_domain(st["name"], "user", "import os; print(' '.join(os.listdir('/proc')))"
+                     ).stdout.split()
+    assert not {str(p) for p in host_pids} & set(seen)
+
+
+def test_user_domain_socket_policy(pair):
+    st = pair(f"{PREFIX}-c", "--size", "16m")
+    code = textwrap.dedent("""
+        import errno, socket
+        for fam, typ in ((socket.AF_INET, socket.SOCK_STREAM), (socket.AF_INET6, socket.SOCK_DGRAM),
+                         (socket.AF_PACKET, socket.SOCK_RAW), (socket.AF_UNIX, socket.SOCK_STREAM)):
+            try:
+                socket.socket(fam, typ).close(); print(fam.name, "ok")
+            except OSError as e:
+                print(fam.name, errno.errorcode[e.errno])
+    """)
+    assert in_domain(st["name"], "user", code).stdout.split() == [
+        "AF_INET", "EPERM", "AF_INET6", "EPERM", "AF_PACKET", "EPERM", "AF_UNIX", "ok"]
+    # The driver domain has no such policy.
+    out = in_domain(st["name"], "driver", "import socket; socket.socket(); print('ok')")
+    assert out.stdout.strip() == "ok"
+
+
+CHANNEL_READ = """
+import sys
+from drb_uring.frontend import Channel
+from drb_uring import layout as L
+with Channel({sock!r}, 1 << 20, geometry=L.Geometry(slot_size=65536, slot_count=8)) as ch:
+    got = ch.pread(0, 16)
+    ch.pwrite(4096, b"from-the-user-domain")
+    ch.flush()
+print(got.hex())
+"""
+
+
+def test_io_through_channel_from_inside_user_domain(pair):
+    st = pair(f"{PREFIX}-d", "--size", "16m")
+    with open(st["device"], "r+b") as f:
+        f.write(b"driver-data-0123")
+    out = in_domain(st["name"], "user", CHANNEL_READ.format(sock=st["socket"]))
+    assert bytes.fromhex(out.stdout.strip()) == b"driver-data-0123"
+    with open(st["device"], "rb") as f:
+        f.seek(4096)
+        assert f.read(20) == b"from-the-user-domain"
+
+
+def test_two_pairs_do_not_interfere(pair):
+    a = pair(f"{PREFIX}-e1", "--size", "16m")
+    b = pair(f"{PREFIX}-e2", "--size", "16m")
+    assert a["socket"] != b["socket"] and a["device"] != b["device"]
+    for st, tag in ((a, b"AAAA"), (b, b"BBBB")):
+        with open(st["device"], "r+b") as f:
+            f.write(tag * 4)
+    ra = in_domain(a["name"], "user", CHANNEL_READ.format(sock=a["socket"])).stdout
+    rb = in_domain(b["name"], "user", CHANNEL_READ.format(sock=b["socket"])).stdout
+    assert bytes.fromhex(ra.strip()) == b"AAAA" * 4
+    assert bytes.fromhex(rb.strip()) == b"BBBB" * 4
+    # Each user domain sees only its own pair's socket.
+    seen = in_domain(a["name"], "user", "import os; print(os.listdir('/run/drb'))").stdout
+    assert a["name"] in seen and b["name"] not in seen
+
+
+def test_down_leaves_nothing(clean):
+    drb("up", f"{PREFIX}-f", "--size", "16m")
+    st = json.loads(drb("status", f"{PREFIX}-f", "--json").stdout)
+    assert bpf_prog_ids()
+    pids = [st["daemon_pid"], st["domains"]["user"]["pid"], st["domains"]["driver"]["pid"]]
+    out = drb("down", f"{PREFIX}-f").stdout
+    assert f"stopped daemon {st['daemon_pid']}" in out
+    for pid in pids:
+        assert wait_gone(lambda p=pid: not os.path.exists(f"/proc/{p}"))
+    assert drb("status", f"{PREFIX}-f", check=False).returncode == 1
+
+
+def test_interrupted_demo_leaves_nothing(clean):
+    proc = subprocess.Popen([DRB, "demo", "--seconds", "5"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "running the workload" in line:
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted; tearing down" in err
+    assert wait_gone(lambda: not leftovers("demo-")), leftovers("demo-")
+
+
+def test_killing_the_monitor_stops_workers_and_fails_calls(pair):
+    st = pair(f"{PREFIX}-g", "--size", "16m")
+    code = textwrap.dedent(f"""
+        import sys, time
+        from drb_uring.frontend import Channel, ChannelFailed
+        from drb_uring import layout as L
+        ch = Channel({st['socket']!r}, 1 << 20, geometry=L.Geometry(slot_size=65536,
+                                                                     slot_count=8))
+        print(ch.worker_pid, flush=True)
+        last = time.monotonic()
+        try:
+            while True:
+                ch.pread(0, 4096)
+                last = time.monotonic()
+        except ChannelFailed as e:
+            print(f"failed {{time.monotonic() - last:.3f}} {{e}}", flush=True)
+    """)
+    proc = subprocess.Popen([DRB, "exec", st["name"], "user", "--", sys.executable, "-c", code],
+                            stdout=subprocess.PIPE, text=True)
+    worker_ns_pid = int(proc.stdout.readline())
+    assert worker_ns_pid > 0
+    workers = [int(p) for p in os.listdir("/proc") if p.isdigit()
+               and "drb_uring.worker" in open(f"/proc/{p}/cmdline").read()]
+    assert workers
+    os.kill(st["daemon_pid"], signal.SIGKILL)
+    line = proc.stdout.readline().split(maxsplit=2)
+    proc.wait(10)
+    assert line[0] == "failed", line
+    assert float(line[1]) < 1.0, line          # the call failed within one second
+    for w in workers:
+        assert wait_gone(lambda w=w: not os.path.exists(f"/proc/{w}"), 2.0)
+    status = drb("status", st["name"]).stdout
+    assert "DOWN: its monitor is not running" in status
+
+
+def test_attach_mode_with_unshare_containers(clean, tmp_path):
+    from drb_uring import cgroup
+    groups, procs = [], []
+    try:
+        for role in ("user", "driver"):
+            g = os.path.join(cgroup.cgroup2_root(), f"{PREFIX}-att-{role}")
+            os.mkdir(g)
+            groups.append(g)
+            p = subprocess.Popen(["unshare", "--mount", "--pid", "--ipc", "--uts", "--net",
+                                  "--fork", "--mount-proc", "sleep", "600"],
+                                 preexec_fn=lambda g=g: cgroup.join(g))
+            procs.append(p)
+        pids = []
+        for p in procs:
+            assert wait_gone(lambda p=p: open(f"/proc/{p.pid}/task/{p.pid}/children").read())
+            pids.append(int(open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()[0]))
+        name = f"{PREFIX}-att"
+        drb("up", name, "--size", "16m", "--attach-user", str(pids[0]),
+            "--attach-driver", str(pids[1]))
+        try:
+            st = json.loads(drb("status", name, "--json").stdout)
+            assert st["attached"] and st["domains"]["user"]["cgroup"] == groups[0]
+            with open(st["device"], "r+b") as f:
+                f.write(b"attached-device!")
+            out = in_domain(name, "user", CHANNEL_READ.format(sock=st["socket"]))
+            assert bytes.fromhex(out.stdout.strip()) == b"attached-device!"
+            assert in_domain(name, "user", "import socket; socket.socket()",
+                             check=False).returncode != 0      # policy on their group
+        finally:
+            drb("down", name)
+        # Their containers are theirs: still running, policies gone from their groups.
+        assert all(p.poll() is None for p in procs)
+        tree = subprocess.run(["bpftool", "cgroup", "show", groups[0]], capture_output=True,
+                              text=True).stdout
+        assert "drb_" not in tree
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for g in groups:
+            cgroup.kill_and_remove(g)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["up", "Bad/Name"], "bad pair name 'Bad/Name'"),
+    (["up", f"{PREFIX}-x", "--backing", "/nonexistent/disk.img"],
+     "backing file /nonexistent/disk.img does not exist"),
+    (["down", f"{PREFIX}-nothing"], f"no pair named '{PREFIX}-nothing'"),
+    (["exec", f"{PREFIX}-nothing", "user", "--", "true"], f"pair '{PREFIX}-nothing' is not up"),
+    (["up", f"{PREFIX}-y", "--attach-user", "1"], "--attach-user and --attach-driver go together"),
+])
+def test_errors_are_one_clear_line(clean, args, words):
+    proc = drb(*args, check=False)
+    assert proc.returncode != 0
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("drb: error")]
+    assert len(lines) == 1 and words in lines[0], proc.stderr
+
+
+def test_backing_too_small_and_name_in_use(pair, tmp_path):
+    small = tmp_path / "small.img"
+    small.write_bytes(b"x" * 1000)
+    proc = drb("up", f"{PREFIX}-h", "--backing", str(small), check=False)
+    assert proc.returncode == 1
+    assert "too small (1000 bytes; at least 1 MiB)" in proc.stderr
+    pair(f"{PREFIX}-i", "--size", "16m")
+    proc = drb("up", f"{PREFIX}-i", "--size", "16m", check=False)
+    assert proc.returncode == 1 and f"pair '{PREFIX}-i' is already up" in proc.stderr
+
+
+def test_not_root_is_refused(clean):
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           DRB, "up", f"{PREFIX}-nr"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1
+    assert "must run as root" in proc.stderr
