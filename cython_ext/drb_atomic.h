@@ -68,6 +68,14 @@ static inline void drb_fence(void)
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 
+/* Store->store ordering for the task table's sequence field: the odd
+ * sequence must be visible before the fields change, the fields before the
+ * even sequence. A compiler barrier on x86 (TSO), a real fence elsewhere. */
+static inline void drb_fence_release(void)
+{
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+
 /* Spin-loop hint: lets the sibling hyperthread run and avoids the memory
  * order mis-speculation penalty when the line finally changes. */
 static inline void drb_cpu_relax(void)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import errno
 import io
+import mmap
 import os
 import socket
 import struct
@@ -104,10 +105,20 @@ class Channel:
             raise
         try:
             try:
-                reply = protocol.request(self.sock, {"op": "open", "size": size},
-                                         peer.as_list())
+                reply, rfds = protocol.request(self.sock, {"op": "open", "size": size},
+                                               peer.as_list(), keep_fds=True)
             finally:
                 peer.close()
+            self.tasks = None
+            if rfds:
+                # The I/O task table: writable here only. The monitor's program
+                # lets the worker touch a slot only while its task is active.
+                try:
+                    self.tasks = mmap.mmap(rfds[0], reply["task_table_bytes"])
+                finally:
+                    protocol.close_fds(rfds)
+                self.end.set_task_table(self.tasks)
+            self.monitored = self.tasks is not None
             self.size = reply["extent_size"]
             self.worker_pid = reply["worker_pid"]
             self.id = reply["channel"]
@@ -173,6 +184,7 @@ class Channel:
                            f"(user_data 0x{user_data:x})")
                 raise ChannelFailed(self.failed)
             req, pos, want = self.inflight.pop(slot)
+            self.end.clear_task(slot)       # revoke before the slot is reused
             if req.op == OP_READ_FIXED and res > 0:
                 if req.buf is None:
                     req.buf = slot      # zero copy: the slot stays lent out
@@ -330,6 +342,9 @@ class Channel:
                 protocol.request(self.sock, {"op": "close"})
         self.sock.close()
         self.pool.release()
+        self.end.drop_task_table()
+        if self.tasks is not None:
+            self.tasks.close()
         self.end.close()
 
     def __enter__(self):

@@ -83,13 +83,24 @@ class Channel:
         self.worker: subprocess.Popen | None = None
         self.worker_pid = 0
         self.pidfd = -1
+        self.ctx = 0
         self.closing = False
 
 
 class Monitor:
     def __init__(self, path: str, *, worker_spin_ns: int = ring.DEFAULT_SPIN_NS,
-                 spawn=None):
+                 spawn=None, enforce: bool = True):
         self.path = path
+        # The eBPF monitor: without it no task table exists and nothing
+        # checks what a worker submits. Turning it off is loud on purpose.
+        self.ebpf = None
+        if enforce:
+            from drb_uring.ebpf import EbpfMonitor
+            self.ebpf = EbpfMonitor()
+        else:
+            log.warning("RUNNING WITHOUT THE eBPF MONITOR (--no-monitor): workers' "
+                        "access to user memory is bounded by the grant rings only, "
+                        "not checked against any I/O task table")
         # spawn(argv_tail, fds) -> (Popen to watch, pid of the worker itself)
         self.spawn = spawn or _spawn_plain
         self.worker_spin_ns = worker_spin_ns
@@ -114,6 +125,8 @@ class Monitor:
 
     def step(self, timeout: float) -> None:
         """One round of the loop: handle whatever is ready within `timeout`."""
+        if self.ebpf:
+            self.ebpf.poll()
         for key, _ in self.sel.select(timeout=timeout):
             kind, obj = key.data
             try:
@@ -145,6 +158,9 @@ class Monitor:
             if key.data[0] == "conn":
                 key.fileobj.close()
         self.sel.close()
+        if self.ebpf:
+            self.ebpf.close()
+            self.ebpf = None
         self.sock.close()
         try:
             os.unlink(self.path)
@@ -176,18 +192,23 @@ class Monitor:
         if msg is None:
             self._drop(conn)
             return
+        out_fds: list[int] = []
         try:
             if msg["op"] == "register-device":
                 reply = self._register_device(msg, fds)
             elif msg["op"] == "open":
-                reply = self._open(conn, msg, fds)
+                reply, out_fds = self._open(conn, msg, fds)
             else:
                 raise protocol.ProtocolError(f"operation {msg['op']!r} is not a request")
-        except (protocol.ProtocolError, MonitorError, L.LayoutError, OSError) as e:
+        except (protocol.ProtocolError, MonitorError, L.LayoutError, OSError,
+                RuntimeError) as e:
             protocol.close_fds(fds)
             self._reply_error(conn, e)
             return
-        protocol.send(conn, {"op": "ok", **reply})
+        try:
+            protocol.send(conn, {"op": "ok", **reply}, out_fds)
+        finally:
+            protocol.close_fds(out_fds)
 
     def _register_device(self, msg: dict, fds: list[int]) -> dict:
         if self.device is not None:
@@ -211,6 +232,7 @@ class Monitor:
             raise MonitorError("slot size is not a multiple of the device alignment")
         extent = self.device.alloc(size)
         ch = Channel(self.next_id, conn, extent)
+        tt_fd = -1
         try:
             ring_fd, params = _grant.setup_disabled(geo.sq_entries)
             try:
@@ -221,11 +243,19 @@ class Monitor:
                                           _backend.OP_FSYNC],
                                 _backend.FLAG_FIXED_FILE, _backend.FLAG_FIXED_FILE)
                 _grant.enable(ring_fd)
+                if self.ebpf:
+                    # Enforced from before the worker exists.
+                    ch.ctx = self.ebpf.ctx_of(ring_fd)
+                    tt_fd = self.ebpf.register(ch.id, ch.ctx, pool_base, geo.slot_size,
+                                               geo.slot_count, extent)
                 ch.worker, ch.worker_pid = self._spawn_worker(ring_fd, params, pool_base,
                                                               peer, extent)
             finally:
                 os.close(ring_fd)
         except BaseException:
+            if ch.ctx:
+                self.ebpf.unregister(ch.id, ch.ctx)
+            protocol.close_fds([tt_fd] if tt_fd >= 0 else [])
             self.device.release(*extent)
             raise
         finally:
@@ -236,9 +266,14 @@ class Monitor:
         self.sel.unregister(conn)
         self.sel.register(conn, selectors.EVENT_READ, ("channel", ch))
         self.sel.register(ch.pidfd, selectors.EVENT_READ, ("worker", ch))
-        log.info("channel %d open: extent %d+%d, worker pid %d", ch.id, extent[0], extent[1],
-                 ch.worker_pid)
-        return {"channel": ch.id, "extent_size": extent[1], "worker_pid": ch.worker_pid}
+        log.info("channel %d open: extent %d+%d, worker pid %d%s", ch.id, extent[0], extent[1],
+                 ch.worker_pid, "" if self.ebpf else " (UNMONITORED)")
+        reply = {"channel": ch.id, "extent_size": extent[1], "worker_pid": ch.worker_pid}
+        if tt_fd >= 0:
+            from drb_uring.ebpf import TASK_TABLE_BYTES
+            reply["task_table_bytes"] = TASK_TABLE_BYTES
+            return reply, [tt_fd]
+        return reply, []
 
     def _spawn_worker(self, ring_fd, params, pool_base, peer, extent) -> subprocess.Popen:
         fds = [ring_fd, peer.ctl_user, peer.ctl_driver, peer.user_efd, peer.driver_efd]
@@ -289,7 +324,12 @@ class Monitor:
         reason = None
         if not ch.closing:
             how = f"killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+            if rc == 137:     # the stand-in in the driver domain reports 128 + signal
+                how = "killed by signal 9"
             reason = f"backend worker {ch.worker_pid} {how}"
+            violated = self.ebpf.failed(ch.ctx) if self.ebpf and ch.ctx else None
+            if violated:
+                reason = f"monitor killed backend worker {ch.worker_pid}: {violated}"
             log.error("channel %d failed: %s", ch.id, reason)
         self._finish(ch, reason)
 
@@ -310,6 +350,10 @@ class Monitor:
         if ch.worker is not None and ch.worker.poll() is None:
             ch.worker.kill()
             ch.worker.wait()
+        if self.ebpf and ch.ctx:
+            self.ebpf.failed(ch.ctx)          # log any last events
+            self.ebpf.unregister(ch.id, ch.ctx)
+            ch.ctx = 0
         if self.device is not None:
             self.device.release(*ch.extent)
         self.channels.pop(ch.id, None)
@@ -325,10 +369,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="drb-monitor", description=__doc__.splitlines()[0])
     p.add_argument("--socket", required=True)
     p.add_argument("--worker-spin-ns", type=int, default=ring.DEFAULT_SPIN_NS)
+    p.add_argument("--no-monitor", action="store_true",
+                   help="run without the eBPF monitor (loudly logged; for comparison only)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s drb-monitor[%(process)d] %(message)s")
-    mon = Monitor(a.socket, worker_spin_ns=a.worker_spin_ns)
+    try:
+        mon = Monitor(a.socket, worker_spin_ns=a.worker_spin_ns, enforce=not a.no_monitor)
+    except RuntimeError as e:
+        print(f"drb-monitor: {e}", file=sys.stderr)
+        return 1
     signal.signal(signal.SIGTERM, mon.stop)
     signal.signal(signal.SIGINT, mon.stop)
     print("ready", flush=True)

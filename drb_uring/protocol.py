@@ -17,14 +17,14 @@ VERSION = 1
 MAX_MSG = 8192
 MAX_FDS = 8
 
-# Operation -> number of fds it carries.
+# Operation -> numbers of fds it may carry.
 FDS_FOR = {
-    "register-device": 1,   # driver side: its device, once
-    "open": 5,              # user side: ring fds (ctl_user ro, ctl_driver, pool, 2 eventfds)
-    "close": 0,
-    "ok": 0,
-    "error": 0,
-    "failed": 0,            # monitor -> user: the channel failed (reason)
+    "register-device": (1,),  # driver side: its device, once
+    "open": (5,),             # user side: ring fds (ctl_user ro, ctl_driver, pool, 2 eventfds)
+    "close": (0,),
+    "ok": (0, 1),             # the reply to "open" carries the task table when monitored
+    "error": (0,),
+    "failed": (0,),           # monitor -> user: the channel failed (reason)
 }
 
 
@@ -75,24 +75,29 @@ def recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
         want = FDS_FOR.get(msg["op"])
         if want is None:
             raise ProtocolError(f"unknown operation {msg['op']!r}")
-        if len(fds) != want:
-            raise ProtocolError(f"operation {msg['op']!r} carries {want} fds, got {len(fds)}")
+        if len(fds) not in want:
+            raise ProtocolError(f"operation {msg['op']!r} carries "
+                                f"{' or '.join(map(str, want))} fds, got {len(fds)}")
         return msg, fds
     except ProtocolError:
         close_fds(fds)
         raise
 
 
-def request(sock: socket.socket, msg: dict, fds: list[int] = ()) -> dict:
-    """Send a message and wait for the monitor's reply; raise on 'error'."""
+def request(sock: socket.socket, msg: dict, fds: list[int] = (),
+            keep_fds: bool = False):
+    """Send a message and wait for the monitor's reply; raise on 'error'.
+    With keep_fds, returns (reply, fds) and the caller owns the fds."""
     send(sock, msg, fds)
     reply, rfds = recv(sock)
-    close_fds(rfds)
+    if not keep_fds:
+        close_fds(rfds)
     if reply is None:
         raise ConnectionError("the monitor closed the connection")
     if reply["op"] == "error":
+        close_fds(rfds)
         raise ProtocolError(reply.get("error", "refused"))
-    return reply
+    return (reply, rfds) if keep_fds else reply
 
 
 def int_field(msg: dict, name: str, lo: int, hi: int) -> int:

@@ -22,13 +22,14 @@ def children_of(pid: int) -> list[int]:
 
 
 class MonitorProc:
-    def __init__(self, tmp_path, size=256 << 20, env=None, o_direct=False, device=None):
+    def __init__(self, tmp_path, size=256 << 20, env=None, o_direct=False, device=None,
+                 args=()):
         self.sock_path = str(tmp_path / "monitor.sock")
         self.backing = str(tmp_path / "backing")
         self.log = open(tmp_path / "monitor.log", "w+")
         e = procs.module_env()
         e.update(env or {})
-        self.proc = procs.spawn_module("drb_uring.monitor", ["--socket", self.sock_path], [],
+        self.proc = procs.spawn_module("drb_uring.monitor", ["--socket", self.sock_path, *args], [],
                                        stdout=subprocess.PIPE, stderr=self.log, env=e)
         line = self.proc.stdout.readline()
         assert line.strip() == b"ready", line

@@ -117,8 +117,10 @@ def test_two_channels_cannot_reach_each_other(monitor):
 
 
 def test_worker_holds_no_pool_and_cannot_step_outside(tmp_path, no_fd_leak):
+    # The grant ring's own restrictions, without the eBPF monitor (which
+    # would kill the worker at its first register call: tests/test_ebpf.py).
     probe = tmp_path / "probe.json"
-    m = MonitorProc(tmp_path, env={"DRB_WORKER_PROBE_OUT": str(probe)})
+    m = MonitorProc(tmp_path, env={"DRB_WORKER_PROBE_OUT": str(probe)}, args=["--no-monitor"])
     try:
         with Channel(m.sock_path, EXTENT, geometry=GEO) as ch:
             ch.pwrite(0, b"x" * 100)

@@ -2,6 +2,7 @@
 # on them (benchmarks, the backend worker, the frontend fast path).
 from libc.stdint cimport uint32_t, uint64_t
 from spsc cimport drb_prod, drb_cons, drb_waiter
+from tasks cimport drb_task
 
 
 cdef class RingEnd:
@@ -18,6 +19,9 @@ cdef class RingEnd:
     cdef readonly object geometry
     cdef readonly bint closed
     cdef object owned_fds
+    cdef drb_task *tasks          # the I/O task table, or NULL (no monitor)
+    cdef uint32_t ntasks
+    cdef object tasks_owner
 
     cdef void _set_prod(self, char *tail_page, size_t tail_off, char *head_page,
                         size_t head_off, char *entries, uint32_t size, uint32_t esize)

@@ -14,7 +14,8 @@ from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 
-from includes.atomic cimport drb_store_relaxed, drb_fence
+from includes.atomic cimport drb_store_relaxed, drb_fence, drb_now_ns
+from tasks cimport drb_task, task_post, task_clear
 from includes.io_uring cimport io_uring_sqe
 from includes.sys cimport (mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED,
                            MAP_FAILED, errno, EINTR, EPROTO)
@@ -75,6 +76,9 @@ cdef class RingEnd:
         self.exports = 0
         self.closed = True
         self.owned_fds = ()
+        self.tasks = NULL
+        self.ntasks = 0
+        self.tasks_owner = None
 
     def _map_all(self, geometry, int mine_fd, size_t mine_size, int peer_fd,
                  size_t peer_size, int pool_fd, int my_efd, int peer_efd,
@@ -308,6 +312,10 @@ cdef class RingEnd:
 
     def close(self):
         """Unmap and close everything this end owns. Idempotent."""
+        self.tasks = NULL
+        if self.tasks_owner is not None:
+            self.tasks_owner.release()
+            self.tasks_owner = None
         if self.exports:
             raise BufferError(f"{self.exports} view(s) of the data pool are still alive")
         if self.ctl_mine != NULL:
@@ -377,6 +385,9 @@ cdef class UserEnd(RingEnd):
             raise _oserror(space)
         if space == 0:
             return False
+        if self.tasks != NULL and opcode != 3 and slot < self.ntasks:   # 3: FSYNC
+            # The task entry is complete before the request is published.
+            task_post(&self.tasks[slot], opcode, length, off, drb_now_ns())
         s = <io_uring_sqe *>prod_entry(&self.prod, 0)
         memset(s, 0, sizeof(io_uring_sqe))
         s.opcode = opcode
@@ -390,6 +401,33 @@ cdef class UserEnd(RingEnd):
             prod_publish(&self.prod, 1)
             drb_notify(&self.waiter)
         return True
+
+
+    def set_task_table(self, buffer):
+        """Use a writable buffer (the mmapped task table) for task entries:
+        post() fills the slot's entry, clear_task() revokes it."""
+        cdef Py_buffer view
+        PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
+        try:
+            if <size_t>view.len < <size_t>self.geometry.slot_count * sizeof(drb_task):
+                raise ValueError(f"task table of {view.len} bytes is too small for "
+                                 f"{self.geometry.slot_count} slots")
+            self.tasks = <drb_task *>view.buf
+            self.ntasks = self.geometry.slot_count
+            self.tasks_owner = memoryview(buffer)   # keeps the mapping exported
+        finally:
+            PyBuffer_Release(&view)
+
+    def clear_task(self, unsigned short slot):
+        if self.tasks != NULL and slot < self.ntasks:
+            task_clear(&self.tasks[slot])
+
+    def drop_task_table(self):
+        self.tasks = NULL
+        self.ntasks = 0
+        if self.tasks_owner is not None:
+            self.tasks_owner.release()
+            self.tasks_owner = None
 
 
 cdef class DriverEnd(RingEnd):

@@ -18,6 +18,7 @@ from spsc cimport (prod_space, prod_space_fresh, prod_entry, prod_publish,
                    cons_avail, cons_entry, cons_release, drb_notify,
                    drb_wait_cons, drb_wait_prod)
 from drb_uring._ring cimport UserEnd, DriverEnd
+from tasks cimport task_post, task_clear
 
 import os
 from array import array
@@ -344,8 +345,10 @@ cdef inline uint64_t next_offset(uint64_t *state, uint64_t *next_block, uint64_t
     return (x % blocks) * bs
 
 
-cdef inline void fill_io(io_uring_sqe *s, int opcode, uint32_t slot, uint32_t bs,
-                         uint64_t off) noexcept nogil:
+cdef inline void fill_io(UserEnd u, io_uring_sqe *s, int opcode, uint32_t slot, uint32_t bs,
+                         uint64_t off, uint64_t now) noexcept nogil:
+    if u.tasks != NULL:
+        task_post(&u.tasks[slot], opcode, bs, off, now)
     memset(s, 0, sizeof(io_uring_sqe))
     s.opcode = opcode
     s.buf_index = <uint16_t>slot
@@ -379,8 +382,8 @@ def channel_workload(UserEnd u, int opcode, uint32_t bs, uint32_t qd, double sec
         end_ns = t0 + <uint64_t>(seconds * 1e9)
         now = t0
         for slot in range(qd):
-            fill_io(<io_uring_sqe *>prod_entry(&u.prod, slot), opcode, slot, bs,
-                    next_offset(&state, &next_block, blocks, bs, rand))
+            fill_io(u, <io_uring_sqe *>prod_entry(&u.prod, slot), opcode, slot, bs,
+                    next_offset(&state, &next_block, blocks, bs, rand), now)
             posted[slot] = now
         prod_publish(&u.prod, qd)
         drb_notify(&u.waiter)
@@ -406,11 +409,13 @@ def channel_workload(UserEnd u, int opcode, uint32_t bs, uint32_t qd, double sec
                     nsamp += 1
                 if now >= end_ns:
                     inflight -= 1
+                    if u.tasks != NULL:
+                        task_clear(&u.tasks[slot])     # revoke: no more I/O there
                     continue
                 # Re-post in the same slot: the ring has room, since every
                 # response frees exactly one request entry.
-                fill_io(<io_uring_sqe *>prod_entry(&u.prod, k), opcode, slot, bs,
-                        next_offset(&state, &next_block, blocks, bs, rand))
+                fill_io(u, <io_uring_sqe *>prod_entry(&u.prod, k), opcode, slot, bs,
+                        next_offset(&state, &next_block, blocks, bs, rand), now)
                 posted[slot] = now
                 k += 1
             cons_release(&u.cons, <uint32_t>n)

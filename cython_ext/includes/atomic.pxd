@@ -9,5 +9,6 @@ cdef extern from "drb_atomic.h" nogil:
     uint64_t drb_load_relaxed64(const uint64_t *p)
     void drb_store_relaxed64(uint64_t *p, uint64_t v)
     void drb_fence()
+    void drb_fence_release()
     void drb_cpu_relax()
     uint64_t drb_now_ns()
