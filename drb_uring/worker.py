@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                       map_pool=False)
     backend = Backend(end, spec["ring_fd"], bytes.fromhex(spec["params"]), spec["pool_base"],
                       spec["extent_base"], spec["extent_size"], spec["align"])
+    backend.misbehave = int(os.environ.get("DRB_WORKER_MISBEHAVE", "0") or 0)
     probe = os.environ.get("DRB_WORKER_PROBE_OUT")
     if probe:
         # Test hook (tests set it in the monitor's environment; no command

@@ -31,6 +31,12 @@ cdef extern from "<errno.h>" nogil:
     int ERANGE
     int EOPNOTSUPP
 
+cdef extern from "<sys/syscall.h>" nogil:
+    long SYS_io_uring_register
+
+cdef extern from "<unistd.h>" nogil:
+    long syscall(long number, ...)
+
 cdef extern from "<signal.h>" nogil:
     ctypedef void (*sighandler_t)(int)
     sighandler_t signal(int signum, sighandler_t handler)
@@ -113,6 +119,12 @@ cdef class Backend:
     cdef uint32_t cq_cap
     cdef uint32_t inflight
     cdef public uint64_t served, refused, submits, sleeps
+    # Test-only misbehaviour (tests set DRB_WORKER_MISBEHAVE in the monitor's
+    # environment; no command line reaches it): what a compromised worker
+    # would do with its first request. 1: read into a slot whose task is
+    # not active; 2: an active task's slot index with an address in another
+    # slot; 3: write beyond the channel's extent; 4: io_uring_register.
+    cdef public int misbehave
 
     def __cinit__(self, DriverEnd end, int ring_fd, bytes params, uint64_t pool_base,
                   uint64_t extent_base, uint64_t extent_size, uint32_t align):
@@ -148,6 +160,20 @@ cdef class Backend:
 
     def __dealloc__(self):
         self.close()
+
+    cdef void misbehave_once(self, io_uring_sqe *g) noexcept nogil:
+        cdef uint32_t other = (g.buf_index + 1) % self.lim.slot_count
+        if self.misbehave == 1:
+            g.opcode = IORING_OP_READ_FIXED
+            g.buf_index = <uint16_t>other
+            g.addr = self.lim.pool_base + <uint64_t>other * self.lim.slot_size
+        elif self.misbehave == 2:
+            g.addr = self.lim.pool_base + <uint64_t>other * self.lim.slot_size
+        elif self.misbehave == 3:
+            g.off = self.lim.extent_base + self.lim.extent_size
+        elif self.misbehave == 4:
+            syscall(SYS_io_uring_register, <long>self.ring.ring_fd, <long>0, NULL, <long>0)
+        self.misbehave = 0
 
     cdef int respond(self, uint64_t tag, int32_t res) except -1 nogil:
         cdef int64_t space = prod_space(&self.end.prod, 1)
@@ -235,6 +261,8 @@ cdef class Backend:
                     if g == NULL:       # cannot happen: room <= SQ space
                         return -EPROTO
                     to_grant(g, &local[i], &self.lim)
+                    if self.misbehave:
+                        self.misbehave_once(g)
                     queued += 1
                 if queued:
                     r = io_uring_submit(&self.ring)
