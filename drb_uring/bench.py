@@ -51,18 +51,21 @@ def parse_list(text: str, allowed=None, conv=str) -> list:
 
 
 @contextlib.contextmanager
-def _monitor(transport: str, workdir: str):
+def _monitor(transport: str, workdir: str, enforce: bool = True):
     spin = POLL_NS if transport == "drb-poll" else None
-    args = ["--socket", os.path.join(workdir, f"{transport}.sock")]
+    tag = f"{transport}-{'mon' if enforce else 'nomon'}"
+    args = ["--socket", os.path.join(workdir, f"{tag}.sock")]
     if spin:
         args += ["--worker-spin-ns", str(spin)]
-    log = open(os.path.join(workdir, f"{transport}.log"), "w")
+    if not enforce:
+        args.append("--no-monitor")
+    log = open(os.path.join(workdir, f"{tag}.log"), "w")
     proc = procs.spawn_module("drb_uring.monitor", args, [], stdout=subprocess.PIPE,
                               stderr=log)
     try:
         if proc.stdout.readline().strip() != b"ready":
             raise RuntimeError(f"monitor for {transport} did not start; see {log.name}")
-        backing = os.path.join(workdir, f"{transport}.img")
+        backing = os.path.join(workdir, f"{tag}.img")
         fd = os.open(backing, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             # Real data, not a hole: reads must come from the page cache.
@@ -92,7 +95,8 @@ def _ctx_switches() -> int:
     return n
 
 
-def run_cell(sock: str, transport: str, op: str, bs: int, qd: int, seconds: float) -> dict:
+def run_cell(sock: str, transport: str, op: str, bs: int, qd: int, seconds: float,
+             monitor: bool = True) -> dict:
     slot = max(bs, L.PAGE)
     geo = L.Geometry(sq_entries=max(2, 1 << (qd - 1).bit_length()),
                      cq_entries=max(2, 1 << (qd - 1).bit_length()),
@@ -102,6 +106,8 @@ def run_cell(sock: str, transport: str, op: str, bs: int, qd: int, seconds: floa
     kw = {"spin_ns": spin} if spin else {}
     opcode, rand = OPS[op]
     with Channel(sock, EXTENT, geometry=geo, **kw) as ch:
+        if ch.monitored != monitor:
+            raise RuntimeError(f"channel monitored={ch.monitored}, expected {monitor}")
         before = dict(ch.end.stats)
         cs0 = _ctx_switches()
         res = _ringbench.channel_workload(ch.end, opcode, bs, qd, seconds, EXTENT, rand, 42)
@@ -115,7 +121,7 @@ def run_cell(sock: str, transport: str, op: str, bs: int, qd: int, seconds: floa
     lat = sorted(res["latencies_ns"])
     user_calls = (after["notifies"] - before["notifies"]) + (after["sleeps"] - before["sleeps"])
     return {
-        "transport": transport, "op": op, "bs": bs, "qd": qd, "pairs": 1,
+        "transport": transport, "op": op, "bs": bs, "qd": qd, "pairs": 1, "monitor": monitor,
         "seconds": round(secs, 3), "ios": ios, "iops": round(ios / secs),
         "mb_s": round(ios * bs / secs / 1e6, 1),
         "lat_us": {"mean": round(sum(lat) / len(lat) / 1e3, 2),
@@ -131,27 +137,48 @@ def run_cell(sock: str, transport: str, op: str, bs: int, qd: int, seconds: floa
     }
 
 
-def run(transports, ops, sizes, depths, seconds, progress=print) -> dict:
+def run(transports, ops, sizes, depths, seconds, progress=print,
+        monitor=(True,)) -> dict:
     runs = []
     cells = list(itertools.product(ops, sizes, depths))
     with tempfile.TemporaryDirectory(prefix="drb-bench-") as work:
         for t in transports:
-            with _monitor(t, work) as sock:
-                for i, (op, bs, qd) in enumerate(cells, 1):
-                    progress(f"[{t} {i}/{len(cells)}] {op} bs={bs} qd={qd} for {seconds}s")
-                    runs.append(run_cell(sock, t, op, bs, qd, seconds))
-    return {"schema": 1, "machine": ringbench.machine(), "runs": runs}
+            for mon in monitor:
+                with _monitor(t, work, mon) as sock:
+                    for i, (op, bs, qd) in enumerate(cells, 1):
+                        progress(f"[{t} monitor={'on' if mon else 'off'} {i}/{len(cells)}] "
+                                 f"{op} bs={bs} qd={qd} for {seconds}s")
+                        runs.append(run_cell(sock, t, op, bs, qd, seconds, mon))
+    return {"schema": 1, "machine": ringbench.machine(), "runs": runs,
+            "monitor_ratio": monitor_ratios(runs)}
+
+
+def monitor_ratios(runs) -> list[dict]:
+    """IOPS with the monitor over IOPS without, for each cell run both ways."""
+    by = {}
+    for r in runs:
+        by.setdefault((r["transport"], r["op"], r["bs"], r["qd"]), {})[r["monitor"]] = r
+    out = []
+    for (t, op, bs, qd), pair in by.items():
+        if True in pair and False in pair and pair[False]["iops"]:
+            out.append({"transport": t, "op": op, "bs": bs, "qd": qd,
+                        "iops_on_over_off": round(pair[True]["iops"] / pair[False]["iops"], 3)})
+    return out
 
 
 def table(rep: dict) -> str:
-    head = (f"{'transport':<10}{'op':<10}{'bs':>8}{'qd':>4}{'IOPS':>11}{'MB/s':>9}"
+    head = (f"{'transport':<10}{'mon':<5}{'op':<10}{'bs':>8}{'qd':>4}{'IOPS':>11}{'MB/s':>9}"
             f"{'p50 us':>9}{'p99 us':>9}{'p99.9 us':>10}{'sys/io U':>10}")
     rows = [head]
     for r in rep["runs"]:
         lat = r["lat_us"]
-        rows.append(f"{r['transport']:<10}{r['op']:<10}{r['bs']:>8}{r['qd']:>4}"
+        rows.append(f"{r['transport']:<10}{'on' if r['monitor'] else 'off':<5}"
+                    f"{r['op']:<10}{r['bs']:>8}{r['qd']:>4}"
                     f"{r['iops']:>11}{r['mb_s']:>9}{lat['p50']:>9.2f}{lat['p99']:>9.2f}"
                     f"{lat['p999']:>10.2f}{r['per_io']['syscalls_user']:>10.3f}")
+    for m in rep.get("monitor_ratio", []):
+        rows.append(f"monitor on/off IOPS, {m['transport']} {m['op']} bs={m['bs']} "
+                    f"qd={m['qd']}: {m['iops_on_over_off']:.3f}   (target >= 0.9)")
     return "\n".join(rows)
 
 

@@ -62,7 +62,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if any(b > 16 << 20 for b in sizes):
         raise ValueError("block sizes must be at most 16m")
     print("Benchmarking I/O through a channel (Ctrl-C to stop).")
-    rep = bench.run(transports, ops, sizes, depths, a.seconds, progress=_progress)
+    mons = bench.parse_list(a.monitor, ["on", "off"])
+    rep = bench.run(transports, ops, sizes, depths, a.seconds, progress=_progress,
+                    monitor=tuple(m == "on" for m in mons))
     print(bench.table(rep))
     if a.json:
         bench.write_json(rep, a.json)
@@ -227,6 +229,38 @@ def cmd_exec(a: argparse.Namespace) -> int:
     return proc.wait()
 
 
+def cmd_trace(a: argparse.Namespace) -> int:
+    import socket as so
+
+    from drb_uring import hist, pair, protocol
+    st = pair.read_state(a.name)
+    if st is None or not pair.daemon_pid(a.name):
+        raise CliError(f"pair {a.name!r} is not up")
+
+    def snapshot() -> dict:
+        s = so.socket(so.AF_UNIX, so.SOCK_SEQPACKET)
+        with s:
+            s.connect(st["socket"])
+            return protocol.request(s, {"op": "trace"})["channels"]
+
+    print(f"Tracing pair {a.name} for {a.seconds:g} s, every {a.interval:g} s "
+          "(latency per stage, microseconds). Ctrl-C to stop.")
+    prev = snapshot()
+    end = time.monotonic() + a.seconds
+    while time.monotonic() < end:
+        time.sleep(min(a.interval, max(0.0, end - time.monotonic())))
+        cur = snapshot()
+        print(time.strftime("%H:%M:%S"))
+        for ch in sorted(cur, key=int):
+            for stage, buckets in sorted(cur[ch].items()):
+                old = prev.get(ch, {}).get(stage, {})
+                delta = {int(k): v - old.get(k, 0) for k, v in buckets.items()}
+                if any(delta.values()):
+                    sys.stdout.write(hist.format_hist(f"usecs_{stage}_ch{ch}", delta))
+        prev = cur
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from drb_uring import demo
     return demo.run(a)
@@ -254,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bs", default="4k", help="block sizes, e.g. 4k,64k,1m")
     c.add_argument("--qd", default="1,32", help="queue depths, e.g. 1,32")
     c.add_argument("--seconds", type=float, default=3.0, help="per cell (default 3)")
+    c.add_argument("--monitor", default="on",
+                   help="on, off or on,off: with and without the eBPF monitor (default on)")
     c.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     c.set_defaults(func=cmd_bench)
 
@@ -291,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("role", choices=("user", "driver"))
     e.add_argument("cmd", nargs=argparse.REMAINDER)
     e.set_defaults(func=cmd_exec)
+
+    t = sub.add_parser("trace", help="per-stage latency histograms of a pair's channels")
+    t.add_argument("name")
+    t.add_argument("--seconds", type=float, default=10.0)
+    t.add_argument("--interval", type=float, default=1.0)
+    t.set_defaults(func=cmd_trace)
 
     m = sub.add_parser("demo", help="the main job: a pair, a workload through it, teardown")
     m.add_argument("--seconds", type=float, default=3.0, help="per benchmark phase")

@@ -198,6 +198,8 @@ class Monitor:
                 reply = self._register_device(msg, fds)
             elif msg["op"] == "open":
                 reply, out_fds = self._open(conn, msg, fds)
+            elif msg["op"] == "trace":
+                reply = self._trace()
             else:
                 raise protocol.ProtocolError(f"operation {msg['op']!r} is not a request")
         except (protocol.ProtocolError, MonitorError, L.LayoutError, OSError,
@@ -209,6 +211,16 @@ class Monitor:
             protocol.send(conn, {"op": "ok", **reply}, out_fds)
         finally:
             protocol.close_fds(out_fds)
+
+    def _trace(self) -> dict:
+        if not self.ebpf:
+            raise MonitorError("this monitor runs without eBPF (--no-monitor): nothing traced")
+        stages = {0: "post_to_submit", 1: "submit_to_complete"}
+        out: dict = {}
+        for (ch, stage), buckets in self.ebpf.histograms().items():
+            out.setdefault(str(ch), {})[stages.get(stage, str(stage))] = \
+                {str(k): v for k, v in buckets.items()}
+        return {"channels": out}
 
     def _register_device(self, msg: dict, fds: list[int]) -> dict:
         if self.device is not None:

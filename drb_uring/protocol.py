@@ -22,6 +22,7 @@ FDS_FOR = {
     "register-device": (1,),  # driver side: its device, once
     "open": (5,),             # user side: ring fds (ctl_user ro, ctl_driver, pool, 2 eventfds)
     "close": (0,),
+    "trace": (0,),            # anyone on the host: the monitor's latency histograms
     "ok": (0, 1),             # the reply to "open" carries the task table when monitored
     "error": (0,),
     "failed": (0,),           # monitor -> user: the channel failed (reason)
