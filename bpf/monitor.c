@@ -46,6 +46,7 @@ struct drb_task {
     u32 len;
     u64 offset;           /* channel-relative device offset */
     u64 post_ns;          /* CLOCK_MONOTONIC, as bpf_ktime_get_ns */
+    u64 submit_ns;        /* written here: when the worker submitted it */
 };
 
 struct grant {
@@ -53,6 +54,8 @@ struct grant {
     u32 slot_size;
     u32 slot_count;
     u32 failed;           /* enum reason, written here, read by the monitor */
+    u32 hist;             /* this channel's rows in `lat` (< MAX_CHANNELS) */
+    u32 pad;
     u64 pool_base;
     u64 extent_base;
     u64 extent_size;
@@ -71,17 +74,29 @@ struct event {
     u32 task_state;
 };
 
-struct hkey {
-    u32 channel;
-    u32 stage;            /* 0 post->submit, 1 submit->complete */
-    u32 slot;             /* log2 bucket, bpftrace numbering */
-};
+#ifndef MAX_CHANNELS
+#define MAX_CHANNELS 1024
+#endif
 
-BPF_F_TABLE("array", u32, struct drb_task, task_tmpl, MAX_SLOTS, BPF_F_MMAPABLE);
-BPF_HASH_OF_MAPS(task_tables, u32, "task_tmpl", 4096);
-BPF_HASH(grants, u64, struct grant, 4096);
-BPF_HASH(started, u64, u64, 65536);        /* req pointer -> submit time */
-BPF_HASH(lat, struct hkey, u64, 65536);
+/* MAX_SLOTS task entries, then 16 entries' worth (>= 64 u64 buckets) of
+ * the user side's own post->reap histogram. */
+BPF_F_TABLE("array", u32, struct drb_task, task_tmpl, MAX_SLOTS + 16, BPF_F_MMAPABLE);
+BPF_HASH_OF_MAPS(task_tables, u32, "task_tmpl", MAX_CHANNELS);
+BPF_HASH(grants, u64, struct grant, MAX_CHANNELS);
+/* Latency histograms: row (hist * 2 + stage), 64 log2 buckets per row. An
+ * array, not a hash: this is on every request's path. */
+BPF_ARRAY(lat, u64, MAX_CHANNELS * 2 * HIST_SLOTS);
+/* [0]: nonzero while someone traces (drb trace holds a lease that the host
+ * service expires): the stage histograms cost two clock reads and a
+ * completion hook per request, so they are kept only while wanted. */
+BPF_ARRAY(config, u64, 1);
+
+static __always_inline int tracing(void)
+{
+    u32 zero = 0;
+    u64 *on = config.lookup(&zero);
+    return on && *on;
+}
 BPF_RINGBUF_OUTPUT(events, 16);
 
 static __always_inline u32 log2_slot(u64 v)
@@ -100,10 +115,13 @@ static __always_inline u32 log2_slot(u64 v)
     return r + 2;
 }
 
-static __always_inline void hist_add(u32 channel, u32 stage, u64 ns)
+static __always_inline void hist_add(u32 hist, u32 stage, u64 ns)
 {
-    struct hkey k = {.channel = channel, .stage = stage, .slot = log2_slot(ns / 1000)};
-    u64 zero = 0, *c = lat.lookup_or_try_init(&k, &zero);
+    u32 b = log2_slot(ns / 1000);
+    if (b >= HIST_SLOTS || hist >= MAX_CHANNELS)
+        return;
+    u32 k = (hist * 2 + stage) * HIST_SLOTS + b;
+    u64 *c = lat.lookup(&k);
     if (c)
         __sync_fetch_and_add(c, 1);
 }
@@ -131,25 +149,28 @@ static __always_inline int violation(struct grant *g, u32 reason, u32 slot, u64 
     return 0;
 }
 
-TRACEPOINT_PROBE(io_uring, io_uring_submit_req)
+/* Raw tracepoints: the regular ones build a whole trace record (with the
+ * opcode's name as a string) before the program runs, on every request. */
+RAW_TRACEPOINT_PROBE(io_uring_submit_req)
 {
-    u64 ctx = (u64)args->ctx;
-    struct grant *g = grants.lookup(&ctx);
+    char *req = (char *)ctx->args[0];
+    /* One read of the head of the request (REQ_READ_LEN bytes, covering
+     * every field below) instead of one read per field. */
+    char head[REQ_READ_LEN];
+    if (bpf_probe_read_kernel(head, sizeof(head), req))
+        return 0;
+    u64 ring = *(u64 *)(head + OFF_REQ_CTX);
+    struct grant *g = grants.lookup(&ring);
     if (!g)
         return 0;                           /* not a grant ring */
-    u64 now = bpf_ktime_get_ns();
-    u8 op = args->opcode;
-    u64 user_data = args->user_data;
-    char *req = (char *)args->req;
+    u8 op = *(u8 *)(head + OFF_REQ_OPCODE);
+    u64 user_data = *(u64 *)(head + OFF_REQ_USER_DATA);
     if (op == OP_FSYNC)
         return 0;                           /* touches no user memory */
-    u16 slot = 0;
-    u64 addr = 0, pos = 0;
-    u32 len = 0;
-    bpf_probe_read_kernel(&slot, sizeof(slot), req + OFF_REQ_BUF_INDEX);
-    bpf_probe_read_kernel(&addr, sizeof(addr), req + OFF_REQ_CMD + OFF_RW_ADDR);
-    bpf_probe_read_kernel(&len, sizeof(len), req + OFF_REQ_CMD + OFF_RW_LEN);
-    bpf_probe_read_kernel(&pos, sizeof(pos), req + OFF_REQ_CMD + OFF_RW_POS);
+    u16 slot = *(u16 *)(head + OFF_REQ_BUF_INDEX);
+    u64 addr = *(u64 *)(head + OFF_REQ_CMD + OFF_RW_ADDR);
+    u32 len = *(u32 *)(head + OFF_REQ_CMD + OFF_RW_LEN);
+    u64 pos = *(u64 *)(head + OFF_REQ_CMD + OFF_RW_POS);
     if (op != OP_READ_FIXED && op != OP_WRITE_FIXED)
         return violation(g, R_OPCODE, slot, user_data, addr, len, pos, op, 0);
     if (slot >= g->slot_count)
@@ -187,53 +208,117 @@ TRACEPOINT_PROBE(io_uring, io_uring_submit_req)
     if (t->seq != seq)
         return violation(g, R_TORN, slot, user_data, addr, len, pos, op, state);
 
-    if (tpost && now > tpost)
-        hist_add(ch, 0, now - tpost);
-    u64 r = (u64)req;
-    started.update(&r, &now);
-    return 0;
-}
-
-TRACEPOINT_PROBE(io_uring, io_uring_complete)
-{
-    u64 ctx = (u64)args->ctx;
-    struct grant *g = grants.lookup(&ctx);
-    if (!g)
-        return 0;
-    u64 r = (u64)args->req;
-    u64 *t0 = started.lookup(&r);
-    if (t0) {
-        hist_add(g->channel, 1, bpf_ktime_get_ns() - *t0);
-        started.delete(&r);
+    if (tracing()) {
+        u64 now = bpf_ktime_get_ns();
+        if (tpost && now > tpost)
+            hist_add(g->hist, 0, now - tpost);
+        t->submit_ns = now;
     }
     return 0;
 }
 
-TRACEPOINT_PROBE(io_uring, io_uring_register)
+RAW_TRACEPOINT_PROBE(io_uring_complete)
 {
-    u64 ctx = (u64)args->ctx;
-    struct grant *g = grants.lookup(&ctx);
+    if (!tracing())
+        return 0;
+    u64 ring = ctx->args[0];
+    struct grant *g = grants.lookup(&ring);
+    if (!g)
+        return 0;
+    char *req = (char *)ctx->args[1];
+    u16 slot = 0;
+    bpf_probe_read_kernel(&slot, sizeof(slot), req + OFF_REQ_BUF_INDEX);
+    u32 ch = g->channel, key = slot;
+    void *tt = task_tables.lookup(&ch);
+    if (!tt)
+        return 0;
+    struct drb_task *t = bpf_map_lookup_elem(tt, &key);
+    if (t && t->submit_ns) {
+        hist_add(g->hist, 1, bpf_ktime_get_ns() - t->submit_ns);
+        t->submit_ns = 0;
+    }
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(io_uring_register)
+{
+    u64 ring = ctx->args[0];
+    struct grant *g = grants.lookup(&ring);
     if (!g)
         return 0;
     /* Registered only after enable: any register call now is the worker's. */
-    return violation(g, R_REGISTER, 0, 0, 0, args->opcode, 0, 0, 0);
+    return violation(g, R_REGISTER, 0, 0, 0, (u32)ctx->args[1], 0, 0, 0);
 }
 
-/* The monitor learns each grant ring's io_ring_ctx from its own creation of
- * the ring: (monitor tgid, fd) -> ctx. */
+/* A pair's monitor learns each grant ring's io_ring_ctx from its own
+ * creation of the ring: (monitor tgid, fd) -> ctx. Only processes listed in
+ * `monitors` (registered by the host service) are recorded. */
 struct ckey {
     u32 tgid;
     s32 fd;
 };
 BPF_HASH(created, struct ckey, u64, 1024);
+BPF_HASH(monitors, u32, u32, 256);
 
-TRACEPOINT_PROBE(io_uring, io_uring_create)
+RAW_TRACEPOINT_PROBE(io_uring_create)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (tgid != MONITOR_TGID)
+    if (!monitors.lookup(&tgid))
         return 0;
-    struct ckey k = {.tgid = tgid, .fd = args->fd};
-    u64 c = (u64)args->ctx;
+    struct ckey k = {.tgid = tgid, .fd = (s32)ctx->args[0]};
+    u64 c = ctx->args[1];
     created.update(&k, &c);
     return 0;
 }
+
+/* Mode switches per domain: system calls, context switches and mapping
+ * calls of every task in a watched cgroup (v2 id = the group's inode). */
+struct counts {
+    u64 syscalls;
+    u64 ctx_switches;
+    u64 mmap;
+    u64 munmap;
+    u64 mprotect;
+    u64 pread64;
+};
+BPF_HASH(counters, u64, struct counts, 256);
+
+#define NR_PREAD64 17
+#define NR_MMAP 9
+#define NR_MPROTECT 10
+#define NR_MUNMAP 11
+
+/* Attached only while some domain is watched (they run on every system
+ * call and context switch of the host). */
+int count_sys_enter(struct bpf_raw_tracepoint_args *ctx)
+{
+    u64 cg = bpf_get_current_cgroup_id();
+    struct counts *c = counters.lookup(&cg);
+    if (!c)
+        return 0;
+    __sync_fetch_and_add(&c->syscalls, 1);
+    long id = (long)ctx->args[1];
+    if (id == NR_MMAP)
+        __sync_fetch_and_add(&c->mmap, 1);
+    else if (id == NR_MUNMAP)
+        __sync_fetch_and_add(&c->munmap, 1);
+    else if (id == NR_MPROTECT)
+        __sync_fetch_and_add(&c->mprotect, 1);
+    else if (id == NR_PREAD64)
+        __sync_fetch_and_add(&c->pread64, 1);
+    return 0;
+}
+
+int count_sched_switch(struct bpf_raw_tracepoint_args *ctx)
+{
+    /* Runs in the task being switched out. */
+    u64 cg = bpf_get_current_cgroup_id();
+    struct counts *c = counters.lookup(&cg);
+    if (c)
+        __sync_fetch_and_add(&c->ctx_switches, 1);
+    return 0;
+}
+
+/* The user side's last stage (post -> reap) happens without a system call,
+ * so the frontend keeps that histogram itself in its task table map, after
+ * the task entries; see drb_uring/ebpf.py. */

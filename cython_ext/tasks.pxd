@@ -7,6 +7,7 @@ from includes.atomic cimport drb_store_relaxed, drb_store_release, drb_fence_rel
 
 cdef enum:
     DRB_TASK_ACTIVE = 1
+    DRB_HIST_BUCKETS = 64
 
 
 cdef struct drb_task:
@@ -16,6 +17,7 @@ cdef struct drb_task:
     uint32_t len
     uint64_t offset
     uint64_t post_ns
+    uint64_t submit_ns        # written by the monitor's program
 
 
 cdef inline void task_post(drb_task *t, uint32_t op, uint32_t length, uint64_t offset,
@@ -37,3 +39,24 @@ cdef inline void task_clear(drb_task *t) noexcept nogil:
     drb_fence_release()
     t.state = 0
     drb_store_release(&t.seq, s + 2)
+
+
+cdef inline uint32_t log2_bucket(uint64_t v) noexcept nogil:
+    """bpftrace's hist() numbering: 1 for 0, k+2 for [2^k, 2^(k+1))."""
+    if v == 0:
+        return 1
+    return <uint32_t>(64 - __builtin_clzll(v)) + 1
+
+
+cdef extern from *:
+    int __builtin_clzll(unsigned long long) nogil
+
+
+cdef inline void task_reaped(drb_task *t, uint64_t *hist, uint64_t now) noexcept nogil:
+    """Count the post->reap latency (microseconds) in the user side's own
+    histogram; the caller then clears or re-posts the entry."""
+    cdef uint64_t b
+    if hist != NULL and now > t.post_ns:
+        b = log2_bucket((now - t.post_ns) // 1000)
+        if b < DRB_HIST_BUCKETS:
+            hist[b] += 1

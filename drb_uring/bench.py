@@ -16,7 +16,7 @@ import socket
 import subprocess
 import tempfile
 
-from drb_uring import _ringbench, procs, protocol, ringbench
+from drb_uring import _ringbench, cgroup, procs, protocol, ringbench
 from drb_uring import layout as L
 from drb_uring.frontend import OP_READ_FIXED, OP_WRITE_FIXED, Channel
 
@@ -50,8 +50,39 @@ def parse_list(text: str, allowed=None, conv=str) -> list:
     return [conv(x) for x in items]
 
 
+class Domains:
+    """Two cgroups standing in for the user and driver domains, so the
+    eBPF counters can split mode switches by side: the benchmark loop runs
+    in `user`, each monitor (and so its workers) in `driver`."""
+
+    def __init__(self):
+        from drb_uring.ebpf import EbpfClient
+        self.root = os.path.join(cgroup.cgroup2_root(), "drb", f"bench-{os.getpid()}")
+        self.home = cgroup.path_of(os.getpid())
+        os.makedirs(self.root)
+        self.user = os.path.join(self.root, "user")
+        self.driver = os.path.join(self.root, "driver")
+        os.mkdir(self.user)
+        os.mkdir(self.driver)
+        self.ebpf = EbpfClient()
+        self.ebpf.watch(self.user)
+        self.ebpf.watch(self.driver)
+
+    def counters(self) -> dict:
+        return {"user": self.ebpf.counters(self.user),
+                "driver": self.ebpf.counters(self.driver)}
+
+    def close(self) -> None:
+        cgroup.join(self.home)
+        self.ebpf.close()
+        cgroup.kill_and_remove(self.root)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(self.root))
+
+
 @contextlib.contextmanager
-def _monitor(transport: str, workdir: str, enforce: bool = True):
+def _monitor(transport: str, workdir: str, enforce: bool = True,
+             domains: Domains | None = None):
     spin = POLL_NS if transport == "drb-poll" else None
     tag = f"{transport}-{'mon' if enforce else 'nomon'}"
     args = ["--socket", os.path.join(workdir, f"{tag}.sock")]
@@ -61,7 +92,9 @@ def _monitor(transport: str, workdir: str, enforce: bool = True):
         args.append("--no-monitor")
     log = open(os.path.join(workdir, f"{tag}.log"), "w")
     proc = procs.spawn_module("drb_uring.monitor", args, [], stdout=subprocess.PIPE,
-                              stderr=log)
+                              stderr=log,
+                              preexec_fn=(lambda: cgroup.join(domains.driver)) if domains
+                              else None)
     try:
         if proc.stdout.readline().strip() != b"ready":
             raise RuntimeError(f"monitor for {transport} did not start; see {log.name}")
@@ -86,17 +119,8 @@ def _monitor(transport: str, workdir: str, enforce: bool = True):
         log.close()
 
 
-def _ctx_switches() -> int:
-    n = 0
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                n += int(line.split()[1])
-    return n
-
-
 def run_cell(sock: str, transport: str, op: str, bs: int, qd: int, seconds: float,
-             monitor: bool = True) -> dict:
+             monitor: bool = True, domains: Domains | None = None) -> dict:
     slot = max(bs, L.PAGE)
     geo = L.Geometry(sq_entries=max(2, 1 << (qd - 1).bit_length()),
                      cq_entries=max(2, 1 << (qd - 1).bit_length()),
@@ -109,9 +133,15 @@ def run_cell(sock: str, transport: str, op: str, bs: int, qd: int, seconds: floa
         if ch.monitored != monitor:
             raise RuntimeError(f"channel monitored={ch.monitored}, expected {monitor}")
         before = dict(ch.end.stats)
-        cs0 = _ctx_switches()
-        res = _ringbench.channel_workload(ch.end, opcode, bs, qd, seconds, EXTENT, rand, 42)
-        cs1 = _ctx_switches()
+        if domains:
+            cgroup.join(domains.user)
+        try:
+            c0 = domains.counters() if domains else None
+            res = _ringbench.channel_workload(ch.end, opcode, bs, qd, seconds, EXTENT, rand, 42)
+            c1 = domains.counters() if domains else None
+        finally:
+            if domains:
+                cgroup.join(domains.home)
         after = ch.end.stats
     if res["error"]:
         raise RuntimeError(f"{transport} {op} bs={bs} qd={qd}: {res['error']}")
@@ -119,7 +149,20 @@ def run_cell(sock: str, transport: str, op: str, bs: int, qd: int, seconds: floa
         raise RuntimeError(f"{transport} {op} bs={bs} qd={qd}: {res['errors']} failed I/Os")
     ios, secs = res["done"], res["seconds"]
     lat = sorted(res["latencies_ns"])
-    user_calls = (after["notifies"] - before["notifies"]) + (after["sleeps"] - before["sleeps"])
+    if c0 is not None:
+        d = {side: {k: c1[side][k] - c0[side][k] for k in c0[side]} for side in c0}
+        per_io = {"syscalls_user": round(d["user"]["syscalls"] / ios, 4),
+                  "syscalls_driver": round(d["driver"]["syscalls"] / ios, 4),
+                  "ctx_switches": round((d["user"]["ctx_switches"]
+                                         + d["driver"]["ctx_switches"]) / ios, 4),
+                  "map_ops": round(sum(d[s][k] for s in d for k in ("mmap", "munmap",
+                                                                     "mprotect")) / ios, 4)}
+    else:
+        # Without the counters: the user side's own wake-up calls only.
+        user_calls = ((after["notifies"] - before["notifies"])
+                      + (after["sleeps"] - before["sleeps"]))
+        per_io = {"syscalls_user": round(user_calls / ios, 4), "syscalls_driver": None,
+                  "ctx_switches": None, "map_ops": None}
     return {
         "transport": transport, "op": op, "bs": bs, "qd": qd, "pairs": 1, "monitor": monitor,
         "seconds": round(secs, 3), "ios": ios, "iops": round(ios / secs),
@@ -128,12 +171,9 @@ def run_cell(sock: str, transport: str, op: str, bs: int, qd: int, seconds: floa
                    "p50": ringbench.percentile(lat, 50) / 1e3,
                    "p99": ringbench.percentile(lat, 99) / 1e3,
                    "p999": ringbench.percentile(lat, 99.9) / 1e3},
-        # System calls the user side made in the loop (eventfd writes and
-        # sleeps); the driver side's and mapping counts come from the eBPF
-        # counters, which are not wired in yet.
-        "per_io": {"syscalls_user": round(user_calls / ios, 4), "syscalls_driver": None,
-                   "ctx_switches": round((cs1 - cs0) / ios, 4), "map_ops": None},
-        "violations": None,
+        # Counted by the eBPF monitor per domain (cgroup), during the loop only.
+        "per_io": per_io,
+        "violations": 0 if monitor else None,
     }
 
 
@@ -141,14 +181,18 @@ def run(transports, ops, sizes, depths, seconds, progress=print,
         monitor=(True,)) -> dict:
     runs = []
     cells = list(itertools.product(ops, sizes, depths))
-    with tempfile.TemporaryDirectory(prefix="drb-bench-") as work:
-        for t in transports:
-            for mon in monitor:
-                with _monitor(t, work, mon) as sock:
-                    for i, (op, bs, qd) in enumerate(cells, 1):
-                        progress(f"[{t} monitor={'on' if mon else 'off'} {i}/{len(cells)}] "
-                                 f"{op} bs={bs} qd={qd} for {seconds}s")
-                        runs.append(run_cell(sock, t, op, bs, qd, seconds, mon))
+    domains = Domains()
+    try:
+        with tempfile.TemporaryDirectory(prefix="drb-bench-") as work:
+            for t in transports:
+                for mon in monitor:
+                    with _monitor(t, work, mon, domains) as sock:
+                        for i, (op, bs, qd) in enumerate(cells, 1):
+                            progress(f"[{t} monitor={'on' if mon else 'off'} "
+                                     f"{i}/{len(cells)}] {op} bs={bs} qd={qd} for {seconds}s")
+                            runs.append(run_cell(sock, t, op, bs, qd, seconds, mon, domains))
+    finally:
+        domains.close()
     return {"schema": 1, "machine": ringbench.machine(), "runs": runs,
             "monitor_ratio": monitor_ratios(runs)}
 

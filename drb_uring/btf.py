@@ -112,6 +112,9 @@ class BTF:
 # What the monitor's programs read, as (-D name, struct, member path).
 NEEDED = (
     ("OFF_REQ_BUF_INDEX", "io_kiocb", "buf_index"),
+    ("OFF_REQ_CTX", "io_kiocb", "ctx"),
+    ("OFF_REQ_OPCODE", "io_kiocb", "opcode"),
+    ("OFF_REQ_USER_DATA", "io_kiocb", "cqe.user_data"),
     ("OFF_REQ_CMD", "io_kiocb", "cmd"),
     ("OFF_RW_ADDR", "io_rw", "addr"),
     ("OFF_RW_LEN", "io_rw", "len"),

@@ -144,11 +144,14 @@ def cmd_up(a: argparse.Namespace) -> int:
     from drb_uring import pair
     args = {**pair.DEFAULTS, "name": a.name, "backing": a.backing, "size": a.size,
             "blockdev": a.blockdev, "o_direct": a.o_direct, "attach_user": a.attach_user,
-            "attach_driver": a.attach_driver,
+            "attach_driver": a.attach_driver, "no_monitor": a.no_monitor,
             "deny": [x for x in a.deny.split(",") if x] if a.deny is not None
             else list(pair.DEFAULTS["deny"])}
     if (a.attach_user is None) != (a.attach_driver is None):
         raise CliError("--attach-user and --attach-driver go together")
+    if a.no_monitor:
+        print("drb: WARNING: --no-monitor: the driver domain's access to user memory "
+              "will not be checked against any I/O task table", file=sys.stderr)
     print(f"drb: bringing up pair {a.name} ...", file=sys.stderr)
     st = _start_pair(args)
     _print_status(st, True)
@@ -241,22 +244,36 @@ def cmd_trace(a: argparse.Namespace) -> int:
         s = so.socket(so.AF_UNIX, so.SOCK_SEQPACKET)
         with s:
             s.connect(st["socket"])
-            return protocol.request(s, {"op": "trace"})["channels"]
+            # Each snapshot renews the monitor's lease on stage histograms.
+            return protocol.request(s, {"op": "trace", "lease": a.interval * 2 + 1})
 
     print(f"Tracing pair {a.name} for {a.seconds:g} s, every {a.interval:g} s "
-          "(latency per stage, microseconds). Ctrl-C to stop.")
+          "(latency per stage in microseconds; mode switches per domain). Ctrl-C to stop.")
     prev = snapshot()
-    end = time.monotonic() + a.seconds
+    t_prev = time.monotonic()
+    end = t_prev + a.seconds
     while time.monotonic() < end:
         time.sleep(min(a.interval, max(0.0, end - time.monotonic())))
         cur = snapshot()
+        now = time.monotonic()
+        dt, t_prev = now - t_prev, now
         print(time.strftime("%H:%M:%S"))
-        for ch in sorted(cur, key=int):
-            for stage, buckets in sorted(cur[ch].items()):
-                old = prev.get(ch, {}).get(stage, {})
+        ios = 0
+        for ch in sorted(cur["channels"], key=int):
+            for stage, buckets in sorted(cur["channels"][ch].items()):
+                old = prev["channels"].get(ch, {}).get(stage, {})
                 delta = {int(k): v - old.get(k, 0) for k, v in buckets.items()}
+                if stage == "submit_to_complete":
+                    ios += sum(delta.values())
                 if any(delta.values()):
                     sys.stdout.write(hist.format_hist(f"usecs_{stage}_ch{ch}", delta))
+        print(f"{'domain':<8}{'counter':<14}{'per second':>14}{'per I/O':>12}   ({ios} I/Os)")
+        for role in sorted(cur.get("counters", {})):
+            for name, v in cur["counters"][role].items():
+                d = v - prev["counters"][role][name]
+                per_io = f"{d / ios:12.3f}" if ios else f"{'-':>12}"
+                print(f"{role:<8}{name:<14}{d / dt:>14.1f}{per_io}")
+        print()
         prev = cur
     return 0
 
@@ -309,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--deny", default=None, metavar="FAMILIES",
                    help="socket families the user domain may not use "
                         "(default inet,inet6,packet; '' for none)")
+    u.add_argument("--no-monitor", action="store_true",
+                   help="run WITHOUT the eBPF monitor: no I/O task table is enforced "
+                        "(an explicit, loudly logged opt-out)")
     u.set_defaults(func=cmd_up)
 
     d = sub.add_parser("down", help="remove a pair and everything it made")

@@ -117,7 +117,7 @@ class Channel:
                     self.tasks = mmap.mmap(rfds[0], reply["task_table_bytes"])
                 finally:
                     protocol.close_fds(rfds)
-                self.end.set_task_table(self.tasks)
+                self.end.set_task_table(self.tasks, reply.get("reap_hist_offset", 0))
             self.monitored = self.tasks is not None
             self.size = reply["extent_size"]
             self.worker_pid = reply["worker_pid"]

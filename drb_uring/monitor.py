@@ -83,7 +83,7 @@ class Channel:
         self.worker: subprocess.Popen | None = None
         self.worker_pid = 0
         self.pidfd = -1
-        self.ctx = 0
+        self.gid = 0          # the channel's id in the host's eBPF maps
         self.closing = False
 
 
@@ -94,9 +94,10 @@ class Monitor:
         # The eBPF monitor: without it no task table exists and nothing
         # checks what a worker submits. Turning it off is loud on purpose.
         self.ebpf = None
+        self.domains: dict[str, str] = {}     # role -> cgroup, when a pair watches them
         if enforce:
-            from drb_uring.ebpf import EbpfMonitor
-            self.ebpf = EbpfMonitor()
+            from drb_uring.ebpf import EbpfClient
+            self.ebpf = EbpfClient()
         else:
             log.warning("RUNNING WITHOUT THE eBPF MONITOR (--no-monitor): workers' "
                         "access to user memory is bounded by the grant rings only, "
@@ -125,8 +126,6 @@ class Monitor:
 
     def step(self, timeout: float) -> None:
         """One round of the loop: handle whatever is ready within `timeout`."""
-        if self.ebpf:
-            self.ebpf.poll()
         for key, _ in self.sel.select(timeout=timeout):
             kind, obj = key.data
             try:
@@ -199,7 +198,7 @@ class Monitor:
             elif msg["op"] == "open":
                 reply, out_fds = self._open(conn, msg, fds)
             elif msg["op"] == "trace":
-                reply = self._trace()
+                reply = self._trace(msg)
             else:
                 raise protocol.ProtocolError(f"operation {msg['op']!r} is not a request")
         except (protocol.ProtocolError, MonitorError, L.LayoutError, OSError,
@@ -212,15 +211,18 @@ class Monitor:
         finally:
             protocol.close_fds(out_fds)
 
-    def _trace(self) -> dict:
+    def _trace(self, msg: dict) -> dict:
         if not self.ebpf:
             raise MonitorError("this monitor runs without eBPF (--no-monitor): nothing traced")
-        stages = {0: "post_to_submit", 1: "submit_to_complete"}
-        out: dict = {}
-        for (ch, stage), buckets in self.ebpf.histograms().items():
-            out.setdefault(str(ch), {})[stages.get(stage, str(stage))] = \
-                {str(k): v for k, v in buckets.items()}
-        return {"channels": out}
+        by_gid = {ch.gid: ch.id for ch in self.channels.values() if ch.gid}
+        lease = msg.get("lease", 0)
+        hist = self.ebpf.histograms(list(by_gid),
+                                    lease if isinstance(lease, (int, float)) else 0)
+        return {"channels": {str(by_gid[g]): {st: {str(b): n for b, n in bk.items()}
+                                              for st, bk in v.items()}
+                             for g, v in hist.items()},
+                "counters": {role: self.ebpf.counters(path)
+                             for role, path in self.domains.items()}}
 
     def _register_device(self, msg: dict, fds: list[int]) -> dict:
         if self.device is not None:
@@ -257,16 +259,15 @@ class Monitor:
                 _grant.enable(ring_fd)
                 if self.ebpf:
                     # Enforced from before the worker exists.
-                    ch.ctx = self.ebpf.ctx_of(ring_fd)
-                    tt_fd = self.ebpf.register(ch.id, ch.ctx, pool_base, geo.slot_size,
-                                               geo.slot_count, extent)
+                    ch.gid, tt_fd = self.ebpf.grant(ring_fd, pool_base, geo.slot_size,
+                                                    geo.slot_count, extent)
                 ch.worker, ch.worker_pid = self._spawn_worker(ring_fd, params, pool_base,
                                                               peer, extent)
             finally:
                 os.close(ring_fd)
         except BaseException:
-            if ch.ctx:
-                self.ebpf.unregister(ch.id, ch.ctx)
+            if ch.gid:
+                self.ebpf.ungrant(ch.gid)
             protocol.close_fds([tt_fd] if tt_fd >= 0 else [])
             self.device.release(*extent)
             raise
@@ -282,8 +283,9 @@ class Monitor:
                  ch.worker_pid, "" if self.ebpf else " (UNMONITORED)")
         reply = {"channel": ch.id, "extent_size": extent[1], "worker_pid": ch.worker_pid}
         if tt_fd >= 0:
-            from drb_uring.ebpf import TASK_TABLE_BYTES
+            from drb_uring.ebpf import REAP_HIST_OFFSET, TASK_TABLE_BYTES
             reply["task_table_bytes"] = TASK_TABLE_BYTES
+            reply["reap_hist_offset"] = REAP_HIST_OFFSET
             return reply, [tt_fd]
         return reply, []
 
@@ -339,9 +341,10 @@ class Monitor:
             if rc == 137:     # the stand-in in the driver domain reports 128 + signal
                 how = "killed by signal 9"
             reason = f"backend worker {ch.worker_pid} {how}"
-            violated = self.ebpf.failed(ch.ctx) if self.ebpf and ch.ctx else None
+            violated = self.ebpf.failed(ch.gid) if self.ebpf and ch.gid else None
             if violated:
                 reason = f"monitor killed backend worker {ch.worker_pid}: {violated}"
+                log.error("VIOLATION channel %d: %s", ch.id, violated)
             log.error("channel %d failed: %s", ch.id, reason)
         self._finish(ch, reason)
 
@@ -362,10 +365,9 @@ class Monitor:
         if ch.worker is not None and ch.worker.poll() is None:
             ch.worker.kill()
             ch.worker.wait()
-        if self.ebpf and ch.ctx:
-            self.ebpf.failed(ch.ctx)          # log any last events
-            self.ebpf.unregister(ch.id, ch.ctx)
-            ch.ctx = 0
+        if self.ebpf and ch.gid:
+            self.ebpf.ungrant(ch.gid)
+            ch.gid = 0
         if self.device is not None:
             self.device.release(*ch.extent)
         self.channels.pop(ch.id, None)

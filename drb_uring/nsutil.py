@@ -85,7 +85,14 @@ def _enter(pid: int, group: str | None, packet_filter: bool, die: bool) -> None:
         die_with_parent()
     if group:
         cgroup.join(group)
+    cwd = os.getcwd()
     setns_all(pid)
+    # Joining a mount namespace moves us to its root; keep the caller's
+    # directory where the domain has it too (relative paths then work).
+    try:
+        os.chdir(cwd)
+    except OSError:
+        pass
     # setns(pid) applies to children only: fork, let the parent wait and pass
     # the exit status on, and let the child go on to exec.
     child = os.fork()

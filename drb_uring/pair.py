@@ -32,7 +32,7 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,30}$")
 
 DEFAULTS = {"backing": None, "size": "256m", "blockdev": None, "o_direct": False,
             "attach_user": None, "attach_driver": None, "deny": list(DEFAULT_DENY),
-            "foreground": False}
+            "no_monitor": False}
 
 
 class PairError(RuntimeError):
@@ -178,7 +178,8 @@ class Pair:
     def up(self) -> None:
         a = self.a
         dev_path, block = self._device_path()
-        self.mon = monitor.Monitor(self.sock, spawn=self._spawn_worker)
+        self.mon = monitor.Monitor(self.sock, spawn=self._spawn_worker,
+                                   enforce=not a.no_monitor)
         if self.group:
             os.makedirs(os.path.dirname(self.group), exist_ok=True)
             try:
@@ -198,6 +199,11 @@ class Pair:
         self.policies.device(self.groups["user"], None)
         self.policies.device(self.groups["driver"], block)
         self.policies.sockets(self.groups["user"], tuple(a.deny))
+        if self.mon.ebpf:
+            # Mode switches per domain, for drb trace and drb bench.
+            for role in ("user", "driver"):
+                self.mon.ebpf.watch(self.groups[role])
+            self.mon.domains = dict(self.groups)
         # The driver domain opens the device itself and hands it over once.
         reg = nsutil.spawn_in(self.pids["driver"],
                               [sys.executable, "-m", "drb_uring.domain", "register",
@@ -221,7 +227,8 @@ class Pair:
                       "domains": {r: {"pid": self.pids[r], "cgroup": self.groups[r],
                                       "hostname": f"{self.name}-{r}"}
                                   for r in ("user", "driver")},
-                      "deny": list(a.deny), "started": time.time()}
+                      "deny": list(a.deny), "monitor": not a.no_monitor,
+                      "started": time.time()}
         self._write_state()
 
     def _write_state(self) -> None:

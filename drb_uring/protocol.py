@@ -49,7 +49,7 @@ def send(sock: socket.socket, msg: dict, fds: list[int] = ()) -> None:
     sock.sendmsg([body], anc)
 
 
-def recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
+def recv(sock: socket.socket, table: dict = FDS_FOR) -> tuple[dict | None, list[int]]:
     """One message, or (None, []) at end of stream. Raises ProtocolError
     (having closed any fds received) when the message is malformed."""
     fds = array.array("i")
@@ -73,7 +73,7 @@ def recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
             raise ProtocolError("message has no operation")
         if msg.get("v") != VERSION:
             raise ProtocolError(f"protocol version {msg.get('v')!r}, this is {VERSION}")
-        want = FDS_FOR.get(msg["op"])
+        want = table.get(msg["op"])
         if want is None:
             raise ProtocolError(f"unknown operation {msg['op']!r}")
         if len(fds) not in want:
@@ -86,11 +86,11 @@ def recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
 
 
 def request(sock: socket.socket, msg: dict, fds: list[int] = (),
-            keep_fds: bool = False):
+            keep_fds: bool = False, table: dict = FDS_FOR):
     """Send a message and wait for the monitor's reply; raise on 'error'.
     With keep_fds, returns (reply, fds) and the caller owns the fds."""
     send(sock, msg, fds)
-    reply, rfds = recv(sock)
+    reply, rfds = recv(sock, table)
     if not keep_fds:
         close_fds(rfds)
     if reply is None:

@@ -1,6 +1,7 @@
 """Paired containers, as root, with real namespaces, cgroups and cgroup-BPF."""
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -281,3 +282,52 @@ def test_not_root_is_refused(clean):
                           timeout=60)
     assert proc.returncode == 1
     assert "must run as root" in proc.stderr
+
+
+def _trace(sock_path: str) -> dict:
+    import socket
+
+    from drb_uring import protocol
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with s:
+        s.connect(sock_path)
+        return protocol.request(s, {"op": "trace", "lease": 5})
+
+
+def test_counters_count_preads_in_a_domain_exactly(pair):
+    st = pair(f"{PREFIX}-k", "--size", "16m")
+    prog = ("import os; fd = os.open('/dev/zero', os.O_RDONLY)\n"
+            "for _ in range({n}): os.pread(fd, 1, 0)\n")
+    t0 = _trace(st["socket"])["counters"]
+    c0 = t0["user"]
+    in_domain(st["name"], "user", prog.format(n=0))
+    c1 = _trace(st["socket"])["counters"]["user"]
+    in_domain(st["name"], "user", prog.format(n=1000))
+    c2 = _trace(st["socket"])["counters"]["user"]
+    # Same program twice, one with 1000 more preads: exactly 1000 more.
+    assert (c2["pread64"] - c1["pread64"]) - (c1["pread64"] - c0["pread64"]) == 1000
+    assert c2["syscalls"] - c1["syscalls"] >= 1000
+    # None of this ran in the driver domain.
+    assert _trace(st["socket"])["counters"]["driver"]["pread64"] == t0["driver"]["pread64"]
+
+
+def test_trace_prints_bpftrace_histograms_and_rates(pair):
+    st = pair(f"{PREFIX}-l", "--size", "64m")
+    load = subprocess.Popen(
+        [DRB, "exec", st["name"], "user", "--", sys.executable, "-c", textwrap.dedent(f"""
+            from drb_uring.frontend import Channel
+            from drb_uring import _ringbench, layout as L
+            with Channel({st['socket']!r}, 32 << 20,
+                         geometry=L.Geometry(slot_size=65536, slot_count=16)) as ch:
+                _ringbench.channel_workload(ch.end, 4, 4096, 8, 3.0, 32 << 20, True, 1, 1)
+        """)])
+    try:
+        out = drb("trace", st["name"], "--seconds", "2", "--interval", "1").stdout
+    finally:
+        load.wait(30)
+    assert re.search(r"^@usecs_post_to_submit_ch1: $", out, re.M), out
+    assert re.search(r"^@usecs_submit_to_complete_ch1: $", out, re.M), out
+    assert re.search(r"^@usecs_post_to_reap_ch1: $", out, re.M), out
+    assert re.search(r"^\[\d+[KM]?, \d+[KM]?\)\s+\d+ \|@+\s*\|$", out, re.M), out
+    rows = re.findall(r"^user\s+syscalls\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    assert rows and float(rows[-1][1]) < 0.05, out     # the user side barely enters the kernel

@@ -21,6 +21,7 @@ cdef class RingEnd:
     cdef object owned_fds
     cdef drb_task *tasks          # the I/O task table, or NULL (no monitor)
     cdef uint32_t ntasks
+    cdef uint64_t *reap_hist      # after the entries, in the same map
     cdef object tasks_owner
 
     cdef void _set_prod(self, char *tail_page, size_t tail_off, char *head_page,

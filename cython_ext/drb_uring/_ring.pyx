@@ -15,7 +15,7 @@ from libc.stdint cimport uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 
 from includes.atomic cimport drb_store_relaxed, drb_fence, drb_now_ns
-from tasks cimport drb_task, task_post, task_clear
+from tasks cimport drb_task, task_post, task_clear, task_reaped, DRB_HIST_BUCKETS
 from includes.io_uring cimport io_uring_sqe
 from includes.sys cimport (mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED,
                            MAP_FAILED, errno, EINTR, EPROTO)
@@ -77,6 +77,7 @@ cdef class RingEnd:
         self.closed = True
         self.owned_fds = ()
         self.tasks = NULL
+        self.reap_hist = NULL
         self.ntasks = 0
         self.tasks_owner = None
 
@@ -313,6 +314,7 @@ cdef class RingEnd:
     def close(self):
         """Unmap and close everything this end owns. Idempotent."""
         self.tasks = NULL
+        self.reap_hist = NULL
         if self.tasks_owner is not None:
             self.tasks_owner.release()
             self.tasks_owner = None
@@ -403,27 +405,36 @@ cdef class UserEnd(RingEnd):
         return True
 
 
-    def set_task_table(self, buffer):
+    def set_task_table(self, buffer, size_t hist_offset=0):
         """Use a writable buffer (the mmapped task table) for task entries:
-        post() fills the slot's entry, clear_task() revokes it."""
+        post() fills the slot's entry, clear_task() revokes it. With
+        hist_offset, the post->reap histogram lives at that offset."""
         cdef Py_buffer view
         PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
         try:
             if <size_t>view.len < <size_t>self.geometry.slot_count * sizeof(drb_task):
                 raise ValueError(f"task table of {view.len} bytes is too small for "
                                  f"{self.geometry.slot_count} slots")
+            if hist_offset and hist_offset + DRB_HIST_BUCKETS * 8 > <size_t>view.len:
+                raise ValueError("reap histogram beyond the task table")
             self.tasks = <drb_task *>view.buf
             self.ntasks = self.geometry.slot_count
+            self.reap_hist = <uint64_t *>(<char *>view.buf + hist_offset) if hist_offset \
+                else NULL
             self.tasks_owner = memoryview(buffer)   # keeps the mapping exported
         finally:
             PyBuffer_Release(&view)
 
     def clear_task(self, unsigned short slot):
+        """Revoke the slot's task (its response was reaped); count its
+        post->reap latency."""
         if self.tasks != NULL and slot < self.ntasks:
+            task_reaped(&self.tasks[slot], self.reap_hist, drb_now_ns())
             task_clear(&self.tasks[slot])
 
     def drop_task_table(self):
         self.tasks = NULL
+        self.reap_hist = NULL
         self.ntasks = 0
         if self.tasks_owner is not None:
             self.tasks_owner.release()

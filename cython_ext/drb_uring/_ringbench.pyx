@@ -18,7 +18,7 @@ from spsc cimport (prod_space, prod_space_fresh, prod_entry, prod_publish,
                    cons_avail, cons_entry, cons_release, drb_notify,
                    drb_wait_cons, drb_wait_prod)
 from drb_uring._ring cimport UserEnd, DriverEnd
-from tasks cimport task_post, task_clear
+from tasks cimport task_post, task_clear, task_reaped
 
 import os
 from array import array
@@ -404,6 +404,8 @@ def channel_workload(UserEnd u, int opcode, uint32_t bs, uint32_t qd, double sec
                 if cqe.res != <int32_t>bs:
                     errors += 1
                 ios += 1
+                if u.tasks != NULL:
+                    task_reaped(&u.tasks[slot], u.reap_hist, now)
                 if nsamp < max_samples:
                     lat[nsamp] = now - posted[slot]
                     nsamp += 1

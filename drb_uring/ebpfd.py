@@ -1,0 +1,206 @@
+"""The host's eBPF service: loads the monitor's programs once for all pairs.
+
+Started by the first monitor that needs it (EbpfClient), it serves every
+monitor on this host over a Unix socket, and when the last one disconnects
+it detaches and unloads the programs and exits. Each client is a monitor
+process; what a client registered (its tgid, its grants, its watched
+cgroups) goes away with its connection.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+
+from drb_uring import protocol
+from drb_uring.ebpf import OPS, SERVICE_LOCK, SERVICE_SOCK, EbpfError, EbpfMonitor
+
+log = logging.getLogger("drb.ebpfd")
+
+
+class Client:
+    def __init__(self, conn: socket.socket):
+        self.conn = conn
+        self.tgid = 0
+        self.gids: set[int] = set()
+        self.watched: set[str] = set()
+
+
+class Service:
+    def __init__(self):
+        self.mon = EbpfMonitor()
+        self.sel = selectors.DefaultSelector()
+        if os.path.exists(SERVICE_SOCK):
+            os.unlink(SERVICE_SOCK)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.sock.bind(SERVICE_SOCK)
+        os.chmod(SERVICE_SOCK, 0o600)
+        self.sock.listen(64)
+        self.sel.register(self.sock, selectors.EVENT_READ, None)
+        self.clients: dict[int, Client] = {}
+        self.stopping = False
+        self.served = 0
+
+    def _accept(self) -> None:
+        conn, _ = self.sock.accept()
+        conn.setblocking(True)
+        c = Client(conn)
+        self.clients[conn.fileno()] = c
+        self.sel.register(conn, selectors.EVENT_READ, c)
+        self.served += 1
+
+    def _drop(self, c: Client) -> None:
+        for gid in c.gids:
+            self.mon.ungrant(gid)
+        for path in c.watched:
+            self.mon.unwatch(path)
+        if c.tgid:
+            self.mon.remove_monitor(c.tgid)
+        self.sel.unregister(c.conn)
+        self.clients.pop(c.conn.fileno(), None)
+        c.conn.close()
+
+    def _handle(self, c: Client, msg: dict) -> tuple[dict, list[int]]:
+        op = msg["op"]
+        if op == "hello":
+            c.tgid = protocol.int_field(msg, "tgid", 1, 1 << 22)
+            self.mon.add_monitor(c.tgid)
+            return {}, []
+        if not c.tgid:
+            raise protocol.ProtocolError("say hello first")
+        if op == "grant":
+            extent = msg.get("extent")
+            if not (isinstance(extent, list) and len(extent) == 2):
+                raise protocol.ProtocolError("grant needs extent [base, size]")
+            gid, fd = self.mon.grant(c.tgid, protocol.int_field(msg, "fd", 0, 1 << 20),
+                                     protocol.int_field(msg, "pool_base", 0, (1 << 64) - 1),
+                                     protocol.int_field(msg, "slot_size", 1, 1 << 30),
+                                     protocol.int_field(msg, "slot_count", 1, 1 << 16),
+                                     (int(extent[0]), int(extent[1])))
+            c.gids.add(gid)
+            return {"channel": gid}, [fd]
+        gid_ok = lambda g: g in c.gids   # noqa: E731 - a client sees only its own
+        if op == "failed":
+            gid = protocol.int_field(msg, "channel", 1, 1 << 31)
+            return {"reason": self.mon.failed(gid) if gid_ok(gid) else None}, []
+        if op == "ungrant":
+            gid = protocol.int_field(msg, "channel", 1, 1 << 31)
+            if gid_ok(gid):
+                self.mon.ungrant(gid)
+                c.gids.discard(gid)
+            return {}, []
+        if op == "hist":
+            lease = msg.get("lease", 0)
+            if isinstance(lease, (int, float)) and 0 < lease <= 3600:
+                self.mon.trace_lease(lease)
+            gids = [g for g in msg.get("channels", []) if isinstance(g, int) and gid_ok(g)]
+            return {"hist": {str(g): {st: {str(b): n for b, n in bk.items()}
+                                      for st, bk in v.items()}
+                             for g, v in self.mon.histograms(gids).items()}}, []
+        if op in ("watch", "unwatch", "counters"):
+            path = msg.get("path")
+            if not isinstance(path, str) or not os.path.isdir(path):
+                raise protocol.ProtocolError(f"not a cgroup directory: {path!r}")
+            if op == "watch":
+                self.mon.watch(path)
+                c.watched.add(path)
+                return {}, []
+            if op == "unwatch":
+                self.mon.unwatch(path)
+                c.watched.discard(path)
+                return {}, []
+            return {"counters": self.mon.counters(path)}, []
+        raise protocol.ProtocolError(f"unknown operation {op!r}")
+
+    def _on_message(self, c: Client) -> None:
+        try:
+            msg, fds = protocol.recv(c.conn, OPS)
+        except (protocol.ProtocolError, OSError) as e:
+            log.warning("dropping a client: %s", e)
+            self._drop(c)
+            return
+        protocol.close_fds(fds)
+        if msg is None:
+            self._drop(c)
+            return
+        out_fds: list[int] = []
+        try:
+            reply, out_fds = self._handle(c, msg)
+            protocol.send(c.conn, {"op": "ok", **reply}, out_fds)
+        except (protocol.ProtocolError, EbpfError, OSError, KeyError, ValueError) as e:
+            try:
+                protocol.send(c.conn, {"op": "error", "error": str(e)})
+            except OSError:
+                pass
+
+    def _last_one_out(self) -> bool:
+        """With no clients left: exit unless one is already queued. Taken
+        under the same lock clients take to connect or start us."""
+        lock = os.open(SERVICE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.sock.setblocking(False)
+            try:
+                self._accept()
+                return False
+            except BlockingIOError:
+                pass
+            finally:
+                self.sock.setblocking(True)
+            os.unlink(SERVICE_SOCK)
+            return True
+        finally:
+            os.close(lock)
+
+    def run(self) -> None:
+        while not self.stopping:
+            for key, _ in self.sel.select(timeout=0.5):
+                if key.data is None:
+                    self._accept()
+                else:
+                    self._on_message(key.data)
+            self.mon.poll()
+            self.mon.expire()
+            if self.served and not self.clients and self._last_one_out():
+                break
+
+    def close(self) -> None:
+        for c in list(self.clients.values()):
+            self._drop(c)
+        self.sel.close()
+        self.sock.close()
+        try:
+            os.unlink(SERVICE_SOCK)
+        except FileNotFoundError:
+            pass
+        self.mon.close()
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s drb-ebpfd[%(process)d] %(message)s")
+    try:
+        svc = Service()
+    except (EbpfError, OSError) as e:
+        print(f"error: {e}", flush=True)
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: setattr(svc, "stopping", True))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print("ready", flush=True)
+    sys.stdout.close()
+    log.info("programs loaded; serving monitors")
+    try:
+        svc.run()
+    finally:
+        svc.close()
+        log.info("last monitor gone; programs unloaded")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
