@@ -8,6 +8,7 @@ records IOPS, MB/s, latency percentiles and system calls per I/O.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import itertools
 import json
@@ -24,6 +25,7 @@ TRANSPORTS = ("drb", "drb-poll")
 OPS = {"randread": (OP_READ_FIXED, True), "randwrite": (OP_WRITE_FIXED, True),
        "read": (OP_READ_FIXED, False), "write": (OP_WRITE_FIXED, False)}
 POLL_NS = 3_600 * 10**9
+MAX_SAMPLES = 2_000_000
 EXTENT = 256 << 20
 
 
@@ -132,17 +134,23 @@ def run_cell(sock: str, transport: str, op: str, bs: int, qd: int, seconds: floa
     with Channel(sock, EXTENT, geometry=geo, **kw) as ch:
         if ch.monitored != monitor:
             raise RuntimeError(f"channel monitored={ch.monitored}, expected {monitor}")
+        ch.pread(0, 1)     # the worker is up and serving before anything is counted
         before = dict(ch.end.stats)
+        samples = array.array("Q", bytes(8 * MAX_SAMPLES))
+        c0 = domains.counters() if domains else None
+        # Only the C loop runs in the user domain's group: it allocates
+        # nothing, so what the counters see there is the I/O path's own.
         if domains:
             cgroup.join(domains.user)
         try:
-            c0 = domains.counters() if domains else None
-            res = _ringbench.channel_workload(ch.end, opcode, bs, qd, seconds, EXTENT, rand, 42)
-            c1 = domains.counters() if domains else None
+            res = _ringbench.channel_workload(ch.end, opcode, bs, qd, seconds, EXTENT, rand, 42,
+                                              MAX_SAMPLES, samples)
         finally:
             if domains:
                 cgroup.join(domains.home)
+        c1 = domains.counters() if domains else None
         after = ch.end.stats
+        res["latencies_ns"] = samples[:res["nsamples"]]
     if res["error"]:
         raise RuntimeError(f"{transport} {op} bs={bs} qd={qd}: {res['error']}")
     if res["errors"]:

@@ -305,12 +305,12 @@ class EbpfClient:
                                 stdout=subprocess.PIPE, stderr=log_f, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=procs.module_env())
         log_f.close()
-        end = time.monotonic() + timeout
+        proc.wait(timeout)       # the service forks away at once; reap the first half
         line = proc.stdout.readline().decode().strip()
         proc.stdout.close()
         if line != "ready":
-            proc.wait(max(0.0, end - time.monotonic()))
-            raise EbpfError(line or f"the eBPF service failed to start; see {SERVICE_LOG}")
+            raise EbpfError(line.removeprefix("error: ")
+                            or f"the eBPF service failed to start; see {SERVICE_LOG}")
 
     def _call(self, op: str, **kw):
         reply, fds = protocol.request(self.sock, {"op": op, **kw}, keep_fds=True, table=OPS)

@@ -182,6 +182,11 @@ class Service:
 
 
 def main() -> int:
+    # Detach from whichever monitor started us: we outlive it, and must not
+    # be its child (nor a zombie in its process table when we exit).
+    if os.fork():
+        os._exit(0)
+    os.setsid()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s drb-ebpfd[%(process)d] %(message)s")
     try:

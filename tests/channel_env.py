@@ -71,3 +71,15 @@ def wait_until(pred, timeout=5.0):
             return True
         time.sleep(0.005)
     return pred()
+
+
+def settled(read, pause=0.05, tries=100):
+    """read() once two reads `pause` apart agree (closing fds settle)."""
+    prev = None
+    for _ in range(tries):
+        cur = read()
+        if cur == prev:
+            return cur
+        prev = cur
+        time.sleep(pause)
+    return prev

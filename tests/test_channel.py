@@ -8,7 +8,7 @@ import random
 import signal
 
 import pytest
-from channel_env import MonitorProc, wait_until
+from channel_env import MonitorProc, settled, wait_until
 
 from drb_uring import _backend, _grant
 from drb_uring import layout as L
@@ -203,7 +203,7 @@ def test_many_channels_leak_nothing(monitor):
         return len(os.listdir(f"/proc/{pid}/fd"))
     Channel(monitor.sock_path, 1 << 20, geometry=GEO).close()   # warm up imports
     assert wait_until(lambda: not monitor.workers())
-    mon_fds = fd_count(monitor.proc.pid)
+    mon_fds = settled(lambda: fd_count(monitor.proc.pid))
     my_fds = fd_count(os.getpid())
     for i in range(200):
         with Channel(monitor.sock_path, 1 << 20, geometry=GEO) as ch:

@@ -6,7 +6,7 @@ import socket
 import subprocess
 
 import pytest
-from channel_env import MonitorProc, wait_until
+from channel_env import MonitorProc, settled, wait_until
 
 from drb_uring import layout as L
 from drb_uring import protocol, ring
@@ -39,6 +39,12 @@ def _fds(pid):
     return sorted(out)
 
 
+def _settled_fds(pid):
+    """The monitor's fds once it has finished with earlier connections (the
+    device registration's may still be closing)."""
+    return settled(lambda: _fds(pid))
+
+
 @pytest.mark.parametrize("body, words", [
     (b"not json", "message is not JSON"),
     (b'{"v": 1}', "message has no operation"),
@@ -48,14 +54,14 @@ def _fds(pid):
     (b"x" * 9000, "truncated"),
 ])
 def test_malformed_messages_refused(monitor, body, words):
-    before = _fds(monitor.proc.pid)
+    before = _settled_fds(monitor.proc.pid)
     reply = _ask(monitor.sock_path, body=body)
     assert reply["op"] == "error" and words in reply["error"]
     assert wait_until(lambda: _fds(monitor.proc.pid) == before)
 
 
 def test_wrong_kind_of_fds_refused_and_closed(monitor):
-    before = _fds(monitor.proc.pid)
+    before = _settled_fds(monitor.proc.pid)
     pipes = [os.pipe() for _ in range(3)]
     fds = [fd for p in pipes for fd in p][:5]
     try:

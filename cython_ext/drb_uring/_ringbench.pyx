@@ -358,16 +358,24 @@ cdef inline void fill_io(UserEnd u, io_uring_sqe *s, int opcode, uint32_t slot, 
 
 
 def channel_workload(UserEnd u, int opcode, uint32_t bs, uint32_t qd, double seconds,
-                     uint64_t extent, bint rand, uint64_t seed, uint32_t max_samples=2000000):
+                     uint64_t extent, bint rand, uint64_t seed, uint32_t max_samples=2000000,
+                     samples=None):
     """The `drb bench` loop: keep `qd` requests of `bs` bytes in flight on
     one channel for `seconds`, one slot per request (zero copy: the data
-    stays in the pool). Returns counts and an array('Q') of latencies (ns)."""
+    stays in the pool). Returns counts and an array('Q') of latencies (ns).
+
+    With `samples` (a preallocated array('Q')), latencies go there and the
+    result has "nsamples" instead: the call then allocates nothing, so
+    mapping calls counted around it are the I/O path's own."""
     if qd == 0 or qd > u.geometry.slot_count or qd > u.prod.size:
         raise ValueError(f"qd must be in [1, {min(u.geometry.slot_count, u.prod.size)}]")
     if bs == 0 or bs > u.geometry.slot_size or bs > extent:
         raise ValueError(f"bs must be in [1, {min(u.geometry.slot_size, extent)}]")
-    samples = array("Q", bytes(8 * max_samples))
+    own = samples is None
+    if own:
+        samples = array("Q", bytes(8 * max_samples))
     cdef uint64_t[:] lat = samples
+    max_samples = min(max_samples, len(samples))
     cdef uint64_t *posted = <uint64_t *>malloc(sizeof(uint64_t) * qd)
     cdef uint64_t blocks = extent // bs
     cdef uint64_t next_block = 0, state = seed | 1
@@ -427,5 +435,8 @@ def channel_workload(UserEnd u, int opcode, uint32_t bs, uint32_t qd, double sec
         now = drb_now_ns()
     free(posted)
     res = _result(err, ios, errors, t0, now, u)
-    res["latencies_ns"] = samples[:nsamp]
+    if own:
+        res["latencies_ns"] = samples[:nsamp]
+    else:
+        res["nsamples"] = nsamp
     return res
