@@ -152,10 +152,28 @@ def cmd_up(a: argparse.Namespace) -> int:
     if a.no_monitor:
         print("drb: WARNING: --no-monitor: the driver domain's access to user memory "
               "will not be checked against any I/O task table", file=sys.stderr)
+    if a.foreground:
+        return _up_foreground(args)
     print(f"drb: bringing up pair {a.name} ...", file=sys.stderr)
     st = _start_pair(args)
     _print_status(st, True)
     return 0
+
+
+def _up_foreground(args: dict) -> int:
+    """The daemon in this process, logging to stderr; Ctrl-C takes it down."""
+    from drb_uring import pair
+    _require_root()
+    pair.check_name(args["name"])
+    if pair.daemon_pid(args["name"]) or os.path.exists(pair.state_dir(args["name"])):
+        raise CliError(f"pair {args['name']!r} is up or left state behind; "
+                       f"run: drb down {args['name']}")
+    os.makedirs(pair.state_dir(args["name"]), mode=0o700)
+    with open(os.path.join(pair.state_dir(args["name"]), "daemon.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    r, w = os.pipe()
+    os.close(r)          # nobody waits for the ready line: the log says it
+    return pair.daemon(argparse.Namespace(**args), w, log_to_stderr=True)
 
 
 def cmd_down(a: argparse.Namespace) -> int:
@@ -326,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--deny", default=None, metavar="FAMILIES",
                    help="socket families the user domain may not use "
                         "(default inet,inet6,packet; '' for none)")
+    u.add_argument("--foreground", action="store_true",
+                   help="run the pair's daemon in this terminal, logging to stderr "
+                        "(Ctrl-C takes the pair down)")
     u.add_argument("--no-monitor", action="store_true",
                    help="run WITHOUT the eBPF monitor: no I/O task table is enforced "
                         "(an explicit, loudly logged opt-out)")

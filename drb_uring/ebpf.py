@@ -28,7 +28,12 @@ from drb_uring.policy import BPF_DIR
 log = logging.getLogger("drb.ebpf")
 
 MAX_SLOTS = 1024
-TASK = struct.Struct("<IIIIQQQ")      # seq, state, op, len, offset, post_ns, submit_ns
+# The I/O task table entry, version TASK_VERSION (bpf/monitor.c struct
+# drb_task, cython_ext/tasks.pxd): seq (odd while the user side writes it),
+# state (1 = active), op, len, offset (channel-relative), post_ns (user's
+# CLOCK_MONOTONIC), submit_ns (written by the program).
+TASK_VERSION = 1
+TASK = struct.Struct("<IIIIQQQ")
 MAX_CHANNELS = 1024                   # channels enforced at once on this host
 HIST_SLOTS = 64
 TT_ENTRIES = MAX_SLOTS + 16           # then the user side's post->reap histogram

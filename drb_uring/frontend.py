@@ -26,6 +26,7 @@ import struct
 from drb_uring import layout as L
 from drb_uring import protocol, ring
 
+TASK_VERSION = 1      # the task entry layout this frontend writes (see ebpf.py)
 OP_FSYNC = 3
 OP_READ_FIXED = 4
 OP_WRITE_FIXED = 5
@@ -113,6 +114,11 @@ class Channel:
             if rfds:
                 # The I/O task table: writable here only. The monitor's program
                 # lets the worker touch a slot only while its task is active.
+                if reply.get("task_table_version") != TASK_VERSION:
+                    protocol.close_fds(rfds)
+                    raise L.LayoutError(f"task table layout version "
+                                        f"{reply.get('task_table_version')!r}; this frontend "
+                                        f"writes version {TASK_VERSION}")
                 try:
                     self.tasks = mmap.mmap(rfds[0], reply["task_table_bytes"])
                 finally:

@@ -283,7 +283,8 @@ class Monitor:
                  ch.worker_pid, "" if self.ebpf else " (UNMONITORED)")
         reply = {"channel": ch.id, "extent_size": extent[1], "worker_pid": ch.worker_pid}
         if tt_fd >= 0:
-            from drb_uring.ebpf import REAP_HIST_OFFSET, TASK_TABLE_BYTES
+            from drb_uring.ebpf import REAP_HIST_OFFSET, TASK_TABLE_BYTES, TASK_VERSION
+            reply["task_table_version"] = TASK_VERSION
             reply["task_table_bytes"] = TASK_TABLE_BYTES
             reply["reap_hist_offset"] = REAP_HIST_OFFSET
             return reply, [tt_fd]

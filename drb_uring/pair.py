@@ -289,10 +289,19 @@ def teardown_leftovers(name: str) -> list[str]:
     return done
 
 
-def daemon(a: argparse.Namespace, ready_fd: int) -> int:
+def _tell(fd: int, line: str) -> None:
+    if fd >= 0:
+        try:
+            os.write(fd, (line + "\n").encode())
+        except OSError:
+            pass
+
+
+def daemon(a: argparse.Namespace, ready_fd: int, log_to_stderr: bool = False) -> int:
     d = state_dir(a.name)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s drb[%(process)d] %(message)s",
-                        filename=os.path.join(d, "daemon.log"))
+                        **({"stream": sys.stderr} if log_to_stderr
+                           else {"filename": os.path.join(d, "daemon.log")}))
     pair = Pair(a)
     stop = []
 
@@ -305,7 +314,10 @@ def daemon(a: argparse.Namespace, ready_fd: int) -> int:
     status = 0
     try:
         pair.up()
-        os.write(ready_fd, b"ok\n")
+        try:
+            os.write(ready_fd, b"ok\n")
+        except BrokenPipeError:
+            pass
         os.close(ready_fd)
         ready_fd = -1
         log.info("pair %s up", a.name)
@@ -313,13 +325,11 @@ def daemon(a: argparse.Namespace, ready_fd: int) -> int:
             pair.mon.run()
     except (PairError, PolicyError, cgroup.CgroupError, OSError) as e:
         log.error("%s", e)
-        if ready_fd >= 0:
-            os.write(ready_fd, f"error: {e}\n".encode())
+        _tell(ready_fd, f"error: {e}")
         status = 1
     except Exception as e:
         log.exception("pair %s failed", a.name)
-        if ready_fd >= 0:
-            os.write(ready_fd, f"error: {type(e).__name__}: {e}\n".encode())
+        _tell(ready_fd, f"error: {type(e).__name__}: {e}")
         status = 1
     finally:
         try:

@@ -331,3 +331,48 @@ def test_trace_prints_bpftrace_histograms_and_rates(pair):
     assert re.search(r"^\[\d+[KM]?, \d+[KM]?\)\s+\d+ \|@+\s*\|$", out, re.M), out
     rows = re.findall(r"^user\s+syscalls\s+([\d.]+)\s+([\d.]+)$", out, re.M)
     assert rows and float(rows[-1][1]) < 0.05, out     # the user side barely enters the kernel
+
+
+MISBEHAVE = """
+from drb_uring.frontend import Channel, ChannelFailed
+from drb_uring import layout as L
+S = 65536
+with Channel({sock!r}, 1 << 20, geometry=L.Geometry(slot_size=S, slot_count=8)) as ch:
+    ch.pool[S:2 * S] = b"P" * S
+    try:
+        ch.pwrite(0, b"W" * 4096) if {mode} == 3 else ch.pread(0, 4096)
+        print("no failure")
+    except ChannelFailed as e:
+        print("failed:", e)
+    print("slot1 unchanged:", bytes(ch.pool[S:2 * S]) == b"P" * S)
+"""
+
+
+@pytest.mark.parametrize("mode, reason", [
+    (1, "no active task for the slot"),
+    (2, "buffer outside the task's slot"),
+    (3, "device range outside the channel's extent"),
+    (4, "io_uring_register on a grant ring"),
+])
+def test_misbehaving_worker_in_the_driver_domain(clean, mode, reason):
+    """The test-only misbehaviour reaches the worker through the environment
+    of the pair's daemon; the monitor kills it before it touches anything."""
+    name = f"{PREFIX}-mb{mode}"
+    drb("up", name, "--size", "16m", env={**os.environ, "DRB_WORKER_MISBEHAVE": str(mode)})
+    try:
+        st = json.loads(drb("status", name, "--json").stdout)
+        with open(st["device"], "r+b") as f:
+            f.write(b"F" * 65536)
+        out = in_domain(name, "user", MISBEHAVE.format(sock=st["socket"], mode=mode)).stdout
+        m = re.search(r"failed: monitor killed backend worker (\d+): (.*)$", out, re.M)
+        assert m and m.group(2) == reason, out
+        assert wait_gone(lambda: not os.path.exists(f"/proc/{m.group(1)}"))
+        assert "slot1 unchanged: True" in out
+        with open(st["device"], "rb") as f:
+            disk = f.read(2 << 20)
+        assert disk[:65536] == b"F" * 65536                   # nothing written at 0
+        assert disk[1 << 20:(1 << 20) + 4096] == bytes(4096)  # nor past the extent
+        log = open(os.path.join("/run/drb", name, "daemon.log")).read()
+        assert f"VIOLATION channel 1: {reason}" in log
+    finally:
+        drb("down", name)

@@ -145,3 +145,15 @@ def test_cleared_task_is_revoked(tmp_path, no_fd_leak):
             assert state2 == 0 and seq2 == seq + 2
     finally:
         m.stop()
+
+
+def test_task_entry_layout_matches_the_program():
+    # The same layout in three places: the C program, Cython, Python.
+    from drb_uring import ebpf, frontend
+    src = (ebpf.BPF_DIR / "monitor.c").read_text()
+    struct_c = src[src.index("struct drb_task {"):src.index("};", src.index("struct drb_task {"))]
+    fields = re.findall(r"^\s+(u32|u64) (\w+);", struct_c, re.M)
+    assert [f for _, f in fields] == ["seq", "state", "op", "len", "offset", "post_ns",
+                                      "submit_ns"]
+    assert ebpf.TASK.format == "<IIIIQQQ" and ebpf.TASK.size == 40
+    assert frontend.TASK_VERSION == ebpf.TASK_VERSION == 1
