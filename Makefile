@@ -37,6 +37,7 @@ demo: setup
 	$(VENV)/bin/drb demo
 
 bench-ring: setup
+	@mkdir -p bench/results
 	$(VENV)/bin/drb bench-ring --json bench/results/ring.json
 
 # pytest's exit code 5 (no tests collected) counts as a failure.

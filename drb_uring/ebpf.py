@@ -124,6 +124,7 @@ class EbpfMonitor:
         self.tables: dict[int, tuple[int, int, mmap.mmap, int]] = {}  # gid -> ctx, fd, map, row
         self.free_rows = list(range(MAX_CHANNELS - 1, -1, -1))
         self.watched = 0
+        self.trace_until = 0.0
         self.b["events"].open_ring_buffer(self._on_event)
 
     def _on_event(self, ctx, data, size) -> None:
@@ -231,12 +232,12 @@ class EbpfMonitor:
 
     def trace_lease(self, seconds: float) -> None:
         """Collect stage histograms for the next `seconds` (renewable)."""
-        self.trace_until = max(getattr(self, "trace_until", 0.0), time.monotonic() + seconds)
+        self.trace_until = max(self.trace_until, time.monotonic() + seconds)
         cfg = self.b["config"]
         cfg[cfg.Key(0)] = cfg.Leaf(1)
 
     def expire(self) -> None:
-        if getattr(self, "trace_until", 0.0) and time.monotonic() > self.trace_until:
+        if self.trace_until and time.monotonic() > self.trace_until:
             cfg = self.b["config"]
             cfg[cfg.Key(0)] = cfg.Leaf(0)
             self.trace_until = 0.0
@@ -341,18 +342,6 @@ class EbpfClient:
         h = self._call("hist", channels=list(gids), lease=lease)[0]["hist"]
         return {int(g): {st: {int(b): c for b, c in bk.items()} for st, bk in v.items()}
                 for g, v in h.items()}
-
-    def trace_lease(self, seconds: float) -> None:
-        """Collect stage histograms for the next `seconds` (renewable)."""
-        self.trace_until = max(getattr(self, "trace_until", 0.0), time.monotonic() + seconds)
-        cfg = self.b["config"]
-        cfg[cfg.Key(0)] = cfg.Leaf(1)
-
-    def expire(self) -> None:
-        if getattr(self, "trace_until", 0.0) and time.monotonic() > self.trace_until:
-            cfg = self.b["config"]
-            cfg[cfg.Key(0)] = cfg.Leaf(0)
-            self.trace_until = 0.0
 
     def watch(self, path: str) -> None:
         self._call("watch", path=path)

@@ -35,12 +35,7 @@ class Service:
     def __init__(self):
         self.mon = EbpfMonitor()
         self.sel = selectors.DefaultSelector()
-        if os.path.exists(SERVICE_SOCK):
-            os.unlink(SERVICE_SOCK)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self.sock.bind(SERVICE_SOCK)
-        os.chmod(SERVICE_SOCK, 0o600)
-        self.sock.listen(64)
+        self.sock = protocol.listen(SERVICE_SOCK)
         self.sel.register(self.sock, selectors.EVENT_READ, None)
         self.clients: dict[int, Client] = {}
         self.stopping = False

@@ -110,12 +110,7 @@ class Monitor:
         self.channels: dict[int, Channel] = {}
         self.next_id = 1
         self.stopping = False
-        if os.path.exists(path):
-            os.unlink(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self.sock.bind(path)
-        os.chmod(path, 0o600)
-        self.sock.listen(64)
+        self.sock = protocol.listen(path)
         self.sel.register(self.sock, selectors.EVENT_READ, ("listen", None))
 
     # ---- the loop ------------------------------------------------------------

@@ -41,6 +41,21 @@ def close_fds(fds) -> None:
             pass
 
 
+def listen(path: str) -> socket.socket:
+    """A SOCK_SEQPACKET listener at `path` (replacing a stale one), root only."""
+    if os.path.exists(path):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def send(sock: socket.socket, msg: dict, fds: list[int] = ()) -> None:
     body = json.dumps({"v": VERSION, **msg}).encode()
     if len(body) > MAX_MSG:

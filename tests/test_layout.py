@@ -1,4 +1,5 @@
 """The shared layout against the kernel's ABI and its own rules."""
+import fcntl
 import os
 import subprocess
 
@@ -120,15 +121,19 @@ def _swap(peer, name, fd):
     setattr(peer, name, fd)
 
 
+def _sealed_memfd(size: int, header: bytes) -> int:
+    """A memfd that passes every check but the one a test breaks."""
+    fd = os.memfd_create("fake", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    os.pwrite(fd, header, 0)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    return fd
+
+
 def test_attach_refuses_small_memfd(no_fd_leak):
-    import fcntl
     u, peer = _fresh()
     with u:
-        fd = os.memfd_create("small", os.MFD_ALLOW_SEALING)
-        os.ftruncate(fd, 4096)
-        os.pwrite(fd, u.geometry.header(L.MAGIC_USER), 0)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-        _swap(peer, "ctl_user", fd)
+        _swap(peer, "ctl_user", _sealed_memfd(4096, u.geometry.header(L.MAGIC_USER)))
         with pytest.raises(L.LayoutError,
                            match=r"ctl_user memfd too small: 4096 bytes, layout needs 8192"):
             ring.attach(peer)
@@ -169,13 +174,9 @@ def test_peer_fd_count_checked():
 
 
 def test_attach_refuses_foreign_magic(no_fd_leak):
-    import fcntl
     u, peer = _fresh()
     with u:
-        fd = os.memfd_create("fake", os.MFD_ALLOW_SEALING)
-        os.ftruncate(fd, u.geometry.ctl_user_size)
-        os.pwrite(fd, u.geometry.header(b"DRBRINGX"), 0)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-        _swap(peer, "ctl_user", fd)
+        _swap(peer, "ctl_user", _sealed_memfd(u.geometry.ctl_user_size,
+                                              u.geometry.header(b"DRBRINGX")))
         with pytest.raises(L.LayoutError, match="bad magic b'DRBRINGX'"):
             ring.attach(peer)
