@@ -186,19 +186,30 @@ def run_cell(sock: str, transport: str, op: str, bs: int, qd: int, seconds: floa
 
 
 def run(transports, ops, sizes, depths, seconds, progress=print,
-        monitor=(True,)) -> dict:
+        monitor=(True,), repeat: int = 1) -> dict:
+    """Every cell, for each transport and monitor setting, `repeat` times.
+    The settings of one cell run back to back, alternating, so that drift
+    on a shared machine falls on both sides of a comparison."""
     runs = []
     cells = list(itertools.product(ops, sizes, depths))
     domains = Domains()
     try:
-        with tempfile.TemporaryDirectory(prefix="drb-bench-") as work:
+        with tempfile.TemporaryDirectory(prefix="drb-bench-") as work, \
+                contextlib.ExitStack() as stack:
+            socks = {(t, m): stack.enter_context(_monitor(t, work, m, domains))
+                     for t in transports for m in monitor}
+            total = len(cells) * len(socks) * repeat
+            n = 0
             for t in transports:
-                for mon in monitor:
-                    with _monitor(t, work, mon, domains) as sock:
-                        for i, (op, bs, qd) in enumerate(cells, 1):
-                            progress(f"[{t} monitor={'on' if mon else 'off'} "
-                                     f"{i}/{len(cells)}] {op} bs={bs} qd={qd} for {seconds}s")
-                            runs.append(run_cell(sock, t, op, bs, qd, seconds, mon, domains))
+                for op, bs, qd in cells:
+                    for rep in range(repeat):
+                        for mon in monitor:
+                            n += 1
+                            progress(f"[{n}/{total}] {t} monitor={'on' if mon else 'off'} "
+                                     f"{op} bs={bs} qd={qd} for {seconds}s")
+                            r = run_cell(socks[(t, mon)], t, op, bs, qd, seconds, mon, domains)
+                            r["repeat"] = rep
+                            runs.append(r)
     finally:
         domains.close()
     return {"schema": 1, "machine": ringbench.machine(), "runs": runs,
@@ -206,15 +217,18 @@ def run(transports, ops, sizes, depths, seconds, progress=print,
 
 
 def monitor_ratios(runs) -> list[dict]:
-    """IOPS with the monitor over IOPS without, for each cell run both ways."""
-    by = {}
+    """Median IOPS with the monitor over median IOPS without, per cell."""
+    import statistics
+    by: dict = {}
     for r in runs:
-        by.setdefault((r["transport"], r["op"], r["bs"], r["qd"]), {})[r["monitor"]] = r
+        cell = (r["transport"], r["op"], r["bs"], r["qd"])
+        by.setdefault(cell, {}).setdefault(r["monitor"], []).append(r["iops"])
     out = []
-    for (t, op, bs, qd), pair in by.items():
-        if True in pair and False in pair and pair[False]["iops"]:
-            out.append({"transport": t, "op": op, "bs": bs, "qd": qd,
-                        "iops_on_over_off": round(pair[True]["iops"] / pair[False]["iops"], 3)})
+    for (t, op, bs, qd), v in by.items():
+        if v.get(True) and v.get(False):
+            on, off = statistics.median(v[True]), statistics.median(v[False])
+            out.append({"transport": t, "op": op, "bs": bs, "qd": qd, "runs": len(v[True]),
+                        "iops_on_over_off": round(on / off, 3) if off else None})
     return out
 
 
@@ -229,8 +243,9 @@ def table(rep: dict) -> str:
                     f"{r['iops']:>11}{r['mb_s']:>9}{lat['p50']:>9.2f}{lat['p99']:>9.2f}"
                     f"{lat['p999']:>10.2f}{r['per_io']['syscalls_user']:>10.3f}")
     for m in rep.get("monitor_ratio", []):
-        rows.append(f"monitor on/off IOPS, {m['transport']} {m['op']} bs={m['bs']} "
-                    f"qd={m['qd']}: {m['iops_on_over_off']:.3f}   (target >= 0.9)")
+        rows.append(f"monitor on/off median IOPS ({m['runs']} runs each), {m['transport']} "
+                    f"{m['op']} bs={m['bs']} qd={m['qd']}: {m['iops_on_over_off']:.3f}"
+                    "   (target >= 0.9)")
     return "\n".join(rows)
 
 

@@ -64,7 +64,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     print("Benchmarking I/O through a channel (Ctrl-C to stop).")
     mons = bench.parse_list(a.monitor, ["on", "off"])
     rep = bench.run(transports, ops, sizes, depths, a.seconds, progress=_progress,
-                    monitor=tuple(m == "on" for m in mons))
+                    monitor=tuple(m == "on" for m in mons), repeat=a.repeat)
     print(bench.table(rep))
     if a.json:
         bench.write_json(rep, a.json)
@@ -323,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bs", default="4k", help="block sizes, e.g. 4k,64k,1m")
     c.add_argument("--qd", default="1,32", help="queue depths, e.g. 1,32")
     c.add_argument("--seconds", type=float, default=3.0, help="per cell (default 3)")
+    c.add_argument("--repeat", type=_positive, default=1,
+                   help="run every cell this many times, alternating monitor settings")
     c.add_argument("--monitor", default="on",
                    help="on, off or on,off: with and without the eBPF monitor (default on)")
     c.add_argument("--json", metavar="FILE", help="also write the results as JSON")
