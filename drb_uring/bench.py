@@ -93,10 +93,18 @@ def _monitor(transport: str, workdir: str, enforce: bool = True,
     if not enforce:
         args.append("--no-monitor")
     log = open(os.path.join(workdir, f"{tag}.log"), "w")
+    _, driver_cpu = ringbench.cpus()
+
+    def enter():
+        # The monitor and its workers on one CPU, the benchmark loop on the
+        # other, as in drb bench-ring: the same placement for every cell.
+        if domains:
+            cgroup.join(domains.driver)
+        if driver_cpu is not None:
+            os.sched_setaffinity(0, {driver_cpu})
+
     proc = procs.spawn_module("drb_uring.monitor", args, [], stdout=subprocess.PIPE,
-                              stderr=log,
-                              preexec_fn=(lambda: cgroup.join(domains.driver)) if domains
-                              else None)
+                              stderr=log, preexec_fn=enter)
     try:
         if proc.stdout.readline().strip() != b"ready":
             raise RuntimeError(f"monitor for {transport} did not start; see {log.name}")
@@ -121,6 +129,28 @@ def _monitor(transport: str, workdir: str, enforce: bool = True,
         log.close()
 
 
+def _counted_pass(ch, domains: Domains, opcode, bs, qd, seconds, rand, samples):
+    """The same loop with the counters attached; returns (deltas, I/Os).
+    Only the C loop runs in the user domain's group, and it allocates
+    nothing, so what the counters see there is the I/O path's own."""
+    domains.ebpf.count(True)
+    try:
+        c0 = domains.counters()
+        cgroup.join(domains.user)
+        try:
+            res = _ringbench.channel_workload(ch.end, opcode, bs, qd, seconds, EXTENT, rand, 7,
+                                              len(samples), samples)
+        finally:
+            cgroup.join(domains.home)
+        c1 = domains.counters()
+    finally:
+        domains.ebpf.count(False)
+    if res["error"] or not res["done"]:
+        raise RuntimeError(f"counted pass failed: {res['error']}")
+    return ({side: {k: c1[side][k] - c0[side][k] for k in c0[side]} for side in c0},
+            res["done"])
+
+
 def run_cell(sock: str, transport: str, op: str, bs: int, qd: int, seconds: float,
              monitor: bool = True, domains: Domains | None = None) -> dict:
     slot = max(bs, L.PAGE)
@@ -134,37 +164,33 @@ def run_cell(sock: str, transport: str, op: str, bs: int, qd: int, seconds: floa
     with Channel(sock, EXTENT, geometry=geo, **kw) as ch:
         if ch.monitored != monitor:
             raise RuntimeError(f"channel monitored={ch.monitored}, expected {monitor}")
-        ch.pread(0, 1)     # the worker is up and serving before anything is counted
-        before = dict(ch.end.stats)
+        ch.pread(0, 1)     # the worker is up and serving before anything is timed
         samples = array.array("Q", bytes(8 * MAX_SAMPLES))
-        c0 = domains.counters() if domains else None
-        # Only the C loop runs in the user domain's group: it allocates
-        # nothing, so what the counters see there is the I/O path's own.
-        if domains:
-            cgroup.join(domains.user)
-        try:
-            res = _ringbench.channel_workload(ch.end, opcode, bs, qd, seconds, EXTENT, rand, 42,
-                                              MAX_SAMPLES, samples)
-        finally:
-            if domains:
-                cgroup.join(domains.home)
-        c1 = domains.counters() if domains else None
+        before = dict(ch.end.stats)
+        with ringbench.Pinned(ringbench.cpus()[0]):
+            res = _ringbench.channel_workload(ch.end, opcode, bs, qd, seconds, EXTENT, rand,
+                                              42, MAX_SAMPLES, samples)
         after = ch.end.stats
         res["latencies_ns"] = samples[:res["nsamples"]]
+        # Mode switches come from a second, shorter pass with the counters'
+        # hooks attached: they run on every system call of the host and
+        # would slow the timed pass above.
+        counted = _counted_pass(ch, domains, opcode, bs, qd, max(0.2, seconds / 4), rand,
+                                samples) if domains else None
     if res["error"]:
         raise RuntimeError(f"{transport} {op} bs={bs} qd={qd}: {res['error']}")
     if res["errors"]:
         raise RuntimeError(f"{transport} {op} bs={bs} qd={qd}: {res['errors']} failed I/Os")
     ios, secs = res["done"], res["seconds"]
     lat = sorted(res["latencies_ns"])
-    if c0 is not None:
-        d = {side: {k: c1[side][k] - c0[side][k] for k in c0[side]} for side in c0}
-        per_io = {"syscalls_user": round(d["user"]["syscalls"] / ios, 4),
-                  "syscalls_driver": round(d["driver"]["syscalls"] / ios, 4),
+    if counted is not None:
+        d, n = counted
+        per_io = {"syscalls_user": round(d["user"]["syscalls"] / n, 4),
+                  "syscalls_driver": round(d["driver"]["syscalls"] / n, 4),
                   "ctx_switches": round((d["user"]["ctx_switches"]
-                                         + d["driver"]["ctx_switches"]) / ios, 4),
+                                         + d["driver"]["ctx_switches"]) / n, 4),
                   "map_ops": round(sum(d[s][k] for s in d for k in ("mmap", "munmap",
-                                                                     "mprotect")) / ios, 4)}
+                                                                     "mprotect")) / n, 4)}
     else:
         # Without the counters: the user side's own wake-up calls only.
         user_calls = ((after["notifies"] - before["notifies"])

@@ -51,7 +51,7 @@ SERVICE_SOCK = "/run/drb-ebpfd.sock"
 SERVICE_LOCK = "/run/lock/drb-ebpfd.lock"
 SERVICE_LOG = "/var/log/drb-ebpfd.log"
 OPS = {op: (0,) for op in ("hello", "grant", "failed", "ungrant", "hist", "watch",
-                           "unwatch", "counters", "error")}
+                           "unwatch", "counters", "count", "error")}
 OPS["ok"] = (0, 1)
 
 BPF_MAP_CREATE, BPF_MAP_TYPE_ARRAY, BPF_F_MMAPABLE = 0, 2, 1 << 10
@@ -123,7 +123,7 @@ class EbpfMonitor:
         self.next_gid = 1
         self.tables: dict[int, tuple[int, int, mmap.mmap, int]] = {}  # gid -> ctx, fd, map, row
         self.free_rows = list(range(MAX_CHANNELS - 1, -1, -1))
-        self.watched = 0
+        self.count_refs = 0
         self.trace_until = 0.0
         self.b["events"].open_ring_buffer(self._on_event)
 
@@ -231,24 +231,40 @@ class EbpfMonitor:
         return out
 
     def trace_lease(self, seconds: float) -> None:
-        """Collect stage histograms for the next `seconds` (renewable)."""
+        """Collect stage histograms and count mode switches for the next
+        `seconds` (renewable): both cost on every request or system call,
+        so they run only while someone looks."""
+        if not self.trace_until:
+            cfg = self.b["config"]
+            cfg[cfg.Key(0)] = cfg.Leaf(1)
+            self.count_on()
         self.trace_until = max(self.trace_until, time.monotonic() + seconds)
-        cfg = self.b["config"]
-        cfg[cfg.Key(0)] = cfg.Leaf(1)
 
     def expire(self) -> None:
         if self.trace_until and time.monotonic() > self.trace_until:
             cfg = self.b["config"]
             cfg[cfg.Key(0)] = cfg.Leaf(0)
             self.trace_until = 0.0
+            self.count_off()
 
-    def watch(self, path: str) -> None:
-        c = self.b["counters"]
-        c[c.Key(os.stat(path).st_ino)] = c.Leaf()
-        if self.watched == 0:
+    def count_on(self) -> None:
+        """Attach the counters' hooks (they run on every system call and
+        context switch of the host); reference-counted."""
+        if self.count_refs == 0:
             self.b.attach_raw_tracepoint(tp="sys_enter", fn_name="count_sys_enter")
             self.b.attach_raw_tracepoint(tp="sched_switch", fn_name="count_sched_switch")
-        self.watched += 1
+        self.count_refs += 1
+
+    def count_off(self) -> None:
+        self.count_refs -= 1
+        if self.count_refs == 0:
+            self.b.detach_raw_tracepoint(tp="sys_enter")
+            self.b.detach_raw_tracepoint(tp="sched_switch")
+
+    def watch(self, path: str) -> None:
+        """Count this cgroup's mode switches whenever counting is on."""
+        c = self.b["counters"]
+        c[c.Key(os.stat(path).st_ino)] = c.Leaf()
 
     def unwatch(self, path: str) -> None:
         c = self.b["counters"]
@@ -256,10 +272,6 @@ class EbpfMonitor:
             del c[c.Key(os.stat(path).st_ino)]
         except (KeyError, FileNotFoundError):
             pass
-        self.watched -= 1
-        if self.watched == 0:
-            self.b.detach_raw_tracepoint(tp="sys_enter")
-            self.b.detach_raw_tracepoint(tp="sched_switch")
 
     def counters(self, path: str) -> dict[str, int]:
         c = self.b["counters"]
@@ -348,6 +360,10 @@ class EbpfClient:
 
     def unwatch(self, path: str) -> None:
         self._call("unwatch", path=path)
+
+    def count(self, on: bool) -> None:
+        """Keep the counters' hooks attached while this client wants them."""
+        self._call("count", on=on)
 
     def counters(self, path: str) -> dict[str, int]:
         return self._call("counters", path=path)[0]["counters"]

@@ -29,6 +29,7 @@ class Client:
         self.tgid = 0
         self.gids: set[int] = set()
         self.watched: set[str] = set()
+        self.counting = False
 
 
 class Service:
@@ -54,6 +55,8 @@ class Service:
             self.mon.ungrant(gid)
         for path in c.watched:
             self.mon.unwatch(path)
+        if c.counting:
+            self.mon.count_off()
         if c.tgid:
             self.mon.remove_monitor(c.tgid)
         self.sel.unregister(c.conn)
@@ -97,6 +100,12 @@ class Service:
             return {"hist": {str(g): {st: {str(b): n for b, n in bk.items()}
                                       for st, bk in v.items()}
                              for g, v in self.mon.histograms(gids).items()}}, []
+        if op == "count":
+            on = bool(msg.get("on"))
+            if on != c.counting:
+                self.mon.count_on() if on else self.mon.count_off()
+                c.counting = on
+            return {}, []
         if op in ("watch", "unwatch", "counters"):
             path = msg.get("path")
             if not isinstance(path, str) or not os.path.isdir(path):

@@ -36,12 +36,12 @@ def _summary(samples) -> dict:
     return {"p50": percentile(s, 50), "p99": percentile(s, 99)}
 
 
-def _cpus() -> tuple[int | None, int | None]:
+def cpus() -> tuple[int | None, int | None]:
     cpus = sorted(os.sched_getaffinity(0))
     return (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
 
 
-class _Pinned:
+class Pinned:
     """Pin this process to one CPU for the duration of a measurement."""
 
     def __init__(self, cpu: int | None):
@@ -58,7 +58,7 @@ class _Pinned:
 
 def _with_peer(mode: str, count: int, batch: int, spin_ns: int,
                body: Callable[[ring.UserEnd], object], geometry: L.Geometry | None = None):
-    me, other = _cpus()
+    me, other = cpus()
     end, peer = ring.create(geometry or L.Geometry(sq_entries=256, cq_entries=256,
                                                    slot_size=4096, slot_count=1),
                             spin_ns=spin_ns)
@@ -67,7 +67,7 @@ def _with_peer(mode: str, count: int, batch: int, spin_ns: int,
                               spin_ns=spin_ns, cpu=other)
         peer.close()
         try:
-            with _Pinned(me):
+            with Pinned(me):
                 out = body(end)
         finally:
             res = ringpeer.result(proc, timeout=60)
@@ -84,7 +84,7 @@ def ring_rtt(iters: int, warmup: int = 10_000) -> dict:
 
 
 def raw_rtt(iters: int, warmup: int = 10_000) -> dict:
-    me, other = _cpus()
+    me, other = cpus()
     fd = os.memfd_create("drb-raw-line", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, mmap.PAGESIZE)
@@ -93,7 +93,7 @@ def raw_rtt(iters: int, warmup: int = 10_000) -> dict:
     finally:
         os.close(fd)
     try:
-        with _Pinned(me):
+        with Pinned(me):
             samples = _ringbench.raw_pingpong(mem, warmup + iters, True)
     finally:
         res = ringpeer.result(proc, timeout=60)
