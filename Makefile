@@ -4,7 +4,10 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
-SRC    := $(shell find cython_ext drb_uring -name '*.pyx' -o -name '*.pxd' -o -name '*.h' -o -name '*.py') \
+# Everything the installed package is made of, eBPF sources included (the
+# installed `drb` loads its programs from the package).
+SRC    := $(shell find cython_ext drb_uring bpf -name '*.pyx' -o -name '*.pxd' -o -name '*.h' \
+                   -o -name '*.py' -o -name '*.c' -not -path '*/drb_uring/_*.c') \
           setup.py setup.cfg pyproject.toml
 PYTEST_ARGS ?=
 

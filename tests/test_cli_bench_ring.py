@@ -38,3 +38,17 @@ def test_installed_build_imports_outside_the_tree(tmp_path):
                           cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "site-packages" in proc.stdout
+
+
+def test_installed_package_carries_the_current_ebpf_sources(tmp_path):
+    # The installed `drb` loads its programs from the package; a stale copy
+    # would run yesterday's monitor.
+    code = "import drb_uring.policy as p; print(p.BPF_DIR)"
+    proc = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=60)
+    installed = proc.stdout.strip()
+    assert "site-packages" in installed, proc.stderr
+    tree = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
+    for name in ("monitor.c", "policy_device.c", "policy_sock.c"):
+        with open(os.path.join(tree, name)) as a, open(os.path.join(installed, name)) as b:
+            assert a.read() == b.read(), name
