@@ -56,7 +56,8 @@ cdef inline void task_reaped(drb_task *t, uint64_t *hist, uint64_t now) noexcept
     """Count the post->reap latency (microseconds) in the user side's own
     histogram; the caller then clears or re-posts the entry."""
     cdef uint64_t b
-    if hist != NULL and now > t.post_ns:
+    # Only an active task was posted (a flush has no task): nothing else to count.
+    if hist != NULL and t.state == DRB_TASK_ACTIVE and now > t.post_ns:
         b = log2_bucket((now - t.post_ns) // 1000)
         if b < DRB_HIST_BUCKETS:
             hist[b] += 1
