@@ -254,6 +254,13 @@ def cmd_trace(a: argparse.Namespace) -> int:
     import socket as so
 
     from drb_uring import hist, pair, protocol
+    if a.ebpf:
+        from drb_uring import ebpf
+        print(f"// bcc flags: {' '.join(ebpf.monitor_cflags())}")
+        print((ebpf.BPF_DIR / "monitor.c").read_text(), end="")
+        return 0
+    if not a.name:
+        raise CliError("which pair? drb trace NAME")
     st = pair.read_state(a.name)
     if st is None or not pair.daemon_pid(a.name):
         raise CliError(f"pair {a.name!r} is not up")
@@ -372,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_exec)
 
     t = sub.add_parser("trace", help="per-stage latency histograms of a pair's channels")
-    t.add_argument("name")
+    t.add_argument("name", nargs="?")
+    t.add_argument("--ebpf", action="store_true",
+                   help="print the monitor's eBPF program and its flags for this kernel, and exit")
     t.add_argument("--seconds", type=float, default=10.0)
     t.add_argument("--interval", type=float, default=1.0)
     t.set_defaults(func=cmd_trace)

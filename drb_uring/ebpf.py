@@ -83,6 +83,25 @@ def _map_create_array(value_size: int, entries: int, flags: int, name: bytes) ->
     return fd
 
 
+def monitor_cflags() -> list[str]:
+    """The -D flags that specialise bpf/monitor.c for this kernel (BTF)."""
+    try:
+        offsets = btf.monitor_offsets()
+    except btf.BTFError as e:
+        raise EbpfError(f"eBPF monitor cannot start: {e}") from None
+    # The submit hook reads the head of struct io_kiocb in one go.
+    head = max(v + 8 for k, v in offsets.items() if k.startswith("OFF_REQ_")
+               and k != "OFF_REQ_CMD")
+    head = max(head, offsets["OFF_REQ_CMD"] + max(offsets[k] + 8 for k in
+                                                  ("OFF_RW_ADDR", "OFF_RW_LEN", "OFF_RW_POS")))
+    if head > 256:
+        raise EbpfError(f"eBPF monitor cannot start: the io_kiocb fields it reads span "
+                        f"{head} bytes, more than its 256-byte read")
+    offsets["REQ_READ_LEN"] = (head + 7) & ~7
+    return ([f"-D{k}={v}" for k, v in offsets.items()]
+            + [f"-DMAX_SLOTS={MAX_SLOTS}", f"-DMAX_CHANNELS={MAX_CHANNELS}"])
+
+
 class EbpfMonitor:
     """The loaded programs and their maps (lives in the host service)."""
 
@@ -91,10 +110,7 @@ class EbpfMonitor:
             from bcc import BPF
         except ImportError as e:
             raise EbpfError(f"bcc is missing ({e}); install python3-bpfcc") from None
-        try:
-            offsets = btf.monitor_offsets()
-        except btf.BTFError as e:
-            raise EbpfError(f"eBPF monitor cannot start: {e}") from None
+        cflags = monitor_cflags()
         for cat, tp in (("io_uring", "io_uring_submit_req"), ("io_uring", "io_uring_complete"),
                         ("io_uring", "io_uring_register"), ("io_uring", "io_uring_create"),
                         ("raw_syscalls", "sys_enter"), ("sched", "sched_switch")):
@@ -102,18 +118,6 @@ class EbpfMonitor:
                     not os.path.exists(f"/sys/kernel/tracing/events/{cat}/{tp}"):
                 raise EbpfError(f"eBPF monitor cannot start: tracepoint {cat}:{tp} is "
                                 "missing from this kernel")
-        # The submit hook reads the head of struct io_kiocb in one go.
-        head = max(v + 8 for k, v in offsets.items() if k.startswith("OFF_REQ_")
-                   and k != "OFF_REQ_CMD")
-        head = max(head, offsets["OFF_REQ_CMD"] + max(offsets[k] + 8 for k in
-                                                      ("OFF_RW_ADDR", "OFF_RW_LEN",
-                                                       "OFF_RW_POS")))
-        if head > 256:
-            raise EbpfError(f"eBPF monitor cannot start: the io_kiocb fields it reads span "
-                            f"{head} bytes, more than its 256-byte read")
-        offsets["REQ_READ_LEN"] = (head + 7) & ~7
-        cflags = [f"-D{k}={v}" for k, v in offsets.items()]
-        cflags += [f"-DMAX_SLOTS={MAX_SLOTS}", f"-DMAX_CHANNELS={MAX_CHANNELS}"]
         try:
             self.b = BPF(src_file=str(BPF_DIR / "monitor.c"), cflags=cflags)
         except Exception as e:

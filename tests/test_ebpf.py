@@ -4,6 +4,7 @@ import os
 import re
 import struct
 import subprocess
+import sys
 
 import pytest
 from channel_env import MonitorProc, wait_until
@@ -157,3 +158,13 @@ def test_task_entry_layout_matches_the_program():
                                       "submit_ns"]
     assert ebpf.TASK.format == "<IIIIQQQ" and ebpf.TASK.size == 40
     assert frontend.TASK_VERSION == ebpf.TASK_VERSION == 1
+
+
+def test_trace_ebpf_prints_the_program_with_btf_flags():
+    drb = os.path.join(os.path.dirname(sys.executable), "drb")
+    out = subprocess.run([drb, "trace", "--ebpf"], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    flags = out.splitlines()[0]
+    offs = btf.monitor_offsets()
+    assert f"-DOFF_RW_POS={offs['OFF_RW_POS']}" in flags
+    assert "RAW_TRACEPOINT_PROBE(io_uring_submit_req)" in out
