@@ -19,7 +19,8 @@ import tempfile
 
 from drb_uring import _ringbench, cgroup, procs, protocol, ringbench
 from drb_uring import layout as L
-from drb_uring.frontend import OP_READ_FIXED, OP_WRITE_FIXED, Channel
+from drb_uring.frontend import Channel
+from drb_uring.layout import OP_READ_FIXED, OP_WRITE_FIXED
 
 TRANSPORTS = ("drb", "drb-poll")
 OPS = {"randread": (OP_READ_FIXED, True), "randwrite": (OP_WRITE_FIXED, True),

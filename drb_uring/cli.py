@@ -142,7 +142,11 @@ def _stop_pair(name: str) -> list[str]:
 
 def cmd_up(a: argparse.Namespace) -> int:
     from drb_uring import pair
-    args = {**pair.DEFAULTS, "name": a.name, "backing": a.backing, "size": a.size,
+    from drb_uring.bench import parse_size
+    size = parse_size(a.size)
+    if size < 1 << 20:
+        raise CliError(f"--size {a.size} is too small (at least 1m)")
+    args = {**pair.DEFAULTS, "name": a.name, "backing": a.backing, "size": size,
             "blockdev": a.blockdev, "o_direct": a.o_direct, "attach_user": a.attach_user,
             "attach_driver": a.attach_driver, "no_monitor": a.no_monitor,
             "deny": [x for x in a.deny.split(",") if x] if a.deny is not None

@@ -34,7 +34,7 @@ def run(a) -> int:
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         _say(f"bringing up pair {name} on a 256 MiB temporary backing file")
-        st = _start_pair({**pair.DEFAULTS, "name": name, "size": "256m"})
+        st = _start_pair({**pair.DEFAULTS, "name": name})
         u, d = st["domains"]["user"], st["domains"]["driver"]
         _say(f"user domain {u['hostname']} (pid {u['pid']}), driver domain "
              f"{d['hostname']} (pid {d['pid']}), monitor pid {st['daemon_pid']}")

@@ -15,7 +15,8 @@ import time
 
 from drb_uring import _ringbench, hist
 from drb_uring import layout as L
-from drb_uring.frontend import OP_READ_FIXED, Channel
+from drb_uring.frontend import Channel
+from drb_uring.layout import OP_READ_FIXED
 from drb_uring.ringbench import percentile
 
 

@@ -20,16 +20,16 @@ import errno
 import io
 import mmap
 import os
+import select
 import socket
 import struct
+import time
 
 from drb_uring import layout as L
 from drb_uring import protocol, ring
+from drb_uring.layout import OP_FSYNC, OP_READ_FIXED, OP_WRITE_FIXED
 
 TASK_VERSION = 1      # the task entry layout this frontend writes (see ebpf.py)
-OP_FSYNC = 3
-OP_READ_FIXED = 4
-OP_WRITE_FIXED = 5
 SLOT_BITS = 16
 _CQE = struct.Struct("<QiI")
 
@@ -46,14 +46,12 @@ class ChannelFailed(Exception):
 class Request:
     """One call, possibly split in pieces; a future for its result."""
 
-    __slots__ = ("channel", "op", "buf", "n", "pending", "short", "error", "done",
-                 "callbacks")
+    __slots__ = ("channel", "op", "buf", "pending", "short", "error", "done", "callbacks")
 
     def __init__(self, channel: "Channel", op: int, buf, n: int):
         self.channel = channel
         self.op = op
-        self.buf = buf           # read: destination; write: source
-        self.n = n
+        self.buf = buf           # read: destination (None: lend the slot); write: source
         self.pending = 0
         self.short = n           # bytes done before the first short piece
         self.error: BaseException | None = None
@@ -124,7 +122,6 @@ class Channel:
                 finally:
                     protocol.close_fds(rfds)
                 self.end.set_task_table(self.tasks, reply.get("reap_hist_offset", 0))
-            self.monitored = self.tasks is not None
             self.size = reply["extent_size"]
             self.worker_pid = reply["worker_pid"]
             self.id = reply["channel"]
@@ -141,6 +138,11 @@ class Channel:
         # slot -> (request, position in the request, piece length)
         self.inflight: dict[int, tuple[Request, int, int]] = {}
         self.closed = False
+
+    @property
+    def monitored(self) -> bool:
+        """Whether the eBPF monitor checks this channel (it sent a task table)."""
+        return self.tasks is not None
 
     # ---- plumbing ------------------------------------------------------------
 
@@ -191,19 +193,17 @@ class Channel:
                 raise ChannelFailed(self.failed)
             req, pos, want = self.inflight.pop(slot)
             self.end.clear_task(slot)       # revoke before the slot is reused
-            if req.op == OP_READ_FIXED and res > 0:
-                if req.buf is None:
-                    req.buf = slot      # zero copy: the slot stays lent out
-                else:
+            if req.op == OP_READ_FIXED and res > 0 and req.buf is None:
+                req.buf = slot              # zero copy: the slot stays lent out
+            else:
+                if req.op == OP_READ_FIXED and res > 0:
                     base = slot * self.slot_size
                     req.buf[pos:pos + min(res, want)] = self.pool[base:base + min(res, want)]
-            if req.buf is not slot:
                 self.free.append(slot)
             req._piece_done(pos, want, res)
         return len(raw) // L.CQE_SIZE
 
     def _drive(self, until, timeout: float | None = None) -> None:
-        import time
         deadline = None if timeout is None else time.monotonic() + timeout
         while not until():
             self._check()
@@ -220,12 +220,12 @@ class Channel:
         return self.free.pop()
 
     def _post(self, req: Request, slot: int, op: int, off: int, pos: int, n: int,
-              wait: bool, op_flags: int = 0) -> None:
+              wait: bool) -> None:
+        # The tag names the slot and its use, so a stale or forged response
+        # is recognised; a flush holds a slot only for its tag.
         self.gen[slot] = (self.gen[slot] + 1) & 0xFFFFFFFFFFFF
         tag = self.gen[slot] << SLOT_BITS | slot
-        addr = 0
-        while not self.end.post(op, slot if op != OP_FSYNC else 0, addr, n,
-                                off, tag, op_flags):
+        while not self.end.post(op, slot if op != OP_FSYNC else 0, 0, n, off, tag):
             self._check()
             if not wait:
                 self.free.append(slot)
@@ -470,6 +470,5 @@ class AsyncChannel:
 
 
 def _readable(socks) -> list:
-    import select
     r, _, _ = select.select(socks, [], [], 0)
     return r

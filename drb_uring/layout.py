@@ -32,6 +32,12 @@ VERSION = 1
 SQE_SIZE = 64   # sizeof(struct io_uring_sqe), checked against the uapi header in tests
 CQE_SIZE = 16   # sizeof(struct io_uring_cqe)
 
+# The request opcodes a channel carries, io_uring's own (IORING_OP_*; the
+# worker's values come from the kernel header and a test compares them).
+OP_FSYNC = 3
+OP_READ_FIXED = 4
+OP_WRITE_FIXED = 5
+
 # Feature bits. NEED_WAKEUP: the sleep/wake protocol with per-party flags
 # words; every ring of this version has it.
 FEAT_NEED_WAKEUP = 1 << 0

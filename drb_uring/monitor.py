@@ -229,7 +229,8 @@ class Monitor:
         log.info("device registered: %d bytes, align %d", self.device.size, align)
         return {"size": self.device.size}
 
-    def _open(self, conn: socket.socket, msg: dict, fds: list[int]) -> dict:
+    def _open(self, conn: socket.socket, msg: dict,
+              fds: list[int]) -> tuple[dict, list[int]]:
         if self.device is None:
             raise MonitorError("no device registered by the driver domain yet")
         size = protocol.int_field(msg, "size", 1, self.device.size)
@@ -248,8 +249,7 @@ class Monitor:
                 pool_base = _grant.register_pool(ring_fd, peer.pool, geo.slot_size,
                                                  geo.slot_count)
                 _grant.register_device(ring_fd, self.device.fd)
-                _grant.restrict(ring_fd, [_backend.OP_READ_FIXED, _backend.OP_WRITE_FIXED,
-                                          _backend.OP_FSYNC],
+                _grant.restrict(ring_fd, [L.OP_READ_FIXED, L.OP_WRITE_FIXED, L.OP_FSYNC],
                                 _backend.FLAG_FIXED_FILE, _backend.FLAG_FIXED_FILE)
                 _grant.enable(ring_fd)
                 if self.ebpf:
@@ -285,7 +285,8 @@ class Monitor:
             return reply, [tt_fd]
         return reply, []
 
-    def _spawn_worker(self, ring_fd, params, pool_base, peer, extent) -> subprocess.Popen:
+    def _spawn_worker(self, ring_fd, params, pool_base, peer,
+                      extent) -> tuple[subprocess.Popen, int]:
         fds = [ring_fd, peer.ctl_user, peer.ctl_driver, peer.user_efd, peer.driver_efd]
         spec = {"ring_fd": ring_fd, "params": params.hex(), "pool_base": pool_base,
                 "ring_fds": [peer.ctl_user, peer.ctl_driver, -1, peer.user_efd,
@@ -306,7 +307,7 @@ class Monitor:
         # The extent is released only once the worker is gone: until then it
         # could still be doing I/O there. A "close" is answered after that,
         # so the user side may reuse the space as soon as it has the reply.
-        self._stop_worker(ch, wait=True)
+        self._stop_worker(ch)
         if msg is not None and msg["op"] == "close":
             try:
                 protocol.send(ch.conn, {"op": "ok"})
@@ -314,7 +315,7 @@ class Monitor:
                 pass
         self._finish(ch, None)
 
-    def _stop_worker(self, ch: Channel, wait: bool = True) -> None:
+    def _stop_worker(self, ch: Channel) -> None:
         w = ch.worker
         if w is None or w.poll() is not None:
             return
@@ -322,12 +323,11 @@ class Monitor:
             os.kill(ch.worker_pid, signal.SIGTERM)   # the worker itself stops cleanly
         except ProcessLookupError:
             pass
-        if wait:
-            try:
-                w.wait(WORKER_STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                w.kill()
-                w.wait()
+        try:
+            w.wait(WORKER_STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            w.kill()
+            w.wait()
 
     def _on_worker_exit(self, ch: Channel) -> None:
         rc = ch.worker.wait()

@@ -30,7 +30,7 @@ log = logging.getLogger("drb.pair")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,30}$")
 
 
-DEFAULTS = {"backing": None, "size": "256m", "blockdev": None, "o_direct": False,
+DEFAULTS = {"backing": None, "size": 256 << 20, "blockdev": None, "o_direct": False,
             "attach_user": None, "attach_driver": None, "deny": list(DEFAULT_DENY),
             "no_monitor": False}
 
@@ -70,11 +70,6 @@ def daemon_pid(name: str) -> int | None:
         return None
 
 
-def parse_size(text: str) -> int:
-    from drb_uring.bench import parse_size as ps
-    return ps(text)
-
-
 class Pair:
     def __init__(self, a: argparse.Namespace):
         self.a = a
@@ -109,7 +104,7 @@ class Pair:
         path = os.path.join(self.dir, "driver", "backing.img")
         os.makedirs(os.path.dirname(path), mode=0o700)
         with open(path, "wb") as f:
-            f.truncate(parse_size(a.size))
+            f.truncate(a.size)
         return path, None
 
     def _start_domain(self, role: str, hide: list[str]) -> None:

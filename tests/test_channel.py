@@ -12,7 +12,8 @@ from channel_env import MonitorProc, settled, wait_until
 
 from drb_uring import _backend, _grant
 from drb_uring import layout as L
-from drb_uring.frontend import OP_READ_FIXED, Channel, ChannelClosed, ChannelFailed
+from drb_uring.frontend import Channel, ChannelClosed, ChannelFailed
+from drb_uring.layout import OP_READ_FIXED
 
 GEO = L.Geometry(sq_entries=128, cq_entries=256, slot_size=64 * 1024, slot_count=64)
 EXTENT = 64 << 20
@@ -21,6 +22,7 @@ EXTENT = 64 << 20
 
 def test_kernel_constants_literal():
     assert (_backend.OP_FSYNC, _backend.OP_READ_FIXED, _backend.OP_WRITE_FIXED) == (3, 4, 5)
+    assert (L.OP_FSYNC, L.OP_READ_FIXED, L.OP_WRITE_FIXED) == (3, 4, 5)
     assert _backend.FLAG_FIXED_FILE == 1 << 0
     assert _grant.SETUP_R_DISABLED == 1 << 6
     assert (_grant.REGISTER_BUFFERS, _grant.REGISTER_FILES) == (0, 2)

@@ -255,6 +255,7 @@ def test_attach_mode_with_unshare_containers(clean, tmp_path):
     (["up", f"{PREFIX}-x", "--backing", "/nonexistent/disk.img"],
      "backing file /nonexistent/disk.img does not exist"),
     (["down", f"{PREFIX}-nothing"], f"no pair named '{PREFIX}-nothing'"),
+    (["up", f"{PREFIX}-z", "--size", "12q"], "not a size: '12q'"),
     (["exec", f"{PREFIX}-nothing", "user", "--", "true"], f"pair '{PREFIX}-nothing' is not up"),
     (["up", f"{PREFIX}-y", "--attach-user", "1"], "--attach-user and --attach-driver go together"),
 ])

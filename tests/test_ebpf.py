@@ -11,7 +11,8 @@ from channel_env import MonitorProc, wait_until
 
 from drb_uring import _ringbench, btf, hist
 from drb_uring import layout as L
-from drb_uring.frontend import OP_READ_FIXED, Channel, ChannelFailed
+from drb_uring.frontend import Channel, ChannelFailed
+from drb_uring.layout import OP_READ_FIXED
 
 GEO = L.Geometry(sq_entries=64, cq_entries=128, slot_size=64 * 1024, slot_count=16)
 EXTENT = 64 << 20

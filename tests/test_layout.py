@@ -130,33 +130,33 @@ def _sealed_memfd(size: int, header: bytes) -> int:
     return fd
 
 
-def test_attach_refuses_small_memfd(no_fd_leak):
+def _unsealed_memfd(size: int) -> int:
+    fd = os.memfd_create("unsealed")
+    os.ftruncate(fd, size)
+    return fd
+
+
+def _pipe_read_end() -> int:
+    r, w = os.pipe()
+    os.close(w)
+    return r
+
+
+@pytest.mark.parametrize("field, make, words", [
+    ("ctl_user", lambda g: _sealed_memfd(4096, g.header(L.MAGIC_USER)),
+     r"ctl_user memfd too small: 4096 bytes, layout needs 8192"),
+    ("ctl_user", lambda g: _sealed_memfd(g.ctl_user_size, g.header(b"DRBRINGX")),
+     r"bad magic b'DRBRINGX'"),
+    ("pool", lambda g: _unsealed_memfd(g.pool_size),
+     r"pool memfd is not sealed against shrinking"),
+    ("user_efd", lambda g: _pipe_read_end(),
+     r"user_efd: fd \d+ is 'pipe:\[\d+\]', not an eventfd"),
+])
+def test_attach_refuses_a_bad_fd(no_fd_leak, field, make, words):
     u, peer = _fresh()
     with u:
-        _swap(peer, "ctl_user", _sealed_memfd(4096, u.geometry.header(L.MAGIC_USER)))
-        with pytest.raises(L.LayoutError,
-                           match=r"ctl_user memfd too small: 4096 bytes, layout needs 8192"):
-            ring.attach(peer)
-
-
-def test_attach_refuses_unsealed_memfd(no_fd_leak):
-    u, peer = _fresh()
-    with u:
-        fd = os.memfd_create("unsealed")
-        os.ftruncate(fd, u.geometry.pool_size)
-        _swap(peer, "pool", fd)
-        with pytest.raises(L.LayoutError, match="pool memfd is not sealed against shrinking"):
-            ring.attach(peer)
-
-
-def test_attach_refuses_wrong_fd_kind(no_fd_leak):
-    u, peer = _fresh()
-    with u:
-        r, w = os.pipe()
-        os.close(w)
-        _swap(peer, "user_efd", r)
-        with pytest.raises(L.LayoutError,
-                           match=r"user_efd: fd \d+ is 'pipe:\[\d+\]', not an eventfd"):
+        _swap(peer, field, make(u.geometry))
+        with pytest.raises(L.LayoutError, match=words):
             ring.attach(peer)
 
 
@@ -171,12 +171,3 @@ def test_attach_refuses_swapped_fds(no_fd_leak):
 def test_peer_fd_count_checked():
     with pytest.raises(ValueError, match="a ring needs 5 file descriptors, got 2"):
         ring.PeerFds.from_list([1, 2])
-
-
-def test_attach_refuses_foreign_magic(no_fd_leak):
-    u, peer = _fresh()
-    with u:
-        _swap(peer, "ctl_user", _sealed_memfd(u.geometry.ctl_user_size,
-                                              u.geometry.header(b"DRBRINGX")))
-        with pytest.raises(L.LayoutError, match="bad magic b'DRBRINGX'"):
-            ring.attach(peer)

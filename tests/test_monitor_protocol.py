@@ -10,7 +10,8 @@ from channel_env import MonitorProc, settled, wait_until
 
 from drb_uring import layout as L
 from drb_uring import protocol, ring
-from drb_uring.frontend import OP_READ_FIXED, Channel
+from drb_uring.frontend import Channel
+from drb_uring.layout import OP_READ_FIXED
 
 GEO = L.Geometry(sq_entries=16, cq_entries=16, slot_size=64 * 1024, slot_count=8)
 

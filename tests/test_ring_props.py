@@ -41,13 +41,16 @@ class RingModel(RuleBasedStateMachine):
             self.u.close()
             self.d.close()
 
+    def _push(self, end, model, capacity, encode, k):
+        """Push k numbered entries; exactly the free room is taken, in order."""
+        n = end.push(b"".join(encode(self.next + i) for i in range(k)))
+        assert n == min(k, capacity - len(model))
+        model.extend(range(self.next, self.next + n))
+        self.next += n
+
     @rule(k=st.integers(0, 80))
     def push_requests(self, k):
-        data = b"".join(sqe(self.next + i) for i in range(k))
-        n = self.u.push(data)
-        assert n == min(k, self.geo.sq_entries - len(self.sq))
-        self.sq.extend(range(self.next, self.next + n))
-        self.next += n
+        self._push(self.u, self.sq, self.geo.sq_entries, sqe, k)
 
     @rule(k=st.integers(0, 80))
     def pop_requests(self, k):
@@ -59,11 +62,7 @@ class RingModel(RuleBasedStateMachine):
 
     @rule(k=st.integers(0, 80))
     def push_responses(self, k):
-        data = b"".join(cqe(self.next + i) for i in range(k))
-        n = self.d.push(data)
-        assert n == min(k, self.geo.cq_entries - len(self.cq))
-        self.cq.extend(range(self.next, self.next + n))
-        self.next += n
+        self._push(self.d, self.cq, self.geo.cq_entries, cqe, k)
 
     @rule(k=st.integers(0, 80))
     def pop_responses(self, k):

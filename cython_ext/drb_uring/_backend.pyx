@@ -118,6 +118,7 @@ cdef class Backend:
     cdef limits lim
     cdef uint32_t cq_cap
     cdef uint32_t inflight
+    cdef uint32_t staged        # responses written but not yet published
     cdef public uint64_t served, refused, submits, sleeps
     # Test-only misbehaviour (tests set DRB_WORKER_MISBEHAVE in the monitor's
     # environment; no command line reaches it): what a compromised worker
@@ -175,23 +176,33 @@ cdef class Backend:
             syscall(SYS_io_uring_register, <long>self.ring.ring_fd, <long>0, NULL, <long>0)
         self.misbehave = 0
 
-    cdef int respond(self, uint64_t tag, int32_t res) except -1 nogil:
-        cdef int64_t space = prod_space(&self.end.prod, 1)
+    cdef int respond(self, uint64_t tag, int32_t res) noexcept nogil:
+        """Stage one response; publish() makes a batch of them visible at
+        once. Returns 0, -EINTR when told to stop while waiting for room,
+        or -EPROTO for a corrupt ring."""
+        cdef int64_t space = prod_space(&self.end.prod, self.staged + 1)
         cdef io_uring_cqe *c
-        while space == 0:
-            # The user is slow to reap; wait (interruptibly) for room.
-            drb_notify(&self.end.waiter)
-            space = drb_wait_prod(&self.end.waiter, &self.end.prod, 1, 100000000)
+        while 0 <= space <= self.staged:
+            # The user is slow to reap: show it what we have, wait for room.
+            self.publish()
             if g_stop:
-                return -1
+                return -EINTR
+            space = drb_wait_prod(&self.end.waiter, &self.end.prod, 1, 100000000)
         if space < 0:
             return <int>space
-        c = <io_uring_cqe *>prod_entry(&self.end.prod, 0)
+        c = <io_uring_cqe *>prod_entry(&self.end.prod, self.staged)
         c.user_data = tag
         c.res = res
         c.flags = 0
-        prod_publish(&self.end.prod, 1)
+        self.staged += 1
         return 0
+
+    cdef void publish(self) noexcept nogil:
+        """One release store and one wake-up check for all staged responses."""
+        if self.staged:
+            prod_publish(&self.end.prod, self.staged)
+            self.staged = 0
+        drb_notify(&self.end.waiter)
 
     cdef int idle(self) noexcept nogil:
         """Spin for the budget, then sleep until a request or a grant
@@ -255,7 +266,7 @@ cdef class Backend:
                         self.refused += 1
                         r = self.respond(local[i].user_data, -err)
                         if r < 0:
-                            return r
+                            return 0 if r == -EINTR else r
                         continue
                     g = io_uring_get_sqe(&self.ring)
                     if g == NULL:       # cannot happen: room <= SQ space
@@ -270,18 +281,18 @@ cdef class Backend:
                     if r < 0:
                         return r
                     self.inflight += queued
-                drb_notify(&self.end.waiter)
+                self.publish()          # refusals, and the freed request entries
             # Completions of the grant ring become responses.
             m = io_uring_peek_batch_cqe(&self.ring, cqes, BATCH)
             if m:
                 for i in range(m):
                     r = self.respond(cqes[i].user_data, cqes[i].res)
                     if r < 0:
-                        return r
+                        return 0 if r == -EINTR else r
                 io_uring_cq_advance(&self.ring, m)
                 self.inflight -= m
                 self.served += m
-                drb_notify(&self.end.waiter)
+                self.publish()
             if k or m:
                 continue
             r = self.idle()

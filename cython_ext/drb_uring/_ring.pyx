@@ -16,7 +16,7 @@ from libc.string cimport memcpy, memset
 
 from includes.atomic cimport drb_store_relaxed, drb_fence, drb_now_ns
 from tasks cimport drb_task, task_post, task_clear, task_reaped, DRB_HIST_BUCKETS
-from includes.io_uring cimport io_uring_sqe
+from includes.io_uring cimport io_uring_sqe, IORING_OP_FSYNC
 from includes.sys cimport (mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED,
                            MAP_FAILED, errno, EINTR, EPROTO)
 from spsc cimport (prod_space, prod_space_fresh, prod_push, prod_entry, prod_publish,
@@ -387,8 +387,9 @@ cdef class UserEnd(RingEnd):
             raise _oserror(space)
         if space == 0:
             return False
-        if self.tasks != NULL and opcode != 3 and slot < self.ntasks:   # 3: FSYNC
-            # The task entry is complete before the request is published.
+        if self.tasks != NULL and opcode != IORING_OP_FSYNC and slot < self.ntasks:
+            # A flush touches no slot and has no task. The entry is complete
+            # before the request is published.
             task_post(&self.tasks[slot], opcode, length, off, drb_now_ns())
         s = <io_uring_sqe *>prod_entry(&self.prod, 0)
         memset(s, 0, sizeof(io_uring_sqe))
