@@ -217,7 +217,8 @@ RAW_TRACEPOINT_PROBE(io_uring_submit_req)
     return 0;
 }
 
-RAW_TRACEPOINT_PROBE(io_uring_complete)
+/* Attached only under a trace lease (it is on every completion's path). */
+int on_complete(struct bpf_raw_tracepoint_args *ctx)
 {
     if (!tracing())
         return 0;

@@ -241,6 +241,7 @@ class EbpfMonitor:
         if not self.trace_until:
             cfg = self.b["config"]
             cfg[cfg.Key(0)] = cfg.Leaf(1)
+            self.b.attach_raw_tracepoint(tp="io_uring_complete", fn_name="on_complete")
             self.count_on()
         self.trace_until = max(self.trace_until, time.monotonic() + seconds)
 
@@ -249,6 +250,7 @@ class EbpfMonitor:
             cfg = self.b["config"]
             cfg[cfg.Key(0)] = cfg.Leaf(0)
             self.trace_until = 0.0
+            self.b.detach_raw_tracepoint(tp="io_uring_complete")
             self.count_off()
 
     def count_on(self) -> None:
