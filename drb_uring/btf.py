@@ -46,7 +46,7 @@ class BTF:
             pos += fixed + per * vlen
             tid = len(self.types)
             self.types.append((kind, name_off, vlen, kflag, size_type, extra))
-            if kind in (STRUCT, UNION) and name_off:
+            if kind in (STRUCT, UNION, TYPEDEF) and name_off:
                 self.by_name.setdefault((kind, self._str(name_off)), tid)
 
     @classmethod
@@ -120,6 +120,16 @@ NEEDED = (
     ("OFF_RW_LEN", "io_rw", "len"),
     ("OFF_RW_POS", "io_rw", "kiocb.ki_pos"),
 )
+
+
+def has_tracepoint(name: str, btf: BTF | None = None) -> bool:
+    """Whether the kernel has tracepoint `name` (e.g. "io_uring_submit_req").
+
+    Every tracepoint has a ``btf_trace_<name>`` typedef in the kernel's BTF,
+    and raw tracepoints attach by that name alone, so unlike tracefs's
+    events/ directory this needs nothing mounted."""
+    btf = btf or BTF.load()
+    return (TYPEDEF, f"btf_trace_{name}") in btf.by_name
 
 
 def monitor_offsets(btf: BTF | None = None) -> dict[str, int]:

@@ -111,13 +111,11 @@ class EbpfMonitor:
         except ImportError as e:
             raise EbpfError(f"bcc is missing ({e}); install python3-bpfcc") from None
         cflags = monitor_cflags()
-        for cat, tp in (("io_uring", "io_uring_submit_req"), ("io_uring", "io_uring_complete"),
-                        ("io_uring", "io_uring_register"), ("io_uring", "io_uring_create"),
-                        ("raw_syscalls", "sys_enter"), ("sched", "sched_switch")):
-            if not BPF.tracepoint_exists(cat, tp) and \
-                    not os.path.exists(f"/sys/kernel/tracing/events/{cat}/{tp}"):
-                raise EbpfError(f"eBPF monitor cannot start: tracepoint {cat}:{tp} is "
-                                "missing from this kernel")
+        for tp in ("io_uring_submit_req", "io_uring_complete", "io_uring_register",
+                   "io_uring_create", "sys_enter", "sched_switch"):
+            if not btf.has_tracepoint(tp):
+                raise EbpfError(f"eBPF monitor cannot start: tracepoint {tp} is missing "
+                                f"from this kernel (no btf_trace_{tp} in its BTF)")
         try:
             self.b = BPF(src_file=str(BPF_DIR / "monitor.c"), cflags=cflags)
         except Exception as e:
