@@ -7,8 +7,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 # Everything the installed package is made of, eBPF sources included (the
 # installed `drb` loads its programs from the package).
 SRC    := $(shell find cython_ext drb_uring bpf -name '*.pyx' -o -name '*.pxd' -o -name '*.h' \
-                   -o -name '*.py' -o -name '*.c' -not -path '*/drb_uring/_*.c') \
-          setup.py setup.cfg pyproject.toml
+                   -o -name '*.py') $(wildcard bpf/*.c) setup.py setup.cfg pyproject.toml
 PYTEST_ARGS ?=
 
 .PHONY: all setup system build demo test bench-ring annotate debug clean
@@ -30,7 +29,7 @@ $(VENV)/.stamp-venv: requirements-dev.txt
 $(VENV)/.stamp-build: $(VENV)/.stamp-venv $(SRC)
 	@echo "setup: building the Cython extensions"
 	@$(PY) setup.py -q build_ext --inplace 2>&1 | grep -vE '^(Compiling|\[|warning: no files)' || true
-	@$(PY) -c 'import drb_uring._ring, drb_uring._ringbench'
+	@$(PY) -c 'import drb_uring.ring._spsc, drb_uring.channel._worker, drb_uring.enforce._task'
 	@$(PIP) install --no-build-isolation --no-deps --force-reinstall . 2>&1 | grep -v 'DEPRECATION' || true
 	@touch $@
 
@@ -48,7 +47,7 @@ test: setup
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	 if [ $$rc -eq 5 ]; then echo "make test: no tests ran" >&2; exit 1; fi; exit $$rc
 
-# Annotated build: open cython_ext/drb_uring/*.html and look for yellow
+# Annotated build: open cython_ext/drb_uring/*/*.html and look for yellow
 # lines in the per-entry loops.
 annotate: $(VENV)/.stamp-venv
 	DRB_ANNOTATE=1 $(PY) setup.py -q build_ext --inplace --force
@@ -58,4 +57,5 @@ debug: $(VENV)/.stamp-venv
 	DRB_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
 
 clean:
-	rm -rf build dist *.egg-info $(VENV) drb_uring/*.so cython_ext/drb_uring/*.c cython_ext/drb_uring/*.html
+	rm -rf build dist *.egg-info $(VENV)
+	find drb_uring cython_ext \( -name '*.so' -o -name '*.c' -o -name '*.html' \) -delete

@@ -15,21 +15,28 @@ DEBUG = os.environ.get("DRB_DEBUG") == "1"
 macros = [("CYTHON_TRACE_NOGIL", "1")] if DEBUG else []
 cflags = ["-O2", "-g", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
 
-MODULES = {
-    "drb_uring._ring": "drb_uring/_ring.pyx",
-    "drb_uring._ringbench": "drb_uring/_ringbench.pyx",
-    "drb_uring._grant": "drb_uring/_grant.pyx",
-    "drb_uring._backend": "drb_uring/_backend.pyx",
-}
+# Each extension is named after the Python part it serves; its source sits
+# at the same path under cython_ext/ (cimports resolve by that path).
+MODULES = [
+    "drb_uring.ring._spsc",       # the two ends of a double ring
+    "drb_uring.ring._bench",      # ring soak and benchmark loops
+    "drb_uring.channel._worker",  # the worker's loop on its grant ring
+    "drb_uring.channel._grant",   # building a grant ring
+    "drb_uring.enforce._task",    # the task table contract as Python values
+    "drb_uring.tools._load",      # the channel load generator
+]
 
-# The backend worker's hot loop drives its grant ring with liburing.
-LIBRARIES = {"drb_uring._backend": ["uring"]}
+# The worker's hot loop drives its grant ring with liburing.
+LIBRARIES = {"drb_uring.channel._worker": ["uring"]}
+
+# drb_atomic.h, and the contract headers shared with the eBPF programs.
+INCLUDE_DIRS = [os.path.join(EXT, "drb_uring", "includes"), os.path.join(HERE, "bpf")]
 
 extensions = [
-    Extension(name, [os.path.join("cython_ext", src)], include_dirs=[EXT],
-              define_macros=macros, extra_compile_args=cflags,
+    Extension(name, [os.path.join("cython_ext", *name.split(".")) + ".pyx"],
+              include_dirs=INCLUDE_DIRS, define_macros=macros, extra_compile_args=cflags,
               libraries=LIBRARIES.get(name, []))
-    for name, src in MODULES.items()
+    for name in MODULES
 ]
 
 setup(

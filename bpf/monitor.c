@@ -3,57 +3,33 @@
  * trace per-stage latency. Loaded with bcc; every offset into a kernel
  * struct comes from BTF at load time (-D OFF_*), never from headers.
  *
- * A grant ring is recognised by its io_ring_ctx pointer, which the monitor
- * registers in `grants` when it creates the ring. For each submission on a
+ * A grant ring is recognised by its io_ring_ctx pointer, which the host's
+ * enforcement service registers in `grants` when a pair's broker has
+ * created the ring. For each submission on a
  * grant ring the program checks the request against the channel's task
  * table (an mmapable array written by the user side) and the channel's
- * extent (set by the monitor alone). On a violation it kills the submitter
+ * extent (set by the broker alone). On a violation it kills the submitter
  * (the worker) with SIGKILL before the I/O runs, marks the channel failed
  * and reports an event.
  */
 #include <uapi/linux/ptrace.h>
+#include "drb_task.h"
 
-#ifndef MAX_SLOTS
-#define MAX_SLOTS 1024
-#endif
-
-#define OP_FSYNC 3
-#define OP_READ_FIXED 4
-#define OP_WRITE_FIXED 5
-#define TASK_ACTIVE 1
 #define SIGKILL 9
-#define HIST_SLOTS 64
 
-enum reason {
-    R_NONE = 0,
-    R_OPCODE = 1,         /* not a data opcode of this channel */
-    R_SLOT = 2,           /* buffer index beyond the channel's slots */
-    R_TASK_INACTIVE = 3,  /* no active task for that slot */
-    R_TORN = 4,           /* task entry changed while being read */
-    R_OP_MISMATCH = 5,    /* opcode differs from the task's */
-    R_BUF_RANGE = 6,      /* address/length outside the task's slot */
-    R_LEN_MISMATCH = 7,
-    R_EXTENT = 8,         /* device range outside the channel's extent */
-    R_OFFSET_MISMATCH = 9,
-    R_REGISTER = 10,      /* io_uring_register on an enabled grant ring */
-};
-
-/* One entry of the I/O task table; see drb_uring/tasktable.py. */
-struct drb_task {
-    u32 seq;              /* odd while the user side writes the entry */
-    u32 state;
-    u32 op;
-    u32 len;
-    u64 offset;           /* channel-relative device offset */
-    u64 post_ns;          /* CLOCK_MONOTONIC, as bpf_ktime_get_ns */
-    u64 submit_ns;        /* written here: when the worker submitted it */
-};
+/* A plain load that the compiler may neither merge with another nor move:
+ * the sequence-lock reader below must really read `seq` twice. */
+#define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
+/* Orders the reads of the entry's fields between the two reads of `seq`.
+ * A compiler barrier suffices: the JIT keeps the program's load order and
+ * x86 does not reorder loads with loads. */
+#define barrier() asm volatile("" ::: "memory")
 
 struct grant {
     u32 channel;
     u32 slot_size;
     u32 slot_count;
-    u32 failed;           /* enum reason, written here, read by the monitor */
+    u32 failed;           /* enum drb_reason, written here, read by the service */
     u32 hist;             /* this channel's rows in `lat` (< MAX_CHANNELS) */
     u32 pad;
     u64 pool_base;
@@ -75,17 +51,18 @@ struct event {
 };
 
 #ifndef MAX_CHANNELS
-#define MAX_CHANNELS 1024
+#error "MAX_CHANNELS comes from drb_uring/enforce/programs.py (-DMAX_CHANNELS=...)"
 #endif
 
-/* MAX_SLOTS task entries, then 16 entries' worth (>= 64 u64 buckets) of
- * the user side's own post->reap histogram. */
-BPF_F_TABLE("array", u32, struct drb_task, task_tmpl, MAX_SLOTS + 16, BPF_F_MMAPABLE);
+/* DRB_MAX_SLOTS task entries, then room for the user side's own post->reap
+ * histogram (see drb_task.h). */
+BPF_F_TABLE("array", u32, struct drb_task, task_tmpl, DRB_MAX_SLOTS + DRB_TASK_EXTRA,
+            BPF_F_MMAPABLE);
 BPF_HASH_OF_MAPS(task_tables, u32, "task_tmpl", MAX_CHANNELS);
 BPF_HASH(grants, u64, struct grant, MAX_CHANNELS);
 /* Latency histograms: row (hist * 2 + stage), 64 log2 buckets per row. An
  * array, not a hash: this is on every request's path. */
-BPF_ARRAY(lat, u64, MAX_CHANNELS * 2 * HIST_SLOTS);
+BPF_ARRAY(lat, u64, MAX_CHANNELS * 2 * DRB_HIST_BUCKETS);
 /* [0]: nonzero while someone traces (drb trace holds a lease that the host
  * service expires): the stage histograms cost two clock reads and a
  * completion hook per request, so they are kept only while wanted. */
@@ -99,28 +76,12 @@ static __always_inline int tracing(void)
 }
 BPF_RINGBUF_OUTPUT(events, 16);
 
-static __always_inline u32 log2_slot(u64 v)
-{
-    /* bpftrace's hist() numbering: 1 for 0, 2 for 1, k+2 for [2^k, 2^(k+1)) */
-    u32 r = 0;
-    if (v == 0)
-        return 1;
-#pragma unroll
-    for (int i = 32; i > 0; i >>= 1) {
-        if (v >= (1ULL << i)) {
-            v >>= i;
-            r += i;
-        }
-    }
-    return r + 2;
-}
-
 static __always_inline void hist_add(u32 hist, u32 stage, u64 ns)
 {
-    u32 b = log2_slot(ns / 1000);
-    if (b >= HIST_SLOTS || hist >= MAX_CHANNELS)
+    u32 b = drb_log2_bucket(ns / 1000);
+    if (b >= DRB_HIST_BUCKETS || hist >= MAX_CHANNELS)
         return;
-    u32 k = (hist * 2 + stage) * HIST_SLOTS + b;
+    u32 k = (hist * 2 + stage) * DRB_HIST_BUCKETS + b;
     u64 *c = lat.lookup(&k);
     if (c)
         __sync_fetch_and_add(c, 1);
@@ -165,48 +126,50 @@ RAW_TRACEPOINT_PROBE(io_uring_submit_req)
         return 0;                           /* not a grant ring */
     u8 op = *(u8 *)(head + OFF_REQ_OPCODE);
     u64 user_data = *(u64 *)(head + OFF_REQ_USER_DATA);
-    if (op == OP_FSYNC)
+    if (op == DRB_OP_FSYNC)
         return 0;                           /* touches no user memory */
     u16 slot = *(u16 *)(head + OFF_REQ_BUF_INDEX);
     u64 addr = *(u64 *)(head + OFF_REQ_CMD + OFF_RW_ADDR);
     u32 len = *(u32 *)(head + OFF_REQ_CMD + OFF_RW_LEN);
     u64 pos = *(u64 *)(head + OFF_REQ_CMD + OFF_RW_POS);
-    if (op != OP_READ_FIXED && op != OP_WRITE_FIXED)
-        return violation(g, R_OPCODE, slot, user_data, addr, len, pos, op, 0);
+    if (op != DRB_OP_READ_FIXED && op != DRB_OP_WRITE_FIXED)
+        return violation(g, DRB_R_OPCODE, slot, user_data, addr, len, pos, op, 0);
     if (slot >= g->slot_count)
-        return violation(g, R_SLOT, slot, user_data, addr, len, pos, op, 0);
+        return violation(g, DRB_R_SLOT, slot, user_data, addr, len, pos, op, 0);
 
     u32 ch = g->channel;
     void *tt = task_tables.lookup(&ch);
     if (!tt)
-        return violation(g, R_TASK_INACTIVE, slot, user_data, addr, len, pos, op, 0);
+        return violation(g, DRB_R_TASK_INACTIVE, slot, user_data, addr, len, pos, op, 0);
     u32 key = slot;
     struct drb_task *t = bpf_map_lookup_elem(tt, &key);
     if (!t)
-        return violation(g, R_SLOT, slot, user_data, addr, len, pos, op, 0);
-    u32 seq = t->seq;
-    u32 state = t->state;
-    u32 top = t->op;
-    u32 tlen = t->len;
-    u64 toff = t->offset;
-    u64 tpost = t->post_ns;
+        return violation(g, DRB_R_SLOT, slot, user_data, addr, len, pos, op, 0);
+    u32 seq = READ_ONCE(t->seq);
+    barrier();
+    u32 state = READ_ONCE(t->state);
+    u32 top = READ_ONCE(t->op);
+    u32 tlen = READ_ONCE(t->len);
+    u64 toff = READ_ONCE(t->offset);
+    u64 tpost = READ_ONCE(t->post_ns);
     if (seq & 1)
-        return violation(g, R_TORN, slot, user_data, addr, len, pos, op, state);
-    if (state != TASK_ACTIVE)
-        return violation(g, R_TASK_INACTIVE, slot, user_data, addr, len, pos, op, state);
+        return violation(g, DRB_R_TORN, slot, user_data, addr, len, pos, op, state);
+    if (state != DRB_TASK_ACTIVE)
+        return violation(g, DRB_R_TASK_INACTIVE, slot, user_data, addr, len, pos, op, state);
     if (top != op)
-        return violation(g, R_OP_MISMATCH, slot, user_data, addr, len, pos, op, state);
+        return violation(g, DRB_R_OP_MISMATCH, slot, user_data, addr, len, pos, op, state);
     u64 base = g->pool_base + (u64)slot * g->slot_size;
     if (addr < base || addr + len > base + g->slot_size)
-        return violation(g, R_BUF_RANGE, slot, user_data, addr, len, pos, op, state);
+        return violation(g, DRB_R_BUF_RANGE, slot, user_data, addr, len, pos, op, state);
     if (len != tlen)
-        return violation(g, R_LEN_MISMATCH, slot, user_data, addr, len, pos, op, state);
+        return violation(g, DRB_R_LEN_MISMATCH, slot, user_data, addr, len, pos, op, state);
     if (pos < g->extent_base || pos + len > g->extent_base + g->extent_size)
-        return violation(g, R_EXTENT, slot, user_data, addr, len, pos, op, state);
+        return violation(g, DRB_R_EXTENT, slot, user_data, addr, len, pos, op, state);
     if (pos != g->extent_base + toff)
-        return violation(g, R_OFFSET_MISMATCH, slot, user_data, addr, len, pos, op, state);
-    if (t->seq != seq)
-        return violation(g, R_TORN, slot, user_data, addr, len, pos, op, state);
+        return violation(g, DRB_R_OFFSET_MISMATCH, slot, user_data, addr, len, pos, op, state);
+    barrier();
+    if (READ_ONCE(t->seq) != seq)
+        return violation(g, DRB_R_TORN, slot, user_data, addr, len, pos, op, state);
 
     if (tracing()) {
         u64 now = bpf_ktime_get_ns();
@@ -248,23 +211,23 @@ RAW_TRACEPOINT_PROBE(io_uring_register)
     if (!g)
         return 0;
     /* Registered only after enable: any register call now is the worker's. */
-    return violation(g, R_REGISTER, 0, 0, 0, (u32)ctx->args[1], 0, 0, 0);
+    return violation(g, DRB_R_REGISTER, 0, 0, 0, (u32)ctx->args[1], 0, 0, 0);
 }
 
-/* A pair's monitor learns each grant ring's io_ring_ctx from its own
- * creation of the ring: (monitor tgid, fd) -> ctx. Only processes listed in
- * `monitors` (registered by the host service) are recorded. */
+/* The service learns each grant ring's io_ring_ctx from the broker's own
+ * creation of the ring: (broker tgid, fd) -> ctx. Only processes listed in
+ * `brokers` (registered by the service) are recorded. */
 struct ckey {
     u32 tgid;
     s32 fd;
 };
 BPF_HASH(created, struct ckey, u64, 1024);
-BPF_HASH(monitors, u32, u32, 256);
+BPF_HASH(brokers, u32, u32, 256);
 
 RAW_TRACEPOINT_PROBE(io_uring_create)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (!monitors.lookup(&tgid))
+    if (!brokers.lookup(&tgid))
         return 0;
     struct ckey k = {.tgid = tgid, .fd = (s32)ctx->args[0]};
     u64 c = ctx->args[1];
@@ -321,5 +284,5 @@ int count_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 }
 
 /* The user side's last stage (post -> reap) happens without a system call,
- * so the frontend keeps that histogram itself in its task table map, after
- * the task entries; see drb_uring/ebpf.py. */
+ * so the client keeps that histogram itself in its task table map, after
+ * the task entries; see drb_task.h. */

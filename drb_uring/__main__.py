@@ -1,5 +1,5 @@
 import sys
 
-from drb_uring.cli import main
+from drb_uring.tools.cli import main
 
 sys.exit(main())

@@ -1,4 +1,10 @@
-"""Starting the project's own helper processes (workers, ring peers)."""
+"""The one way drb starts its own helper processes.
+
+A helper is ``python -m drb_uring.<part>.<module> SPEC``: the same
+interpreter, an environment in which it imports this very build, and a
+single JSON spec (see drb_uring.spec) as its only argument. The child
+parses it with :func:`spec_from_argv`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from drb_uring.spec import Spec, SpecError
 
 
 def module_env() -> dict[str, str]:
@@ -17,7 +25,24 @@ def module_env() -> dict[str, str]:
     return env
 
 
-def spawn_module(module: str, args: list[str], fds: list[int], **kw) -> subprocess.Popen:
-    """Run ``python -m module args`` inheriting exactly ``fds``."""
-    return subprocess.Popen([sys.executable, "-m", module, *args], pass_fds=fds,
-                            env=kw.pop("env", None) or module_env(), **kw)
+def argv(module: str, spec: Spec) -> list[str]:
+    """The command line of helper `module` with `spec`."""
+    return [sys.executable, "-m", module, spec.to_json()]
+
+
+def spawn(module: str, spec: Spec, fds=(), **kw) -> subprocess.Popen:
+    """Start helper `module` with `spec`, inheriting exactly `fds`."""
+    env = kw.pop("env", None) or module_env()
+    return subprocess.Popen(argv(module, spec), pass_fds=list(fds), env=env, **kw)
+
+
+def spec_from_argv(cls: type[Spec], args: list[str] | None = None):
+    """In the helper: its spec, or exit 2 naming what is wrong with it."""
+    args = sys.argv[1:] if args is None else args
+    if len(args) != 1:
+        sys.exit(f"{cls.__name__}: expected one JSON spec argument, got {len(args)}")
+    try:
+        return cls.from_json(args[0])
+    except SpecError as e:
+        print(f"drb: bad spec: {e}", file=sys.stderr)
+        sys.exit(2)

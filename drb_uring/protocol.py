@@ -13,6 +13,8 @@ import json
 import os
 import socket
 
+from drb_uring.errors import DrbError
+
 VERSION = 1
 MAX_MSG = 8192
 MAX_FDS = 8
@@ -29,7 +31,7 @@ FDS_FOR = {
 }
 
 
-class ProtocolError(Exception):
+class ProtocolError(DrbError):
     """A peer sent something this version does not accept."""
 
 

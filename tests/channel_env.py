@@ -1,11 +1,15 @@
-"""A real monitor process with a registered backing file, for channel tests."""
+"""A real broker process with a registered backing file, for channel tests."""
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 from drb_uring import procs, protocol
+from drb_uring.channel.broker import BrokerSpec
+
+HELPERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers")
 
 
 def children_of(pid: int) -> list[int]:
@@ -21,18 +25,26 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
-class MonitorProc:
-    def __init__(self, tmp_path, size=256 << 20, env=None, o_direct=False, device=None,
-                 args=()):
+class BrokerProc:
+    """`rogue`: a mode of tests/helpers/rogue_worker.py to run instead of
+    the real worker (through the broker's spawn hook)."""
+
+    def __init__(self, tmp_path, size=256 << 20, o_direct=False, device=None,
+                 enforce=True, rogue=None):
         self.sock_path = str(tmp_path / "monitor.sock")
         self.backing = str(tmp_path / "backing")
-        self.log = open(tmp_path / "monitor.log", "w+")
-        e = procs.module_env()
-        e.update(env or {})
-        self.proc = procs.spawn_module("drb_uring.monitor", ["--socket", self.sock_path, *args], [],
-                                       stdout=subprocess.PIPE, stderr=self.log, env=e)
+        self.log = open(tmp_path / "broker.log", "w+")
+        spec = BrokerSpec(socket=self.sock_path, enforce=enforce)
+        if rogue:
+            argv = [sys.executable, os.path.join(HELPERS, "broker_with_rogue.py"), rogue,
+                    spec.to_json()]
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log,
+                                         env=procs.module_env())
+        else:
+            self.proc = procs.spawn("drb_uring.channel.broker", spec, stdout=subprocess.PIPE,
+                                    stderr=self.log)
         line = self.proc.stdout.readline()
-        assert line.strip() == b"ready", line
+        assert line.strip() == b"ready", (line, self.log_text())
         if device:
             fd = os.open(device, os.O_RDWR | (os.O_DIRECT if o_direct else 0))
         else:

@@ -1,10 +1,10 @@
 import os
 
 import pytest
-from channel_env import MonitorProc, wait_until
+from channel_env import BrokerProc, wait_until
 
-from drb_uring import layout as L
 from drb_uring import ring
+from drb_uring.ring import layout as L
 
 
 def open_fds() -> set[int]:
@@ -45,7 +45,7 @@ def ring_pair(no_fd_leak):
 
 @pytest.fixture
 def monitor(tmp_path, no_fd_leak):
-    m = MonitorProc(tmp_path)
+    m = BrokerProc(tmp_path)
     try:
         yield m
     finally:

@@ -31,7 +31,7 @@ def bpf_prog_ids(names=("drb_dev_policy", "drb_sock_policy")) -> set[int]:
 
 def leftovers(name_prefix: str) -> list[str]:
     """What the kernel and file system still hold of pairs with this prefix."""
-    from drb_uring import cgroup
+    from drb_uring.domains import cgroup
     found = []
     root = os.path.join(cgroup.cgroup2_root(), "drb")
     if os.path.isdir(root):

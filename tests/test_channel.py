@@ -8,12 +8,13 @@ import random
 import signal
 
 import pytest
-from channel_env import MonitorProc, settled, wait_until
+from channel_env import BrokerProc, settled, wait_until
 
-from drb_uring import _backend, _grant
-from drb_uring import layout as L
-from drb_uring.frontend import Channel, ChannelClosed, ChannelFailed
-from drb_uring.layout import OP_READ_FIXED
+from drb_uring.channel import _grant, _worker
+from drb_uring.channel.client import Channel, ChannelClosed, ChannelFailed
+from drb_uring.enforce import tasks
+from drb_uring.enforce.tasks import OP_READ_FIXED
+from drb_uring.ring import layout as L
 
 GEO = L.Geometry(sq_entries=128, cq_entries=256, slot_size=64 * 1024, slot_count=64)
 EXTENT = 64 << 20
@@ -21,9 +22,10 @@ EXTENT = 64 << 20
 
 
 def test_kernel_constants_literal():
-    assert (_backend.OP_FSYNC, _backend.OP_READ_FIXED, _backend.OP_WRITE_FIXED) == (3, 4, 5)
-    assert (L.OP_FSYNC, L.OP_READ_FIXED, L.OP_WRITE_FIXED) == (3, 4, 5)
-    assert _backend.FLAG_FIXED_FILE == 1 << 0
+    # The channel's opcodes are io_uring's (bpf/drb_task.h; the build
+    # checks them against <linux/io_uring.h> too).
+    assert (tasks.OP_FSYNC, tasks.OP_READ_FIXED, tasks.OP_WRITE_FIXED) == (3, 4, 5)
+    assert _worker.FLAG_FIXED_FILE == 1 << 0
     assert _grant.SETUP_R_DISABLED == 1 << 6
     assert (_grant.REGISTER_BUFFERS, _grant.REGISTER_FILES) == (0, 2)
     assert (_grant.REGISTER_RESTRICTIONS, _grant.REGISTER_ENABLE_RINGS) == (11, 12)
@@ -118,20 +120,25 @@ def test_two_channels_cannot_reach_each_other(monitor):
     assert disk[EXTENT:EXTENT + 4096] == b"B" * 4096
 
 
-def test_worker_holds_no_pool_and_cannot_step_outside(tmp_path, no_fd_leak):
+def test_worker_holds_no_pool(monitor):
+    with Channel(monitor.sock_path, EXTENT, geometry=GEO) as ch:
+        ch.pwrite(0, b"x" * 100)
+        maps = open(f"/proc/{ch.worker_pid}/maps").read()
+        fds = [os.readlink(f"/proc/{ch.worker_pid}/fd/{fd}")
+               for fd in os.listdir(f"/proc/{ch.worker_pid}/fd")]
+        assert "drb-pool" not in maps
+        assert not any("drb-pool" in f for f in fds)
+        assert "/memfd:drb-ctl-user" in maps            # it does map the rings
+
+
+def test_grant_ring_refuses_what_is_not_fixed_buffer_io(tmp_path, no_fd_leak):
     # The grant ring's own restrictions, without the eBPF monitor (which
-    # would kill the worker at its first register call: tests/test_ebpf.py).
+    # would kill the prober at its first register call: tests/test_ebpf.py).
     probe = tmp_path / "probe.json"
-    m = MonitorProc(tmp_path, env={"DRB_WORKER_PROBE_OUT": str(probe)}, args=["--no-monitor"])
+    m = BrokerProc(tmp_path, rogue=f"probe:{probe}", enforce=False)
     try:
-        with Channel(m.sock_path, EXTENT, geometry=GEO) as ch:
-            ch.pwrite(0, b"x" * 100)
-            maps = open(f"/proc/{ch.worker_pid}/maps").read()
-            fds = [os.readlink(f"/proc/{ch.worker_pid}/fd/{fd}")
-                   for fd in os.listdir(f"/proc/{ch.worker_pid}/fd")]
-            assert "drb-pool" not in maps
-            assert not any("drb-pool" in f for f in fds)
-            assert "/memfd:drb-ctl-user" in maps            # it does map the rings
+        with Channel(m.sock_path, EXTENT, geometry=GEO):
+            assert wait_until(probe.exists)
             res = json.loads(probe.read_text())
             assert res == {"nop": -errno.EACCES, "read_not_fixed_file": -errno.EACCES,
                            "register": -errno.EACCES}
@@ -183,7 +190,7 @@ def test_file_like_and_zero_copy(monitor):
 def test_asyncio_interface(monitor):
     import asyncio
 
-    from drb_uring.frontend import AsyncChannel
+    from drb_uring.channel.client import AsyncChannel
 
     async def main():
         with Channel(monitor.sock_path, EXTENT, geometry=GEO) as ch:

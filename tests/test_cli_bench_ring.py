@@ -32,8 +32,9 @@ def test_bench_ring_rejects_bad_input(tmp_path):
 
 def test_installed_build_imports_outside_the_tree(tmp_path):
     # Run from an unrelated directory so only the installed package is seen.
-    code = ("import drb_uring, drb_uring._ring, drb_uring._ringbench, sys;"
-            "print(drb_uring.__file__)")
+    code = ("import drb_uring, drb_uring.ring._spsc, drb_uring.ring._bench, "
+            "drb_uring.channel._worker, drb_uring.channel._grant, drb_uring.enforce._task, "
+            "drb_uring.tools._load, sys; print(drb_uring.__file__)")
     proc = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
                           cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -43,12 +44,12 @@ def test_installed_build_imports_outside_the_tree(tmp_path):
 def test_installed_package_carries_the_current_ebpf_sources(tmp_path):
     # The installed `drb` loads its programs from the package; a stale copy
     # would run yesterday's monitor.
-    code = "import drb_uring.policy as p; print(p.BPF_DIR)"
+    code = "import drb_uring.bpf as b; print(b.DIR)"
     proc = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
                           cwd=tmp_path, timeout=60)
     installed = proc.stdout.strip()
     assert "site-packages" in installed, proc.stderr
     tree = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
-    for name in ("monitor.c", "policy_device.c", "policy_sock.c"):
+    for name in ("monitor.c", "policy_device.c", "policy_sock.c", "drb_task.h"):
         with open(os.path.join(tree, name)) as a, open(os.path.join(installed, name)) as b:
             assert a.read() == b.read(), name

@@ -10,7 +10,11 @@ import textwrap
 import time
 
 import pytest
+from channel_env import HELPERS
 from pair_env import DRB, bpf_prog_ids, drb, in_domain, leftovers, wait_gone
+
+from drb_uring import procs
+from drb_uring.domains.config import PairConfig
 
 PREFIX = "tdom"
 
@@ -80,7 +84,7 @@ def test_domains_are_isolated_from_each_other(pair):
     u = in_domain(st["name"], "user", code).stdout.splitlines()
     d = in_domain(st["name"], "driver", code).stdout.splitlines()
     assert u[0] == f"{PREFIX}-b-user" and d[0] == f"{PREFIX}-b-driver"
-    assert "--role user" in u[1] and "--role driver" in d[1]
+    assert '"role": "user"' in u[1] and '"role": "driver"' in d[1]
     # Each sees only its own few processes (its init, and us).
     assert int(u[2]) <= 3 and int(d[2]) <= 3
     host_pids = {st["domains"]["driver"]["pid"], st["domains"]["user"]["pid"]}
@@ -109,8 +113,8 @@ def test_user_domain_socket_policy(pair):
 
 CHANNEL_READ = """
 import sys
-from drb_uring.frontend import Channel
-from drb_uring import layout as L
+from drb_uring.channel.client import Channel
+from drb_uring.ring import layout as L
 with Channel({sock!r}, 1 << 20, geometry=L.Geometry(slot_size=65536, slot_count=8)) as ch:
     got = ch.pread(0, 16)
     ch.pwrite(4096, b"from-the-user-domain")
@@ -176,8 +180,8 @@ def test_killing_the_monitor_stops_workers_and_fails_calls(pair):
     st = pair(f"{PREFIX}-g", "--size", "16m")
     code = textwrap.dedent(f"""
         import sys, time
-        from drb_uring.frontend import Channel, ChannelFailed
-        from drb_uring import layout as L
+        from drb_uring.channel.client import Channel, ChannelFailed
+        from drb_uring.ring import layout as L
         ch = Channel({st['socket']!r}, 1 << 20, geometry=L.Geometry(slot_size=65536,
                                                                      slot_count=8))
         print(ch.worker_pid, flush=True)
@@ -194,7 +198,7 @@ def test_killing_the_monitor_stops_workers_and_fails_calls(pair):
     worker_ns_pid = int(proc.stdout.readline())
     assert worker_ns_pid > 0
     workers = [int(p) for p in os.listdir("/proc") if p.isdigit()
-               and "drb_uring.worker" in open(f"/proc/{p}/cmdline").read()]
+               and "drb_uring.channel.worker" in open(f"/proc/{p}/cmdline").read()]
     assert workers
     os.kill(st["daemon_pid"], signal.SIGKILL)
     line = proc.stdout.readline().split(maxsplit=2)
@@ -208,7 +212,7 @@ def test_killing_the_monitor_stops_workers_and_fails_calls(pair):
 
 
 def test_attach_mode_with_unshare_containers(clean, tmp_path):
-    from drb_uring import cgroup
+    from drb_uring.domains import cgroup
     groups, procs = [], []
     try:
         for role in ("user", "driver"):
@@ -316,11 +320,11 @@ def test_trace_prints_bpftrace_histograms_and_rates(pair):
     st = pair(f"{PREFIX}-l", "--size", "64m")
     load = subprocess.Popen(
         [DRB, "exec", st["name"], "user", "--", sys.executable, "-c", textwrap.dedent(f"""
-            from drb_uring.frontend import Channel
-            from drb_uring import _ringbench, layout as L
+            from drb_uring.channel.client import Channel
+            from drb_uring.ring import layout as L; from drb_uring.tools import _load
             with Channel({st['socket']!r}, 32 << 20,
                          geometry=L.Geometry(slot_size=65536, slot_count=16)) as ch:
-                _ringbench.channel_workload(ch.end, 4, 4096, 8, 3.0, 32 << 20, True, 1, 1)
+                _load.run(ch.end, 4, 4096, 8, 3.0, 32 << 20, True, 1, 1)
         """)])
     try:
         out = drb("trace", st["name"], "--seconds", "2", "--interval", "1").stdout
@@ -335,13 +339,13 @@ def test_trace_prints_bpftrace_histograms_and_rates(pair):
 
 
 MISBEHAVE = """
-from drb_uring.frontend import Channel, ChannelFailed
-from drb_uring import layout as L
+from drb_uring.channel.client import Channel, ChannelFailed
+from drb_uring.ring import layout as L
 S = 65536
 with Channel({sock!r}, 1 << 20, geometry=L.Geometry(slot_size=S, slot_count=8)) as ch:
     ch.pool[S:2 * S] = b"P" * S
     try:
-        ch.pwrite(0, b"W" * 4096) if {mode} == 3 else ch.pread(0, 4096)
+        ch.pwrite(0, b"W" * 4096) if {write} else ch.pread(0, 4096)
         print("no failure")
     except ChannelFailed as e:
         print("failed:", e)
@@ -349,22 +353,37 @@ with Channel({sock!r}, 1 << 20, geometry=L.Geometry(slot_size=S, slot_count=8)) 
 """
 
 
+def rogue_pair(name: str, mode: str):
+    """A pair like `drb up NAME --size 16m` makes, whose workers are rogue."""
+    cfg = PairConfig(name=name, size=16 << 20)
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, os.path.join(HELPERS, "pair_with_rogue.py"), mode,
+                             cfg.to_json(), str(w)], pass_fds=[w], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=procs.module_env())
+    os.close(w)
+    with os.fdopen(r) as f:
+        assert f.readline().strip() == "ok"
+    return proc
+
+
 @pytest.mark.parametrize("mode, reason", [
-    (1, "no active task for the slot"),
-    (2, "buffer outside the task's slot"),
-    (3, "device range outside the channel's extent"),
-    (4, "io_uring_register on a grant ring"),
+    ("read-untasked", "no active task for the slot"),
+    ("cross-slot", "buffer outside the task's slot"),
+    ("beyond-extent", "device range outside the channel's extent"),
+    ("register", "io_uring_register on a grant ring"),
 ])
 def test_misbehaving_worker_in_the_driver_domain(clean, mode, reason):
-    """The test-only misbehaviour reaches the worker through the environment
-    of the pair's daemon; the monitor kills it before it touches anything."""
-    name = f"{PREFIX}-mb{mode}"
-    drb("up", name, "--size", "16m", env={**os.environ, "DRB_WORKER_MISBEHAVE": str(mode)})
+    """A rogue worker, started through the pair's spawn hook inside the real
+    driver domain; the monitor kills it before it touches anything."""
+    name = f"{PREFIX}-mb{mode[:4]}"
+    proc = rogue_pair(name, mode)
     try:
         st = json.loads(drb("status", name, "--json").stdout)
         with open(st["device"], "r+b") as f:
             f.write(b"F" * 65536)
-        out = in_domain(name, "user", MISBEHAVE.format(sock=st["socket"], mode=mode)).stdout
+        out = in_domain(name, "user", MISBEHAVE.format(sock=st["socket"],
+                                                        write=mode == "beyond-extent")).stdout
         m = re.search(r"failed: monitor killed backend worker (\d+): (.*)$", out, re.M)
         assert m and m.group(2) == reason, out
         assert wait_gone(lambda: not os.path.exists(f"/proc/{m.group(1)}"))
@@ -377,3 +396,4 @@ def test_misbehaving_worker_in_the_driver_domain(clean, mode, reason):
         assert f"VIOLATION channel 1: {reason}" in log
     finally:
         drb("down", name)
+        proc.wait(10)

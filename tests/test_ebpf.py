@@ -7,12 +7,13 @@ import subprocess
 import sys
 
 import pytest
-from channel_env import MonitorProc, wait_until
+from channel_env import BrokerProc, wait_until
 
-from drb_uring import _ringbench, btf, hist
-from drb_uring import layout as L
-from drb_uring.frontend import Channel, ChannelFailed
-from drb_uring.layout import OP_READ_FIXED
+from drb_uring.channel.client import Channel, ChannelFailed
+from drb_uring.enforce import _task, btf, tasks
+from drb_uring.enforce.tasks import OP_READ_FIXED
+from drb_uring.ring import layout as L
+from drb_uring.tools import _load, hist
 
 GEO = L.Geometry(sq_entries=64, cq_entries=128, slot_size=64 * 1024, slot_count=16)
 EXTENT = 64 << 20
@@ -64,8 +65,8 @@ def test_histogram_matches_bpftrace_line_for_line():
 def misbehaving(tmp_path, no_fd_leak):
     made = []
 
-    def start(mode: int) -> MonitorProc:
-        m = MonitorProc(tmp_path, env={"DRB_WORKER_MISBEHAVE": str(mode)})
+    def start(mode: str) -> BrokerProc:
+        m = BrokerProc(tmp_path, rogue=mode)
         made.append(m)
         return m
     yield start
@@ -84,8 +85,8 @@ def _expect_kill(m, ch, call, reason):
 
 
 @pytest.mark.parametrize("mode, reason", [
-    (1, "no active task for the slot"),
-    (2, "buffer outside the task's slot"),
+    ("read-untasked", "no active task for the slot"),
+    ("cross-slot", "buffer outside the task's slot"),
 ])
 def test_worker_reaching_another_slot_is_killed_before_the_read(misbehaving, mode, reason):
     m = misbehaving(mode)
@@ -99,7 +100,7 @@ def test_worker_reaching_another_slot_is_killed_before_the_read(misbehaving, mod
 
 
 def test_worker_writing_beyond_the_extent_is_killed_before_the_write(misbehaving):
-    m = misbehaving(3)
+    m = misbehaving("beyond-extent")
     with Channel(m.sock_path, EXTENT, geometry=GEO) as ch:
         _expect_kill(m, ch, lambda: ch.pwrite(0, b"W" * 4096),
                      "device range outside the channel's extent")
@@ -110,19 +111,19 @@ def test_worker_writing_beyond_the_extent_is_killed_before_the_write(misbehaving
 
 
 def test_worker_register_call_is_killed(misbehaving):
-    m = misbehaving(4)
+    m = misbehaving("register")
     with Channel(m.sock_path, EXTENT, geometry=GEO) as ch:
         _expect_kill(m, ch, lambda: ch.pread(0, 10), "io_uring_register on a grant ring")
 
 
 def test_a_million_good_requests_no_violation(tmp_path, no_fd_leak):
-    m = MonitorProc(tmp_path)
+    m = BrokerProc(tmp_path)
     try:
         with Channel(m.sock_path, EXTENT, geometry=GEO) as ch:
             assert ch.monitored
             done = 0
             while done < 1_000_000:
-                r = _ringbench.channel_workload(ch.end, OP_READ_FIXED, 4096, 16, 0.5,
+                r = _load.run(ch.end, OP_READ_FIXED, 4096, 16, 0.5,
                                                 EXTENT, True, done + 1, 1)
                 assert r["error"] is None and r["errors"] == 0
                 done += r["done"]
@@ -135,7 +136,7 @@ def test_a_million_good_requests_no_violation(tmp_path, no_fd_leak):
 
 def test_cleared_task_is_revoked(tmp_path, no_fd_leak):
     """After a response is reaped its task is inactive: the table says so."""
-    m = MonitorProc(tmp_path)
+    m = BrokerProc(tmp_path)
     try:
         with Channel(m.sock_path, EXTENT, geometry=GEO) as ch:
             req = ch.submit_read(8192, 100)
@@ -149,16 +150,39 @@ def test_cleared_task_is_revoked(tmp_path, no_fd_leak):
         m.stop()
 
 
-def test_task_entry_layout_matches_the_program():
-    # The same layout in three places: the C program, Cython, Python.
-    from drb_uring import ebpf, frontend
-    src = (ebpf.BPF_DIR / "monitor.c").read_text()
-    struct_c = src[src.index("struct drb_task {"):src.index("};", src.index("struct drb_task {"))]
-    fields = re.findall(r"^\s+(u32|u64) (\w+);", struct_c, re.M)
-    assert [f for _, f in fields] == ["seq", "state", "op", "len", "offset", "post_ns",
-                                      "submit_ns"]
-    assert ebpf.TASK.format == "<IIIIQQQ" and ebpf.TASK.size == 40
-    assert frontend.TASK_VERSION == ebpf.TASK_VERSION == 1
+def test_task_contract_has_one_definition():
+    """bpf/drb_task.h is the only definition: the compiled module's values
+    (which Python uses) are the header's, and the program includes it."""
+    from drb_uring import bpf
+    h = (bpf.DIR / "drb_task.h").read_text()
+    body = h[h.index("struct drb_task {"):h.index("};", h.index("struct drb_task {"))]
+    fields = re.findall(r"^\s+drb_u(32|64) (\w+);", body, re.M)
+    assert [f for _, f in fields] == list(_task.FIELD_OFFSETS)
+    assert tasks.ENTRY_SIZE == sum(int(b) // 8 for b, _ in fields) == 40
+    offs = [_task.FIELD_OFFSETS[f] for _, f in fields]
+    assert offs == sorted(offs) and offs[0] == 0
+    for name, value in re.findall(r"^#define (DRB_\w+) (\d+)", h, re.M):
+        key = name.removeprefix("DRB_")
+        expect = {"TASK_VERSION": tasks.VERSION, "MAX_SLOTS": tasks.MAX_SLOTS,
+                  "TASK_EXTRA": _task.EXTRA_ENTRIES, "HIST_BUCKETS": tasks.HIST_BUCKETS,
+                  "TASK_ACTIVE": tasks.ACTIVE, "OP_FSYNC": tasks.OP_FSYNC,
+                  "OP_READ_FIXED": tasks.OP_READ_FIXED,
+                  "OP_WRITE_FIXED": tasks.OP_WRITE_FIXED}[key]
+        assert int(value) == expect, name
+    codes = dict(re.findall(r"^\s+DRB_R_(\w+) = (\d+),", h, re.M))
+    assert {k.lower(): int(v) for k, v in codes.items()
+            if k not in ("NONE", "COUNT")} == _task.REASON_CODES
+    assert set(tasks.REASONS) == set(range(1, _task.REASON_COUNT))
+    src = (bpf.DIR / "monitor.c").read_text()
+    assert '#include "drb_task.h"' in src and "struct drb_task {" not in src
+    from drb_uring.ring import layout
+    assert layout.LIMITS["slot_count"] == (1, tasks.MAX_SLOTS)
+
+
+def test_histogram_buckets_are_the_headers():
+    for v in (0, 1, 2, 3, 4, 7, 8, 1023, 1024, 2**40, 2**64 - 1):
+        assert hist.bucket(v) == tasks.log2_bucket(v) == (1 if v == 0 else v.bit_length() + 1)
+    assert hist.bucket(-5) == 0
 
 
 def test_trace_ebpf_prints_the_program_with_btf_flags():

@@ -5,8 +5,8 @@ import subprocess
 
 import pytest
 
-from drb_uring import layout as L
 from drb_uring import ring
+from drb_uring.ring import layout as L
 
 UAPI_PROBE = r"""
 #include <stdio.h>

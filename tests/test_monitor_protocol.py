@@ -6,12 +6,12 @@ import socket
 import subprocess
 
 import pytest
-from channel_env import MonitorProc, settled, wait_until
+from channel_env import BrokerProc, settled, wait_until
 
-from drb_uring import layout as L
 from drb_uring import protocol, ring
-from drb_uring.frontend import Channel
-from drb_uring.layout import OP_READ_FIXED
+from drb_uring.channel.client import Channel
+from drb_uring.enforce.tasks import OP_READ_FIXED
+from drb_uring.ring import layout as L
 
 GEO = L.Geometry(sq_entries=16, cq_entries=16, slot_size=64 * 1024, slot_count=8)
 
@@ -87,7 +87,7 @@ def test_oversized_extent_refused(monitor):
 
 
 def test_o_direct_device_enforces_alignment(tmp_path, no_fd_leak):
-    m = MonitorProc(tmp_path, o_direct=True)
+    m = BrokerProc(tmp_path, o_direct=True)
     try:
         with Channel(m.sock_path, 1 << 20, geometry=GEO) as ch:
             assert ch.pwrite(8192, b"d" * 4096) == 4096
@@ -112,7 +112,7 @@ def test_block_device(tmp_path, no_fd_leak):
     except (OSError, subprocess.CalledProcessError) as e:
         pytest.skip(f"no loop device available: {e}")
     try:
-        m = MonitorProc(tmp_path, device=dev)
+        m = BrokerProc(tmp_path, device=dev)
         try:
             with Channel(m.sock_path, 8 << 20, geometry=GEO) as ch:
                 assert ch.size == 8 << 20

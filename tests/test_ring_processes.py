@@ -9,10 +9,12 @@ import sys
 import textwrap
 
 import pytest
-from drb_uring._ring import _address_of
+from helpers import maps
 
-from drb_uring import _ringbench, ring, ringpeer
-from drb_uring import layout as L
+from drb_uring import procs, ring
+from drb_uring.ring import _bench
+from drb_uring.ring import layout as L
+from drb_uring.tools import ringpeer
 
 SOAK = 10_000_000
 GEO = L.Geometry(sq_entries=256, cq_entries=256, slot_size=4096, slot_count=1)
@@ -25,7 +27,7 @@ def run_soak(spin_ns, pause_every=0, pause_ns=0, count=SOAK):
                               spin_ns=spin_ns, timeout=20.0)
         peer.close()
         try:
-            mine = _ringbench.stream_user(u, count, 32, 20.0, pause_every, pause_ns)
+            mine = _bench.stream_user(u, count, 32, 20.0, pause_every, pause_ns)
         finally:
             theirs = ringpeer.result(proc, timeout=180)
     return mine, theirs
@@ -59,25 +61,42 @@ def test_no_system_calls_while_both_sides_spin():
     assert theirs["sleeps"] == 0
 
 
+DRIVER_WRITES_USER_PAGE = textwrap.dedent("""
+    import ctypes, sys
+    from drb_uring import ring
+    from drb_uring.ring import layout as L
+    from helpers import maps
+    d = ring.attach(ring.PeerFds.from_list([int(x) for x in sys.argv[1:]]))
+    print("about_to_write", flush=True)
+    ctypes.memset(maps.address("drb-ctl-user", "r--s") + L.OFF_SQ_TAIL, 0xff, 4)
+    print("survived", flush=True)
+""")
+
+
 def test_driver_writing_user_page_dies_with_sigsegv():
     u, peer = ring.create(GEO)
     with u:
-        proc = ringpeer.spawn("write-peer-page", peer.as_list())
+        env = procs.module_env()
+        env["PYTHONPATH"] += os.pathsep + os.path.dirname(os.path.abspath(__file__))
+        proc = subprocess.run([sys.executable, "-c", DRIVER_WRITES_USER_PAGE,
+                               *map(str, peer.as_list())], pass_fds=peer.as_list(),
+                              capture_output=True, env=env, timeout=30)
         peer.close()
-        out, _ = proc.communicate(timeout=30)
-        assert proc.returncode == -signal.SIGSEGV, out
-        assert b"about_to_write" in out
+        assert proc.returncode == -signal.SIGSEGV, proc.stderr
+        assert proc.stdout.split() == [b"about_to_write"]
         assert u.indexes == (0, 0)
-        assert ctypes.c_uint32.from_address(_address_of(u, "ctl_mine") + L.OFF_SQ_TAIL).value == 0
+        addr = maps.address("drb-ctl-user", "rw-s")
+        assert ctypes.c_uint32.from_address(addr + L.OFF_SQ_TAIL).value == 0
 
 
 USER_WRITES_DRIVER_PAGE = textwrap.dedent("""
     import ctypes, sys
-    from drb_uring import ring, layout as L
-    from drb_uring._ring import _address_of
+    from drb_uring import ring
+    from drb_uring.ring import layout as L
+    from helpers import maps
     u, peer = ring.create(L.Geometry(sq_entries=8, cq_entries=8, slot_size=4096, slot_count=1))
+    addr = maps.address("drb-ctl-driver", "r--s")      # the user's view of it
     d = ring.attach(peer)
-    addr = _address_of(u, "ctl_peer")
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     rc = libc.mprotect(addr, 4096, 3)
@@ -88,9 +107,10 @@ USER_WRITES_DRIVER_PAGE = textwrap.dedent("""
 
 
 def test_user_writing_driver_page_dies_with_sigsegv():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(ring.__file__)))
+    env = procs.module_env()
+    env["PYTHONPATH"] += os.pathsep + os.path.dirname(os.path.abspath(__file__))
     proc = subprocess.run([sys.executable, "-c", USER_WRITES_DRIVER_PAGE], capture_output=True,
-                          env={**os.environ, "PYTHONPATH": root}, timeout=30)
+                          env=env, timeout=30)
     assert proc.returncode == -signal.SIGSEGV, proc.stderr
     # Nor could it make the page writable first: the descriptor is read-only.
     assert proc.stdout.decode().split() == ["mprotect", "-1", str(errno.EACCES)]

@@ -7,8 +7,8 @@ import hypothesis.strategies as st
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from drb_uring import layout as L
 from drb_uring import ring
+from drb_uring.ring import layout as L
 
 
 def sqe(n: int) -> bytes:
@@ -115,8 +115,9 @@ def test_corrupt_peer_index_is_detected(ring_pair):
     # The driver writes an impossible response tail into its own page.
     import ctypes
 
-    from drb_uring._ring import _address_of
-    ctypes.c_uint32.from_address(_address_of(d, "ctl_mine") + L.OFF_CQ_TAIL).value = 1000
+    from helpers import maps
+    addr = maps.address("drb-ctl-driver", "rw-s")      # the driver's own page
+    ctypes.c_uint32.from_address(addr + L.OFF_CQ_TAIL).value = 1000
     with pytest.raises(OSError, match="impossible ring index") as e:
         _ = u.readable
     assert e.value.errno == errno.EPROTO   # EPROTO

@@ -1,0 +1,96 @@
+/*
+ * The I/O task table: the one definition of the contract between
+ *   - the user side (Cython), which writes an entry per request it posts,
+ *   - the monitor's eBPF program (bpf/monitor.c), which checks every
+ *     submission on a grant ring against that entry,
+ *   - the monitor's Python side, which creates the table and names the
+ *     violations (it reads every value below from the compiled module
+ *     drb_uring.enforce._task; a test compares them with this file).
+ *
+ * Included by bcc programs (bcc compiles them as kernel code: __KERNEL__)
+ * and by the Cython extensions (cdef extern from "drb_task.h").
+ */
+#ifndef DRB_TASK_H
+#define DRB_TASK_H
+
+#if defined(__KERNEL__)
+typedef u32 drb_u32;
+typedef u64 drb_u64;
+#else
+#include <stdint.h>
+typedef uint32_t drb_u32;
+typedef uint64_t drb_u64;
+#endif
+
+/* Bump when struct drb_task or the table's shape changes: the client
+ * refuses a table of another version. */
+#define DRB_TASK_VERSION 1
+
+/* Slots per channel: the task table has one entry per slot and the grant
+ * ring one fixed buffer per slot. The ring layout takes its limit from
+ * here too, so there is one slot limit. */
+#define DRB_MAX_SLOTS 1024
+
+/* After the DRB_MAX_SLOTS entries the table holds DRB_TASK_EXTRA entries'
+ * worth of room for the user side's own post->reap histogram
+ * (DRB_HIST_BUCKETS u64 counters). */
+#define DRB_TASK_EXTRA 16
+#define DRB_HIST_BUCKETS 64
+
+#define DRB_TASK_ACTIVE 1
+
+/* The request opcodes a channel carries: io_uring's own IORING_OP_* values
+ * (the Cython side checks them against <linux/io_uring.h> at compile time). */
+#define DRB_OP_FSYNC 3
+#define DRB_OP_READ_FIXED 4
+#define DRB_OP_WRITE_FIXED 5
+
+/* Why the program stopped a worker (struct grant.failed, event.reason). */
+enum drb_reason {
+    DRB_R_NONE = 0,
+    DRB_R_OPCODE = 1,          /* not a data opcode of this channel */
+    DRB_R_SLOT = 2,            /* buffer index beyond the channel's slots */
+    DRB_R_TASK_INACTIVE = 3,   /* no active task for that slot */
+    DRB_R_TORN = 4,            /* task entry changed while being read */
+    DRB_R_OP_MISMATCH = 5,     /* opcode differs from the task's */
+    DRB_R_BUF_RANGE = 6,       /* address/length outside the task's slot */
+    DRB_R_LEN_MISMATCH = 7,    /* length differs from the task's */
+    DRB_R_EXTENT = 8,          /* device range outside the channel's extent */
+    DRB_R_OFFSET_MISMATCH = 9, /* device offset differs from the task's */
+    DRB_R_REGISTER = 10,       /* io_uring_register on an enabled grant ring */
+    DRB_R_COUNT = 11,
+};
+
+/* One entry. The user side writes it with a sequence lock: seq is odd while
+ * the fields change, so the program never acts on a half-written entry. */
+struct drb_task {
+    drb_u32 seq;
+    drb_u32 state;        /* DRB_TASK_ACTIVE, or 0 */
+    drb_u32 op;           /* DRB_OP_READ_FIXED or DRB_OP_WRITE_FIXED */
+    drb_u32 len;
+    drb_u64 offset;       /* channel-relative device offset */
+    drb_u64 post_ns;      /* CLOCK_MONOTONIC, as bpf_ktime_get_ns() reads it */
+    drb_u64 submit_ns;    /* written by the program: when the worker submitted */
+};
+
+/* bpftrace's hist() numbering: 1 for 0, 2 for 1, k + 2 for [2^k, 2^(k+1)).
+ * Unrolled so that the eBPF verifier accepts it; the kernel's histograms,
+ * the user side's reap histogram and the printer all bucket with this. */
+static inline drb_u32 drb_log2_bucket(drb_u64 v)
+{
+    drb_u32 r = 0;
+    if (v == 0)
+        return 1;
+#if defined(__clang__)
+#pragma unroll
+#endif
+    for (int i = 32; i > 0; i >>= 1) {
+        if (v >= (1ULL << i)) {
+            v >>= i;
+            r += i;
+        }
+    }
+    return r + 2;
+}
+
+#endif /* DRB_TASK_H */

@@ -1,0 +1,47 @@
+# liburing (Debian liburing-dev 2.3): the hot-path subset the backend worker
+# uses on its grant ring. Control-plane registration goes through raw
+# io_uring_register (see _grant.pyx): 2.3 does not export those helpers.
+from libc.stdint cimport uint32_t, uint64_t
+from drb_uring.includes.io_uring cimport io_uring_sqe, io_uring_cqe
+
+cdef extern from "<linux/io_uring.h>" nogil:
+    struct io_uring_params:
+        uint32_t sq_entries
+        uint32_t cq_entries
+        uint32_t flags
+        uint32_t features
+
+    enum:
+        IORING_SETUP_R_DISABLED
+        IORING_REGISTER_BUFFERS
+        IORING_REGISTER_FILES
+        IORING_REGISTER_RESTRICTIONS
+        IORING_REGISTER_ENABLE_RINGS
+        IORING_RESTRICTION_REGISTER_OP
+        IORING_RESTRICTION_SQE_OP
+        IORING_RESTRICTION_SQE_FLAGS_ALLOWED
+        IORING_RESTRICTION_SQE_FLAGS_REQUIRED
+
+    struct io_uring_restriction:
+        unsigned short opcode
+        unsigned char register_op
+        unsigned char sqe_op
+        unsigned char sqe_flags
+
+cdef extern from "<liburing.h>" nogil:
+    struct io_uring_sq:
+        unsigned *array
+        unsigned *kring_entries
+
+    struct io_uring:
+        io_uring_sq sq
+        int ring_fd
+
+    int io_uring_queue_mmap(int fd, io_uring_params *p, io_uring *ring)
+    void io_uring_queue_exit(io_uring *ring)
+    io_uring_sqe *io_uring_get_sqe(io_uring *ring)
+    int io_uring_submit(io_uring *ring)
+    unsigned io_uring_peek_batch_cqe(io_uring *ring, io_uring_cqe **cqes, unsigned count)
+    void io_uring_cq_advance(io_uring *ring, unsigned nr)
+    unsigned io_uring_cq_ready(const io_uring *ring)
+    unsigned io_uring_sq_space_left(const io_uring *ring)

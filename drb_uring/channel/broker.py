@@ -1,0 +1,439 @@
+"""The broker: the trusted process that opens every channel of a pair.
+
+It listens on a Unix SOCK_SEQPACKET socket. The driver side hands it its
+device once; each user side opens channels by sending its ring's memory and
+eventfds. For every channel the broker checks the layout, gives the channel
+an extent of the device that it alone decides, builds the grant ring (the
+user's pool as fixed buffers, the device as fixed file 0, restricted, then
+enabled), has the enforcement service check every submission on it, and
+starts a worker that inherits the grant ring. It watches each worker through
+a pidfd: a worker that dies fails its channel at once, and the user side
+hears it on its connection.
+
+Whom it distrusts: every peer on the socket (messages are length-, type-
+and fd-checked in channel.protocol; ring memory is checked by
+ring.validate_peer_fds) and every worker (it is watched, never waited on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+from typing import Callable
+
+from drb_uring import procs, protocol, ring
+from drb_uring.channel import _grant, _worker
+from drb_uring.channel.extents import ExtentError, Extents
+from drb_uring.channel.worker import WorkerSpec
+from drb_uring.enforce import tasks
+from drb_uring.errors import DrbError
+from drb_uring.spec import Spec
+
+log = logging.getLogger("drb.broker")
+
+BLKGETSIZE64 = 0x80081272
+WORKER_STOP_GRACE = 1.0    # seconds between SIGTERM and SIGKILL
+
+# spawn(argv, fds) -> (a Popen to watch, the pid of the worker itself)
+SpawnFn = Callable[[list[str], list[int]], tuple[subprocess.Popen, int]]
+
+
+class BrokerError(DrbError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerSpec(Spec):
+    """A broker started as its own process (python -m drb_uring.channel.broker)."""
+
+    socket: str
+    worker_spin_ns: int = ring.DEFAULT_SPIN_NS
+    enforce: bool = True
+
+
+class Device:
+    """The driver domain's device: its fd, size and the extents handed out."""
+
+    def __init__(self, fd: int, align: int):
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            size = st.st_size
+        elif stat.S_ISBLK(st.st_mode):
+            size = struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0]
+        else:
+            raise protocol.ProtocolError("the device must be a regular file or a block device")
+        self.fd = fd
+        self.align = align
+        self.extents = Extents(size, align or 1)
+
+    @property
+    def size(self) -> int:
+        return self.extents.size
+
+
+class BrokerChannel:
+    """The broker's record of one open channel."""
+
+    def __init__(self, cid: int, conn: socket.socket, extent: tuple[int, int]):
+        self.id = cid
+        self.conn: socket.socket | None = conn
+        self.extent = extent
+        self.worker: subprocess.Popen | None = None
+        self.worker_pid = 0
+        self.pidfd = -1
+        self.gid = 0            # the channel's id in the host's eBPF maps
+        self.closing = False
+        self.kill_at = 0.0      # when a worker told to stop gets SIGKILL
+        self.reply_close = False   # answer "close" once the worker is gone
+
+
+def spawn_plain(argv: list[str], fds: list[int]) -> tuple[subprocess.Popen, int]:
+    """Start a worker as a child of the broker (no domain)."""
+    proc = subprocess.Popen(argv, pass_fds=fds, env=procs.module_env())
+    return proc, proc.pid
+
+
+class Broker:
+    def __init__(self, path: str, *, worker_spin_ns: int = ring.DEFAULT_SPIN_NS,
+                 spawn: SpawnFn = spawn_plain, enforce: bool = True):
+        self.path = path
+        # Without enforcement no task table exists and nothing checks what a
+        # worker submits. Turning it off is loud on purpose.
+        self.enforcer = None
+        self.domains: dict[str, str] = {}
+        if enforce:
+            from drb_uring.enforce.client import EnforceClient
+            self.enforcer = EnforceClient()
+        else:
+            log.warning("RUNNING WITHOUT THE eBPF MONITOR (--no-monitor): workers' "
+                        "access to user memory is bounded by the grant rings only, "
+                        "not checked against any I/O task table")
+        self.spawn = spawn
+        self.worker_spin_ns = worker_spin_ns
+        self.sel = selectors.DefaultSelector()
+        self.device: Device | None = None
+        self.channels: dict[int, BrokerChannel] = {}
+        self.next_id = 1
+        self.stopping = False
+        self.sock = protocol.listen(path)
+        self.sel.register(self.sock, selectors.EVENT_READ, ("listen", None))
+
+    def watch_domains(self, groups: dict[str, str]) -> None:
+        """Count the mode switches of these domains (role -> cgroup) for
+        `drb trace` and `drb bench`."""
+        self.domains.update(groups)
+        if self.enforcer:
+            for group in groups.values():
+                self.enforcer.watch(group)
+
+    # ---- the loop ------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until stop() is called (a signal handler may call it)."""
+        while not self.stopping:
+            self._step(1.0)
+
+    def run_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Serve until done() holds or `timeout` seconds pass; returns done()."""
+        end = time.monotonic() + timeout
+        while not done() and not self.stopping and time.monotonic() < end:
+            self._step(0.05)
+        return done()
+
+    def stop(self, *_) -> None:
+        self.stopping = True
+
+    def _step(self, timeout: float) -> None:
+        """One round of the loop: whatever is ready within `timeout`, then
+        the workers whose grace period ran out."""
+        if any(ch.kill_at for ch in self.channels.values()):
+            timeout = min(timeout, 0.05)
+        for key, _ in self.sel.select(timeout=timeout):
+            kind, obj = key.data
+            try:
+                if kind == "listen":
+                    conn, _ = self.sock.accept()
+                    conn.setblocking(True)
+                    self.sel.register(conn, selectors.EVENT_READ, ("conn", None))
+                elif kind == "conn":
+                    self._on_message(key.fileobj)
+                elif kind == "channel":
+                    self._on_channel_message(obj)
+                elif kind == "worker":
+                    self._on_worker_exit(obj)
+            except Exception:   # one bad party must not take the broker down
+                log.exception("while handling %s", kind)
+        now = time.monotonic()
+        for ch in list(self.channels.values()):
+            if ch.kill_at and now >= ch.kill_at and ch.worker and ch.worker.poll() is None:
+                log.warning("channel %d: worker %d ignored SIGTERM; killing it",
+                            ch.id, ch.worker_pid)
+                ch.worker.kill()
+                ch.kill_at = 0.0
+
+    def close(self) -> None:
+        """Stop every worker and release everything. Idempotent."""
+        for ch in list(self.channels.values()):
+            self._stop_worker(ch)
+        end = time.monotonic() + WORKER_STOP_GRACE
+        for ch in list(self.channels.values()):
+            if ch.worker is not None:
+                try:
+                    ch.worker.wait(max(0.0, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    ch.worker.kill()
+            self._finish(ch, None)
+        if self.device:
+            protocol.close_fds([self.device.fd])
+            self.device = None
+        for key in list(self.sel.get_map().values()):
+            if key.data[0] == "conn":
+                key.fileobj.close()
+        self.sel.close()
+        if self.enforcer:
+            self.enforcer.close()
+            self.enforcer = None
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    # ---- messages ------------------------------------------------------------
+
+    def _reply_error(self, conn: socket.socket, err: Exception) -> None:
+        log.warning("refused: %s", err)
+        try:
+            protocol.send(conn, {"op": "error", "error": str(err)})
+        except OSError:
+            pass
+
+    def _drop(self, conn: socket.socket) -> None:
+        self.sel.unregister(conn)
+        conn.close()
+
+    def _on_message(self, conn: socket.socket) -> None:
+        try:
+            msg, fds = protocol.recv(conn)
+        except protocol.ProtocolError as e:
+            self._reply_error(conn, e)
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        if msg is None:
+            self._drop(conn)
+            return
+        out_fds: list[int] = []
+        try:
+            if msg["op"] == "register-device":
+                reply = self._register_device(msg, fds)
+            elif msg["op"] == "open":
+                reply, out_fds = self._open(conn, msg, fds)
+            elif msg["op"] == "trace":
+                reply = self._trace(msg)
+            else:
+                raise protocol.ProtocolError(f"operation {msg['op']!r} is not a request")
+        except (DrbError, OSError) as e:
+            protocol.close_fds(fds)
+            self._reply_error(conn, e)
+            return
+        try:
+            protocol.send(conn, {"op": "ok", **reply}, out_fds)
+        finally:
+            protocol.close_fds(out_fds)
+
+    def _trace(self, msg: dict) -> dict:
+        if not self.enforcer:
+            raise BrokerError("this pair runs without eBPF (--no-monitor): nothing traced")
+        by_gid = {ch.gid: ch.id for ch in self.channels.values() if ch.gid}
+        lease = msg.get("lease", 0)
+        hist = self.enforcer.histograms(list(by_gid),
+                                        lease if isinstance(lease, (int, float)) else 0)
+        return {"channels": {str(by_gid[g]): {st: {str(b): n for b, n in bk.items()}
+                                              for st, bk in v.items()}
+                             for g, v in hist.items()},
+                "counters": {role: self.enforcer.counters(path)
+                             for role, path in self.domains.items()}}
+
+    def _register_device(self, msg: dict, fds: list[int]) -> dict:
+        if self.device is not None:
+            raise BrokerError("a device is already registered")
+        align = protocol.int_field(msg, "align", 0, 1 << 20) if "align" in msg else 0
+        if align & (align - 1):
+            raise protocol.ProtocolError(f"align {align} is not a power of two")
+        self.device = Device(fds[0], align)
+        log.info("device registered: %d bytes, align %d", self.device.size, align)
+        return {"size": self.device.size}
+
+    def _open(self, conn: socket.socket, msg: dict,
+              fds: list[int]) -> tuple[dict, list[int]]:
+        if self.device is None:
+            raise BrokerError("no device registered by the driver domain yet")
+        size = protocol.int_field(msg, "size", 1, self.device.size)
+        peer = ring.PeerFds.from_list(fds)
+        geo = ring.validate_peer_fds(peer)
+        if self.device.align and geo.slot_size % self.device.align:
+            raise BrokerError("slot size is not a multiple of the device alignment")
+        try:
+            extent = self.device.extents.alloc(size)
+        except ExtentError as e:
+            raise BrokerError(str(e)) from None
+        ch = BrokerChannel(self.next_id, conn, extent)
+        tt_fd = -1
+        try:
+            ring_fd, params = _grant.setup_disabled(geo.sq_entries)
+            try:
+                pool_base = _grant.register_pool(ring_fd, peer.pool, geo.slot_size,
+                                                 geo.slot_count)
+                _grant.register_device(ring_fd, self.device.fd)
+                _grant.restrict(ring_fd, [tasks.OP_READ_FIXED, tasks.OP_WRITE_FIXED,
+                                          tasks.OP_FSYNC],
+                                _worker.FLAG_FIXED_FILE, _worker.FLAG_FIXED_FILE)
+                _grant.enable(ring_fd)
+                if self.enforcer:
+                    # Enforced from before the worker exists.
+                    ch.gid, tt_fd = self.enforcer.grant(ring_fd, pool_base, geo.slot_size,
+                                                        geo.slot_count, extent)
+                ch.worker, ch.worker_pid = self._spawn_worker(ring_fd, params, pool_base,
+                                                              peer, extent)
+            finally:
+                os.close(ring_fd)
+        except BaseException:
+            if ch.gid:
+                self.enforcer.ungrant(ch.gid)
+            protocol.close_fds([tt_fd] if tt_fd >= 0 else [])
+            self.device.extents.release(*extent)
+            raise
+        finally:
+            peer.close()       # the worker has its own copies; never the pool
+        self.next_id += 1
+        ch.pidfd = os.pidfd_open(ch.worker.pid)
+        self.channels[ch.id] = ch
+        self.sel.unregister(conn)
+        self.sel.register(conn, selectors.EVENT_READ, ("channel", ch))
+        self.sel.register(ch.pidfd, selectors.EVENT_READ, ("worker", ch))
+        log.info("channel %d open: extent %d+%d, worker pid %d%s", ch.id, extent[0], extent[1],
+                 ch.worker_pid, "" if self.enforcer else " (UNMONITORED)")
+        reply = {"channel": ch.id, "extent_size": extent[1], "worker_pid": ch.worker_pid}
+        if tt_fd >= 0:
+            reply["task_table_version"] = tasks.VERSION
+            reply["task_table_bytes"] = tasks.TABLE_BYTES
+            reply["reap_hist_offset"] = tasks.REAP_HIST_OFFSET
+            return reply, [tt_fd]
+        return reply, []
+
+    def _spawn_worker(self, ring_fd, params, pool_base, peer,
+                      extent) -> tuple[subprocess.Popen, int]:
+        fds = [ring_fd, peer.ctl_user, peer.ctl_driver, peer.user_efd, peer.driver_efd]
+        spec = WorkerSpec(ring_fd=ring_fd, params=params.hex(), pool_base=pool_base,
+                          ring_fds=[peer.ctl_user, peer.ctl_driver, -1, peer.user_efd,
+                                    peer.driver_efd],
+                          extent_base=extent[0], extent_size=extent[1],
+                          align=self.device.align, spin_ns=self.worker_spin_ns)
+        return self.spawn(procs.argv("drb_uring.channel.worker", spec), fds)
+
+    # ---- channel life --------------------------------------------------------
+
+    def _on_channel_message(self, ch: BrokerChannel) -> None:
+        try:
+            msg, fds = protocol.recv(ch.conn)
+            protocol.close_fds(fds)
+        except (protocol.ProtocolError, OSError):
+            msg = None
+        # The extent is released only once the worker is gone: until then it
+        # could still be doing I/O there. A "close" is answered after that,
+        # so the user side may reuse the space as soon as it has the reply.
+        ch.reply_close = msg is not None and msg["op"] == "close"
+        self.sel.unregister(ch.conn)      # nothing more to read from this peer
+        self._stop_worker(ch)
+
+    def _stop_worker(self, ch: BrokerChannel) -> None:
+        """Ask the worker to stop; its exit (pidfd) finishes the channel, and
+        one that ignores SIGTERM gets SIGKILL after the grace period. Never
+        waits: the loop goes on serving everyone else."""
+        ch.closing = True
+        w = ch.worker
+        if w is None or w.poll() is not None or ch.kill_at:
+            return
+        try:
+            os.kill(ch.worker_pid, signal.SIGTERM)   # the worker itself stops cleanly
+        except ProcessLookupError:
+            pass
+        ch.kill_at = time.monotonic() + WORKER_STOP_GRACE
+
+    def _on_worker_exit(self, ch: BrokerChannel) -> None:
+        rc = ch.worker.wait()
+        reason = None
+        if not ch.closing:
+            how = f"killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+            if rc == 137:     # a stand-in in the driver domain reports 128 + signal
+                how = "killed by signal 9"
+            reason = f"backend worker {ch.worker_pid} {how}"
+            violated = self.enforcer.failed(ch.gid) if self.enforcer and ch.gid else None
+            if violated:
+                reason = f"monitor killed backend worker {ch.worker_pid}: {violated}"
+                log.error("VIOLATION channel %d: %s", ch.id, violated)
+            log.error("channel %d failed: %s", ch.id, reason)
+        self._finish(ch, reason)
+
+    def _finish(self, ch: BrokerChannel, reason: str | None) -> None:
+        if ch.pidfd >= 0:
+            self.sel.unregister(ch.pidfd)
+            os.close(ch.pidfd)
+            ch.pidfd = -1
+        if ch.worker is not None and ch.worker.poll() is None:
+            ch.worker.kill()
+            ch.worker.wait()
+        if self.enforcer and ch.gid:
+            self.enforcer.ungrant(ch.gid)
+            ch.gid = 0
+        if self.device is not None:
+            self.device.extents.release(*ch.extent)
+        if ch.conn is not None:
+            msg = {"op": "failed", "reason": reason} if reason else \
+                {"op": "ok"} if ch.reply_close else None
+            if msg:
+                try:
+                    protocol.send(ch.conn, msg)
+                except OSError:
+                    pass
+            if ch.conn.fileno() in self.sel.get_map():
+                self.sel.unregister(ch.conn)
+            ch.conn.close()
+            ch.conn = None
+        self.channels.pop(ch.id, None)
+        log.info("channel %d closed", ch.id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec = procs.spec_from_argv(BrokerSpec, argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s drb-broker[%(process)d] %(message)s")
+    try:
+        broker = Broker(spec.socket, worker_spin_ns=spec.worker_spin_ns, enforce=spec.enforce)
+    except DrbError as e:
+        print(f"drb-broker: {e}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, broker.stop)
+    signal.signal(signal.SIGINT, broker.stop)
+    print("ready", flush=True)
+    try:
+        broker.run()
+    finally:
+        broker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,477 @@
+"""The user side of a channel: a file-like API over the double ring.
+
+A :class:`Channel` creates its ring memory and eventfds, hands them to the
+monitor, and from then on talks to its backend worker only through shared
+memory: requests are ``struct io_uring_sqe`` naming a slot of the data pool,
+responses ``struct io_uring_cqe`` with the device's result or the exact
+negative errno of the check that refused the request.
+
+Requests larger than a slot are split into slot-sized pieces and put back
+together. When every slot or the request ring is in use, a call waits (or
+raises BlockingIOError if it asked not to). Nothing is dropped: every posted
+piece is accounted for until its response arrives or the channel fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import io
+import mmap
+import os
+import select
+import socket
+import struct
+import time
+
+from drb_uring import protocol, ring
+from drb_uring.enforce import tasks
+from drb_uring.enforce.tasks import OP_FSYNC, OP_READ_FIXED, OP_WRITE_FIXED
+from drb_uring.errors import DrbError
+from drb_uring.ring import layout as L
+
+SLOT_BITS = 16
+_CQE = struct.Struct("<QiI")
+
+
+class ChannelClosed(DrbError):
+    """The channel was closed by this side."""
+
+
+class ChannelFailed(DrbError):
+    """The channel failed (its worker died, the monitor went away, or the
+    peer broke the protocol); the reason says which."""
+
+
+class Request:
+    """One call, possibly split in pieces; a future for its result."""
+
+    __slots__ = ("channel", "op", "buf", "lent_slot", "pending", "short", "error", "done",
+                 "callbacks")
+
+    def __init__(self, channel: "Channel", op: int, buf, n: int):
+        self.channel = channel
+        self.op = op
+        self.buf = buf           # read: destination (None: lend the slot); write: source
+        self.lent_slot: int | None = None   # a zero-copy read's slot, lent to the caller
+        self.pending = 0
+        self.short = n           # bytes done before the first short piece
+        self.error: BaseException | None = None
+        self.done = False
+        self.callbacks: list = []
+
+    def _piece_done(self, pos: int, want: int, res: int) -> None:
+        if res < 0:
+            if self.error is None:
+                self.error = OSError(-res, os.strerror(-res))
+        elif res < want:
+            self.short = min(self.short, pos + res)
+        self.pending -= 1
+        if self.pending == 0:
+            self._finish()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.pending = 0
+        self._finish()
+
+    def _finish(self) -> None:
+        self.done = True
+        for cb in self.callbacks:
+            cb(self)
+
+    def result(self, timeout: float | None = None):
+        """Bytes read (bytes), bytes written (int), or None for flush."""
+        self.channel._drive(lambda: self.done, timeout)
+        if self.error is not None:
+            raise self.error
+        return None if self.op == OP_FSYNC else self.short
+
+
+class Channel:
+    """A channel to the device's extent that the monitor gave us."""
+
+    def __init__(self, socket_path: str, size: int, *, geometry: L.Geometry | None = None,
+                 spin_ns: int = ring.DEFAULT_SPIN_NS):
+        self.closed = True
+        self.failed: str | None = None
+        self.geometry = geometry or L.Geometry()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.connect(socket_path)
+            self.end, peer = ring.create(self.geometry, spin_ns=spin_ns)
+        except BaseException:
+            self.sock.close()
+            raise
+        try:
+            try:
+                reply, rfds = protocol.request(self.sock, {"op": "open", "size": size},
+                                               peer.as_list(), keep_fds=True)
+            finally:
+                peer.close()
+            self.tasks = None
+            if rfds:
+                # The I/O task table: writable here only. The monitor's program
+                # lets the worker touch a slot only while its task is active.
+                if reply.get("task_table_version") != tasks.VERSION:
+                    protocol.close_fds(rfds)
+                    raise L.LayoutError(f"task table layout version "
+                                        f"{reply.get('task_table_version')!r}; this client "
+                                        f"writes version {tasks.VERSION}")
+                try:
+                    self.tasks = mmap.mmap(rfds[0], reply["task_table_bytes"])
+                finally:
+                    protocol.close_fds(rfds)
+                self.end.set_task_table(self.tasks, reply.get("reap_hist_offset", 0))
+            self.size = reply["extent_size"]
+            self.worker_pid = reply["worker_pid"]
+            self.id = reply["channel"]
+            self.end.watch_fd = self.sock.fileno()
+            self.pool = memoryview(self.end.pool_buffer())
+        except BaseException:
+            self.end.close()
+            self.sock.close()
+            raise
+        slots = self.geometry.slot_count
+        self.slot_size = self.geometry.slot_size
+        self.free = list(range(slots - 1, -1, -1))
+        self.gen = [0] * slots
+        # slot -> (request, position in the request, piece length)
+        self.inflight: dict[int, tuple[Request, int, int]] = {}
+        self.closed = False
+
+    @property
+    def monitored(self) -> bool:
+        """Whether the eBPF monitor checks this channel (it sent a task table)."""
+        return self.tasks is not None
+
+    # ---- plumbing ------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self.failed:
+            raise ChannelFailed(self.failed)
+        if self.closed:
+            raise ChannelClosed("channel is closed")
+
+    def _fail(self, reason: str) -> None:
+        if self.failed:
+            return
+        self.failed = reason
+        exc = ChannelFailed(reason)
+        for req, _, _ in list(self.inflight.values()):
+            req._fail(exc)
+        self.inflight.clear()
+
+    def _hear_monitor(self) -> None:
+        """The control connection became readable: the monitor reports a
+        failure, or it is gone."""
+        try:
+            msg, fds = protocol.recv(self.sock)
+            protocol.close_fds(fds)
+        except (OSError, protocol.ProtocolError) as e:
+            msg = {"op": "failed", "reason": f"control connection broke: {e}"}
+        if msg is None:
+            msg = {"op": "failed", "reason": "the monitor closed the channel"}
+        self._fail(msg.get("reason", f"unexpected message {msg.get('op')!r}"))
+        raise ChannelFailed(self.failed)
+
+    def _reap(self, timeout: float | None) -> int:
+        """Handle responses; wait up to `timeout` for at least one."""
+        try:
+            if self.end.wait_readable(timeout) == 0:
+                return 0
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                self._hear_monitor()
+            raise
+        raw = self.end.pop()
+        for user_data, res, _flags in _CQE.iter_unpack(raw):
+            slot = user_data & ((1 << SLOT_BITS) - 1)
+            entry = self.inflight.get(slot)
+            if entry is None or self.gen[slot] != user_data >> SLOT_BITS:
+                self._fail(f"worker answered a request that is not in flight "
+                           f"(user_data 0x{user_data:x})")
+                raise ChannelFailed(self.failed)
+            req, pos, want = self.inflight.pop(slot)
+            self.end.clear_task(slot)       # revoke before the slot is reused
+            if req.op == OP_READ_FIXED and res > 0 and req.buf is None:
+                req.lent_slot = slot        # zero copy: the slot stays lent out
+            else:
+                if req.op == OP_READ_FIXED and res > 0:
+                    base = slot * self.slot_size
+                    req.buf[pos:pos + min(res, want)] = self.pool[base:base + min(res, want)]
+                self.free.append(slot)
+            req._piece_done(pos, want, res)
+        return len(raw) // L.CQE_SIZE
+
+    def _drive(self, until, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not until():
+            self._check()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self._reap(left) == 0 and left == 0.0:
+                raise TimeoutError("no response within the timeout")
+
+    def _slot(self, wait: bool) -> int:
+        while not self.free:
+            self._check()
+            if not wait:
+                raise BlockingIOError(errno.EAGAIN, "every slot of the pool is in use")
+            self._reap(None)
+        return self.free.pop()
+
+    def _post(self, req: Request, slot: int, op: int, off: int, pos: int, n: int,
+              wait: bool) -> None:
+        # The tag names the slot and its use, so a stale or forged response
+        # is recognised; a flush holds a slot only for its tag.
+        self.gen[slot] = (self.gen[slot] + 1) & 0xFFFFFFFFFFFF
+        tag = self.gen[slot] << SLOT_BITS | slot
+        while not self.end.post(op, slot if op != OP_FSYNC else 0, 0, n, off, tag):
+            self._check()
+            if not wait:
+                self.free.append(slot)
+                raise BlockingIOError(errno.EAGAIN, "the request ring is full")
+            self._reap(None)
+        self.inflight[slot] = (req, pos, n)
+        req.pending += 1
+
+    def _submit(self, op: int, off: int, n: int, buf, wait: bool) -> Request:
+        self._check()
+        if off < 0 or n < 0:
+            raise ValueError(f"offset and length must be >= 0, got {off} and {n}")
+        if off + n > self.size:
+            # Past the extent: the worker would refuse it with ERANGE; do it
+            # here, for the whole request, before anything is posted.
+            if op == OP_WRITE_FIXED or off > self.size:
+                raise OSError(errno.ERANGE, f"offset {off}+{n} is beyond the extent "
+                                            f"of {self.size} bytes")
+            n = self.size - off
+        req = Request(self, op, buf, n)
+        if n == 0:
+            req._finish()
+            return req
+        pieces = -(-n // self.slot_size)
+        if not wait and (len(self.free) < pieces or self.end.writable < pieces):
+            # All or nothing: never leave part of a request posted.
+            raise BlockingIOError(errno.EAGAIN, "not enough free slots or ring entries")
+        # Posting a piece may reap responses (to free a slot or ring entry);
+        # the guard count keeps the request from finishing while pieces
+        # remain to be posted.
+        req.pending += 1
+        for pos in range(0, n, self.slot_size):
+            piece = min(self.slot_size, n - pos)
+            slot = self._slot(wait)
+            if op == OP_WRITE_FIXED:
+                base = slot * self.slot_size
+                self.pool[base:base + piece] = buf[pos:pos + piece]
+            self._post(req, slot, op, off + pos, pos, piece, wait)
+        if not req.done:
+            req.pending -= 1
+            if req.pending == 0:
+                req._finish()
+        return req
+
+    # ---- the API -------------------------------------------------------------
+
+    def submit_read(self, offset: int, n: int, *, wait: bool = True) -> Request:
+        buf = bytearray(max(0, min(n, self.size - offset)))
+        req = self._submit(OP_READ_FIXED, offset, n, buf, wait)
+        return req
+
+    def submit_readinto(self, offset: int, buffer, *, wait: bool = True) -> Request:
+        mv = memoryview(buffer).cast("B")
+        return self._submit(OP_READ_FIXED, offset, len(mv), mv, wait)
+
+    def submit_write(self, offset: int, data, *, wait: bool = True) -> Request:
+        mv = memoryview(data).cast("B")
+        return self._submit(OP_WRITE_FIXED, offset, len(mv), mv, wait)
+
+    def submit_flush(self, *, wait: bool = True) -> Request:
+        self._check()
+        req = Request(self, OP_FSYNC, None, 0)
+        self._post(req, self._slot(wait), OP_FSYNC, 0, 0, 0, wait)
+        return req
+
+    def pread(self, offset: int, n: int) -> bytes:
+        req = self.submit_read(offset, n)
+        req.result()
+        return bytes(req.buf[:req.short])
+
+    def preadinto(self, offset: int, buffer) -> int:
+        return self.submit_readinto(offset, buffer).result()
+
+    def pwrite(self, offset: int, data) -> int:
+        return self.submit_write(offset, data).result()
+
+    def flush(self) -> None:
+        self.submit_flush().result()
+
+    def reap(self, timeout: float | None = 0) -> int:
+        """Handle whatever responses arrived (waiting up to `timeout`)."""
+        self._check()
+        return self._reap(timeout)
+
+    @contextlib.contextmanager
+    def read_view(self, offset: int, n: int):
+        """Zero copy: read at most one slot and lend a read-only view of the
+        slot itself; the slot is reused only after the block ends."""
+        if not 0 < n <= self.slot_size:
+            raise ValueError(f"a view covers 1 to {self.slot_size} bytes (one slot), got {n}")
+        req = self._submit(OP_READ_FIXED, offset, n, None, True)
+        got = req.result()
+        slot = req.lent_slot
+        view = (self.pool[slot * self.slot_size: slot * self.slot_size + got].toreadonly()
+                if slot is not None else memoryview(b""))
+        try:
+            yield view
+        finally:
+            view.release()
+            if slot is not None:
+                self.free.append(slot)
+
+    def file(self) -> "ChannelFile":
+        return ChannelFile(self)
+
+    def close(self) -> None:
+        """Fail anything still in flight with ChannelClosed, tell the
+        monitor, release the ring. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        exc = ChannelClosed("channel closed with the request in flight")
+        for req, _, _ in list(self.inflight.values()):
+            req._fail(exc)
+        self.inflight.clear()
+        with contextlib.suppress(OSError, protocol.ProtocolError, ConnectionError):
+            if not self.failed:
+                # Answered once the worker is gone and the extent is free.
+                self.sock.settimeout(5.0)
+                protocol.request(self.sock, {"op": "close"})
+        self.sock.close()
+        self.pool.release()
+        self.end.drop_task_table()
+        if self.tasks is not None:
+            self.tasks.close()
+        self.end.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ChannelFile(io.RawIOBase):
+    """A channel as an ordinary binary file: seek, read, readinto, write."""
+
+    def __init__(self, channel: Channel):
+        super().__init__()
+        self.channel = channel
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.channel.size}[whence]
+        if base + offset < 0:
+            raise OSError(errno.EINVAL, "negative seek position")
+        self.pos = base + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b) -> int:
+        if self.pos >= self.channel.size:
+            return 0
+        n = self.channel.preadinto(self.pos, b)
+        self.pos += n
+        return n
+
+    def write(self, b) -> int:
+        n = self.channel.pwrite(self.pos, b)
+        self.pos += n
+        return n
+
+    def flush(self) -> None:
+        if not self.closed and not self.channel.closed:
+            self.channel.flush()
+
+
+class AsyncChannel:
+    """asyncio face of a channel: the ring's eventfd is a reader on the loop
+    (the worker is asked to signal after every publish) and so is the
+    control connection, so a failure wakes every waiter."""
+
+    def __init__(self, channel: Channel):
+        self.ch = channel
+        self.loop = asyncio.get_running_loop()
+        self.slot_freed = asyncio.Event()
+        channel.end.hold_wakeup(True)
+        self.loop.add_reader(channel.end.eventfd, self._ready)
+        self.loop.add_reader(channel.sock.fileno(), self._ready)
+
+    def _ready(self) -> None:
+        with contextlib.suppress(ChannelFailed, ChannelClosed, BlockingIOError):
+            os.eventfd_read(self.ch.end.eventfd)
+        try:
+            self.ch.end.hold_wakeup(True)
+            if self.ch.end.readable:
+                self.ch._reap(0)
+            elif self.ch.sock in _readable([self.ch.sock]):
+                self.ch._hear_monitor()
+        except (ChannelFailed, ChannelClosed):
+            pass
+        self.slot_freed.set()
+
+    async def _await(self, make) -> object:
+        while True:
+            try:
+                req = make()
+                break
+            except BlockingIOError:
+                self.slot_freed.clear()
+                await self.slot_freed.wait()
+        fut = self.loop.create_future()
+        if req.done:
+            fut.set_result(None)
+        else:
+            req.callbacks.append(lambda r: fut.done() or fut.set_result(None))
+        await fut
+        return req.result(0)
+
+    async def pread(self, offset: int, n: int) -> bytes:
+        holder = []
+
+        def make():
+            req = self.ch.submit_read(offset, n, wait=False)
+            holder.append(req)
+            return req
+        await self._await(make)
+        return bytes(holder[-1].buf[:holder[-1].short])
+
+    async def pwrite(self, offset: int, data) -> int:
+        return await self._await(lambda: self.ch.submit_write(offset, data, wait=False))
+
+    async def flush(self) -> None:
+        await self._await(lambda: self.ch.submit_flush(wait=False))
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.ch.end.eventfd)
+        self.loop.remove_reader(self.ch.sock.fileno())
+        if not self.ch.closed:
+            self.ch.end.hold_wakeup(False)
+
+
+def _readable(socks) -> list:
+    r, _, _ = select.select(socks, [], [], 0)
+    return r

@@ -1,0 +1,72 @@
+"""A pair's configuration: what ``drb up`` was asked for, validated once.
+
+The CLI builds it from its arguments, the pair's daemon receives it as its
+spec, and nothing else decides what a pair is. Pure logic: tested without
+root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from drb_uring.spec import Spec, SpecError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,30}$")
+FAMILIES = {"unix": 1, "inet": 2, "inet6": 10, "netlink": 16, "packet": 17}
+DEFAULT_DENY = ("inet", "inet6", "packet")
+MIN_SIZE = 1 << 20
+_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'4k', '64m', '1g', '2t' or plain bytes; powers of 1024."""
+    t = str(text).strip().lower()
+    mult = _UNITS.get(t[-1:], 1)
+    digits = t[:-1] if t[-1:] in _UNITS else t
+    if not digits.isdigit():
+        raise SpecError(f"not a size: {text!r} (a number with an optional suffix "
+                        f"k, m, g or t, e.g. 4k, 256m, 1g)")
+    n = int(digits) * mult
+    if n <= 0:
+        raise SpecError(f"size must be positive: {text!r}")
+    return n
+
+
+def check_name(name: str) -> None:
+    if not NAME_RE.match(name):
+        raise SpecError(f"bad pair name {name!r}: use 1-31 of a-z, 0-9, '-', '_', "
+                        "starting with a letter or digit")
+
+
+@dataclasses.dataclass(frozen=True)
+class PairConfig(Spec):
+    name: str
+    backing: str | None = None         # an existing file as the device
+    size: int = 256 << 20              # or a new file of this size
+    blockdev: str | None = None        # or a block device
+    o_direct: bool = False
+    attach_user: int | None = None     # pair existing containers instead
+    attach_driver: int | None = None
+    deny: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_DENY))
+    no_monitor: bool = False
+
+    def check(self) -> None:
+        check_name(self.name)
+        if self.backing is not None and self.blockdev is not None:
+            raise SpecError("--backing and --blockdev exclude each other")
+        if self.size < MIN_SIZE:
+            raise SpecError(f"size {self.size} is too small (at least 1m)")
+        if (self.attach_user is None) != (self.attach_driver is None):
+            raise SpecError("--attach-user and --attach-driver go together")
+        for pid in (self.attach_user, self.attach_driver):
+            if pid is not None and pid <= 1:
+                raise SpecError(f"cannot attach to pid {pid}")
+        bad = [f for f in self.deny if f not in FAMILIES]
+        if bad:
+            raise SpecError(f"unknown address family {bad[0]!r}; choose from "
+                            f"{', '.join(FAMILIES)}")
+
+    @property
+    def attached(self) -> bool:
+        return self.attach_user is not None

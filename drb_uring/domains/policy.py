@@ -1,0 +1,91 @@
+"""The domains' cgroup-BPF policies (device and socket), loaded with bcc.
+
+Programs live in bpf/ and are specialised with -D flags. The owner keeps
+the BPF objects for as long as the pair lives and detaches every program it
+attached when it closes; if it dies instead, the attachments stay on the
+groups (the kernel holds them) until the groups are removed, so a running
+domain is never left without its policy.
+"""
+
+from __future__ import annotations
+
+import os
+
+from drb_uring import bpf
+from drb_uring.domains.config import FAMILIES
+from drb_uring.errors import DrbError
+
+
+class PolicyError(DrbError):
+    pass
+
+
+def _bcc():
+    try:
+        from bcc import BPF, BPFAttachType
+    except ImportError as e:
+        raise PolicyError(f"bcc is missing ({e}); install python3-bpfcc "
+                          "(make setup does)") from None
+    return BPF, BPFAttachType
+
+
+def family_mask(deny: tuple[str, ...]) -> int:
+    mask = 0
+    for name in deny:
+        if name not in FAMILIES:
+            raise PolicyError(f"unknown address family {name!r}; "
+                              f"choose from {', '.join(FAMILIES)}")
+        mask |= 1 << FAMILIES[name]
+    return mask
+
+
+class Policies:
+    def __init__(self):
+        self.objs = []
+        self.attached: list[tuple[object, int, int]] = []   # (fn, cgroup fd, type)
+
+    def _load(self, src: str, fn: str, prog_type_name: str, cflags: list[str]):
+        BPF, _ = _bcc()
+        try:
+            b = BPF(src_file=str(bpf.DIR / src), cflags=cflags)
+            f = b.load_func(fn, getattr(BPF, prog_type_name))
+        except Exception as e:
+            raise PolicyError(f"bcc could not compile or load bpf/{src}: {e}") from None
+        self.objs.append(b)
+        return f
+
+    def _attach(self, fn, group: str, attach_type_name: str) -> None:
+        BPF, T = _bcc()
+        fd = os.open(group, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            BPF.attach_func(fn, fd, getattr(T, attach_type_name))
+        except Exception as e:
+            os.close(fd)
+            raise PolicyError(f"attaching {fn.name.decode()} to {group}: {e}") from None
+        self.attached.append((fn, fd, getattr(T, attach_type_name)))
+
+    def device(self, group: str, block: tuple[int, int] | None) -> None:
+        major, minor = block or (-1, -1)
+        fn = self._load("policy_device.c", "drb_dev_policy", "CGROUP_DEVICE",
+                        [f"-DALLOW_BLOCK_MAJOR={major}", f"-DALLOW_BLOCK_MINOR={minor}"])
+        self._attach(fn, group, "CGROUP_DEVICE")
+
+    def sockets(self, group: str, deny: tuple[str, ...]) -> None:
+        mask = family_mask(tuple(d for d in deny if d != "packet"))
+        fn = self._load("policy_sock.c", "drb_sock_policy", "CGROUP_SOCK",
+                        [f"-DDENY_MASK={mask}ULL"])
+        self._attach(fn, group, "CGROUP_INET_SOCK_CREATE")
+
+    def close(self) -> None:
+        """Detach everything attached here and free the programs. Idempotent."""
+        BPF, _ = _bcc()
+        while self.attached:
+            fn, fd, kind = self.attached.pop()
+            try:
+                BPF.detach_func(fn, fd, kind)
+            except Exception:
+                pass        # the group is already gone: nothing to detach
+            os.close(fd)
+        for b in self.objs:
+            b.cleanup()
+        self.objs.clear()

@@ -1,0 +1,218 @@
+"""The host's enforcement service: loads the eBPF programs once for all pairs.
+
+Started by the first broker that needs it (EnforceClient), it serves every
+broker on this host over a Unix socket, and when the last one disconnects
+it detaches and unloads the programs and exits. Each client is a broker
+process; what a client registered (its tgid, its grants, its watched
+cgroups) goes away with its connection.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+
+from drb_uring import procs, protocol
+from drb_uring.enforce.client import OPS, SERVICE_LOCK, SERVICE_SOCK
+from drb_uring.enforce.programs import EnforceError, Enforcer
+from drb_uring.spec import Spec
+
+log = logging.getLogger("drb.enforce")
+
+
+class Client:
+    def __init__(self, conn: socket.socket):
+        self.conn = conn
+        self.tgid = 0
+        self.gids: set[int] = set()
+        self.watched: set[str] = set()
+        self.counting = False
+
+
+class Service:
+    def __init__(self):
+        self.enforcer = Enforcer()
+        self.sel = selectors.DefaultSelector()
+        self.sock = protocol.listen(SERVICE_SOCK)
+        self.sel.register(self.sock, selectors.EVENT_READ, None)
+        self.clients: dict[int, Client] = {}
+        self.stopping = False
+        self.served = 0
+
+    def _accept(self) -> None:
+        conn, _ = self.sock.accept()
+        conn.setblocking(True)
+        c = Client(conn)
+        self.clients[conn.fileno()] = c
+        self.sel.register(conn, selectors.EVENT_READ, c)
+        self.served += 1
+
+    def _drop(self, c: Client) -> None:
+        for gid in c.gids:
+            self.enforcer.ungrant(gid)
+        for path in c.watched:
+            self.enforcer.unwatch(path)
+        if c.counting:
+            self.enforcer.count_off()
+        if c.tgid:
+            self.enforcer.remove_broker(c.tgid)
+        self.sel.unregister(c.conn)
+        self.clients.pop(c.conn.fileno(), None)
+        c.conn.close()
+
+    def _handle(self, c: Client, msg: dict) -> tuple[dict, list[int]]:
+        op = msg["op"]
+        if op == "hello":
+            c.tgid = protocol.int_field(msg, "tgid", 1, 1 << 22)
+            self.enforcer.add_broker(c.tgid)
+            return {}, []
+        if not c.tgid:
+            raise protocol.ProtocolError("say hello first")
+        if op == "grant":
+            extent = msg.get("extent")
+            if not (isinstance(extent, list) and len(extent) == 2):
+                raise protocol.ProtocolError("grant needs extent [base, size]")
+            gid, fd = self.enforcer.grant(c.tgid, protocol.int_field(msg, "fd", 0, 1 << 20),
+                                     protocol.int_field(msg, "pool_base", 0, (1 << 64) - 1),
+                                     protocol.int_field(msg, "slot_size", 1, 1 << 30),
+                                     protocol.int_field(msg, "slot_count", 1, 1 << 16),
+                                     (int(extent[0]), int(extent[1])))
+            c.gids.add(gid)
+            return {"channel": gid}, [fd]
+        gid_ok = lambda g: g in c.gids   # noqa: E731 - a client sees only its own
+        if op == "failed":
+            gid = protocol.int_field(msg, "channel", 1, 1 << 31)
+            return {"reason": self.enforcer.failed(gid) if gid_ok(gid) else None}, []
+        if op == "ungrant":
+            gid = protocol.int_field(msg, "channel", 1, 1 << 31)
+            if gid_ok(gid):
+                self.enforcer.ungrant(gid)
+                c.gids.discard(gid)
+            return {}, []
+        if op == "hist":
+            lease = msg.get("lease", 0)
+            if isinstance(lease, (int, float)) and 0 < lease <= 3600:
+                self.enforcer.trace_lease(lease)
+            gids = [g for g in msg.get("channels", []) if isinstance(g, int) and gid_ok(g)]
+            return {"hist": {str(g): {st: {str(b): n for b, n in bk.items()}
+                                      for st, bk in v.items()}
+                             for g, v in self.enforcer.histograms(gids).items()}}, []
+        if op == "count":
+            on = bool(msg.get("on"))
+            if on != c.counting:
+                self.enforcer.count_on() if on else self.enforcer.count_off()
+                c.counting = on
+            return {}, []
+        if op in ("watch", "unwatch", "counters"):
+            path = msg.get("path")
+            if not isinstance(path, str) or not os.path.isdir(path):
+                raise protocol.ProtocolError(f"not a cgroup directory: {path!r}")
+            if op == "watch":
+                self.enforcer.watch(path)
+                c.watched.add(path)
+                return {}, []
+            if op == "unwatch":
+                self.enforcer.unwatch(path)
+                c.watched.discard(path)
+                return {}, []
+            return {"counters": self.enforcer.counters(path)}, []
+        raise protocol.ProtocolError(f"unknown operation {op!r}")
+
+    def _on_message(self, c: Client) -> None:
+        try:
+            msg, fds = protocol.recv(c.conn, OPS)
+        except (protocol.ProtocolError, OSError) as e:
+            log.warning("dropping a client: %s", e)
+            self._drop(c)
+            return
+        protocol.close_fds(fds)
+        if msg is None:
+            self._drop(c)
+            return
+        out_fds: list[int] = []
+        try:
+            reply, out_fds = self._handle(c, msg)
+            protocol.send(c.conn, {"op": "ok", **reply}, out_fds)
+        except (protocol.ProtocolError, EnforceError, OSError, KeyError, ValueError) as e:
+            try:
+                protocol.send(c.conn, {"op": "error", "error": str(e)})
+            except OSError:
+                pass
+
+    def _last_one_out(self) -> bool:
+        """With no clients left: exit unless one is already queued. Taken
+        under the same lock clients take to connect or start us."""
+        lock = os.open(SERVICE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.sock.setblocking(False)
+            try:
+                self._accept()
+                return False
+            except BlockingIOError:
+                pass
+            finally:
+                self.sock.setblocking(True)
+            os.unlink(SERVICE_SOCK)
+            return True
+        finally:
+            os.close(lock)
+
+    def run(self) -> None:
+        while not self.stopping:
+            for key, _ in self.sel.select(timeout=0.5):
+                if key.data is None:
+                    self._accept()
+                else:
+                    self._on_message(key.data)
+            self.enforcer.poll()
+            self.enforcer.expire()
+            if self.served and not self.clients and self._last_one_out():
+                break
+
+    def close(self) -> None:
+        for c in list(self.clients.values()):
+            self._drop(c)
+        self.sel.close()
+        self.sock.close()
+        try:
+            os.unlink(SERVICE_SOCK)
+        except FileNotFoundError:
+            pass
+        self.enforcer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    procs.spec_from_argv(Spec, argv)
+    # Detach from whichever monitor started us: we outlive it, and must not
+    # be its child (nor a zombie in its process table when we exit).
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s drb-ebpfd[%(process)d] %(message)s")
+    try:
+        svc = Service()
+    except (EnforceError, OSError) as e:
+        print(f"error: {e}", flush=True)
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: setattr(svc, "stopping", True))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print("ready", flush=True)
+    sys.stdout.close()
+    log.info("programs loaded; serving monitors")
+    try:
+        svc.run()
+    finally:
+        svc.close()
+        log.info("last monitor gone; programs unloaded")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

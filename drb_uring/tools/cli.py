@@ -1,0 +1,304 @@
+"""drb: Double Ring Buffer I/O between a user domain and a driver domain.
+
+The command-line face of drb-uring. Each subcommand prints a one-line
+header saying what it does, then progress lines on long work. The work
+itself lives in the parts (domains.control, tools.bench, tools.trace, ...);
+this module parses, validates and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from drb_uring.errors import DrbError
+
+EXAMPLES = """examples:
+  drb demo                            # a pair on a temporary file, a workload, teardown
+  drb up db --size 1g                 # a pair named db on a new 1 GiB backing file
+  drb up db --blockdev /dev/loop0 --o-direct
+  drb exec db user -- python3 app.py  # run inside the user domain
+  drb status db --json
+  drb down db
+  drb bench --transport drb,drb-poll --op randread --bs 4k --qd 1,32 --seconds 3
+  drb bench --op randread,randwrite,read,write --bs 4k,64k,1m --json io.json
+  drb bench-ring                      # ring round trip vs raw cache line, stream rates
+  drb bench-ring --json ring.json     # also write the figures as JSON
+  drb bench-ring --iters 50000 --count 2000000   # a quicker run
+"""
+
+
+class CliError(DrbError):
+    pass
+
+
+def _positive(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {v!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return n
+
+
+def _progress(line: str) -> None:
+    print(f"  .. {line}", file=sys.stderr, flush=True)
+
+
+def cmd_bench_ring(a: argparse.Namespace) -> int:
+    from drb_uring.tools import ringbench
+    print("Benchmarking the double ring between two processes (Ctrl-C to stop).")
+    rep = ringbench.run(iters=a.iters, count=a.count, progress=_progress)
+    print(ringbench.table(rep))
+    if a.json:
+        ringbench.write_json(rep, a.json)
+        print(f"wrote {a.json}")
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from drb_uring.domains.config import parse_size
+    from drb_uring.tools import bench
+    transports = bench.parse_list(a.transport, bench.TRANSPORTS)
+    ops = bench.parse_list(a.op, list(bench.OPS))
+    sizes = bench.parse_list(a.bs, conv=parse_size)
+    depths = bench.parse_list(a.qd, conv=int)
+    if any(q < 1 or q > 1024 for q in depths):
+        raise CliError("queue depths must be in [1, 1024]")
+    if any(b > 16 << 20 for b in sizes):
+        raise CliError("block sizes must be at most 16m")
+    print("Benchmarking I/O through a channel (Ctrl-C to stop).")
+    mons = bench.parse_list(a.monitor, ["on", "off"])
+    rep = bench.run(transports, ops, sizes, depths, a.seconds, progress=_progress,
+                    monitor=tuple(m == "on" for m in mons), repeat=a.repeat)
+    print(bench.table(rep))
+    if a.json:
+        bench.write_json(rep, a.json)
+        print(f"wrote {a.json}")
+    return 0
+
+
+def _config(a: argparse.Namespace):
+    from drb_uring.domains.config import DEFAULT_DENY, PairConfig, parse_size
+    deny = [x for x in a.deny.split(",") if x] if a.deny is not None else list(DEFAULT_DENY)
+    return PairConfig(name=a.name, backing=a.backing, size=parse_size(a.size),
+                      blockdev=a.blockdev, o_direct=a.o_direct, attach_user=a.attach_user,
+                      attach_driver=a.attach_driver, deny=deny, no_monitor=a.no_monitor)
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    from drb_uring.domains import control
+    cfg = _config(a)
+    if cfg.no_monitor:
+        print("drb: WARNING: --no-monitor: the driver domain's access to user memory "
+              "will not be checked against any I/O task table", file=sys.stderr)
+    if a.foreground:
+        return control.run_pair_here(cfg)
+    print(f"drb: bringing up pair {cfg.name} ...", file=sys.stderr)
+    _print_status(control.start_pair(cfg), True)
+    return 0
+
+
+def cmd_down(a: argparse.Namespace) -> int:
+    from drb_uring.domains import control
+    did = control.stop_pair(a.name)
+    if not did:
+        raise CliError(f"no pair named {a.name!r}")
+    for line in did:
+        print(f"drb: {line}")
+    return 0
+
+
+def _print_status(st: dict, alive: bool) -> None:
+    print(f"pair {st['name']}: {'up' if alive else 'DOWN: its monitor is not running'}")
+    print(f"  daemon/monitor pid {st['daemon_pid']}, socket {st['socket']}")
+    print(f"  device {st['device']} ({st['device_size']} bytes"
+          f"{', O_DIRECT' if st['o_direct'] else ''})")
+    for role in ("user", "driver"):
+        dm = st["domains"][role]
+        print(f"  {role:<6} domain: pid {dm['pid']}, hostname {dm['hostname']}, "
+              f"cgroup {dm['cgroup']}")
+    if not alive:
+        print("  its workers stopped with it and channel calls fail; "
+              f"clean up with: drb down {st['name']}")
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from drb_uring.domains import control
+    names = [a.name] if a.name else control.pair_names()
+    out = []
+    for n in names:
+        st = control.read_state(n)
+        if st is None:
+            if a.name:
+                raise CliError(f"no pair named {n!r}")
+            continue
+        alive = control.daemon_pid(n) is not None
+        out.append({**st, "alive": alive})
+        if not a.json:
+            _print_status(st, alive)
+    if a.json:
+        print(json.dumps(out if not a.name else out[0], indent=2))
+    return 0
+
+
+def cmd_ls(a: argparse.Namespace) -> int:
+    from drb_uring.domains import control
+    print(f"{'NAME':<20}{'STATE':<8}{'DAEMON':>8}  DEVICE")
+    for n in control.pair_names():
+        st = control.read_state(n) or {}
+        alive = control.daemon_pid(n)
+        print(f"{n:<20}{'up' if alive else 'down':<8}{alive or '-':>8}  {st.get('device', '?')}")
+    return 0
+
+
+def cmd_exec(a: argparse.Namespace) -> int:
+    from drb_uring.domains import control
+    cmd = a.cmd[1:] if a.cmd and a.cmd[0] == "--" else a.cmd
+    if not cmd:
+        raise CliError("nothing to run: drb exec NAME {user|driver} -- CMD ...")
+    return control.exec_in(a.name, a.role, cmd).wait()
+
+
+def cmd_trace(a: argparse.Namespace) -> int:
+    from drb_uring.domains import control
+    from drb_uring.tools import trace
+    if a.ebpf:
+        from drb_uring import bpf
+        from drb_uring.enforce.programs import monitor_cflags
+        print(f"// bcc flags: {' '.join(monitor_cflags())}")
+        print((bpf.DIR / "monitor.c").read_text(), end="")
+        return 0
+    if not a.name:
+        raise CliError("which pair? drb trace NAME")
+    st = control.read_state(a.name)
+    if st is None or not control.daemon_pid(a.name):
+        raise CliError(f"pair {a.name!r} is not up")
+    # Each snapshot renews the broker's lease on the stage histograms.
+    lease = a.interval * 2 + 1
+    print(f"Tracing pair {a.name} for {a.seconds:g} s, every {a.interval:g} s "
+          "(latency per stage in microseconds; mode switches per domain). Ctrl-C to stop.")
+    prev = trace.snapshot(st["socket"], lease)
+    t_prev = time.monotonic()
+    end = t_prev + a.seconds
+    while time.monotonic() < end:
+        time.sleep(min(a.interval, max(0.0, end - time.monotonic())))
+        cur = trace.snapshot(st["socket"], lease)
+        now = time.monotonic()
+        print(time.strftime("%H:%M:%S"))
+        sys.stdout.write(trace.render(prev, cur, now - t_prev))
+        print()
+        prev, t_prev = cur, now
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from drb_uring.tools import demo
+    return demo.run(a.seconds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="drb", description=__doc__.splitlines()[0],
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    def command(name: str, help: str):
+        return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    b = command("bench-ring", "measure the double ring against the physical floor")
+    b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    b.add_argument("--iters", type=_positive, default=200_000,
+                   help="round trips per latency measurement (default 200000)")
+    b.add_argument("--count", type=_positive, default=20_000_000,
+                   help="entries streamed at batch 32; batch 1 streams a tenth (default 20000000)")
+    b.set_defaults(func=cmd_bench_ring)
+
+    c = command("bench", "I/O through a channel: IOPS, MB/s, latency, syscalls")
+    c.add_argument("--transport", default="drb,drb-poll", help="drb, drb-poll (default both)")
+    c.add_argument("--op", default="randread", help="randread, randwrite, read, write")
+    c.add_argument("--bs", default="4k", help="block sizes, e.g. 4k,64k,1m")
+    c.add_argument("--qd", default="1,32", help="queue depths, e.g. 1,32")
+    c.add_argument("--seconds", type=float, default=3.0, help="per cell (default 3)")
+    c.add_argument("--repeat", type=_positive, default=1,
+                   help="run every cell this many times, alternating monitor settings")
+    c.add_argument("--monitor", default="on",
+                   help="on, off or on,off: with and without the eBPF monitor (default on)")
+    c.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    c.set_defaults(func=cmd_bench)
+
+    u = command("up", "create a user domain and a driver domain with a monitor")
+    u.add_argument("name", help="the pair's name: 1-31 of a-z, 0-9, '-', '_'")
+    g = u.add_mutually_exclusive_group()
+    g.add_argument("--backing", metavar="PATH", help="an existing file as the device")
+    g.add_argument("--size", default="256m",
+                   help="size of a new backing file: bytes or k, m, g, t (default 256m)")
+    g.add_argument("--blockdev", metavar="DEV", help="a block device as the device")
+    u.add_argument("--o-direct", action="store_true", help="open the device with O_DIRECT")
+    u.add_argument("--attach-user", type=int, metavar="PID",
+                   help="pair an existing container as the user domain")
+    u.add_argument("--attach-driver", type=int, metavar="PID",
+                   help="pair an existing container as the driver domain")
+    u.add_argument("--deny", default=None, metavar="FAMILIES",
+                   help="socket families the user domain may not use "
+                        "(default inet,inet6,packet; '' for none)")
+    u.add_argument("--foreground", action="store_true",
+                   help="run the pair's daemon in this terminal, logging to stderr "
+                        "(Ctrl-C takes the pair down)")
+    u.add_argument("--no-monitor", action="store_true",
+                   help="run WITHOUT the eBPF monitor: no I/O task table is enforced "
+                        "(an explicit, loudly logged opt-out)")
+    u.set_defaults(func=cmd_up)
+
+    d = command("down", "remove a pair and everything it made")
+    d.add_argument("name", help="the pair to take down")
+    d.set_defaults(func=cmd_down)
+
+    s = command("status", "show a pair (or all)")
+    s.add_argument("name", nargs="?", help="the pair (default: every pair)")
+    s.add_argument("--json", action="store_true", help="print the state as JSON")
+    s.set_defaults(func=cmd_status)
+
+    command("ls", "list pairs").set_defaults(func=cmd_ls)
+
+    e = command("exec", "run a command inside a domain")
+    e.add_argument("name", help="the pair")
+    e.add_argument("role", choices=("user", "driver"), help="which domain")
+    e.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...",
+                   help="the command and its arguments, after --")
+    e.set_defaults(func=cmd_exec)
+
+    t = command("trace", "per-stage latency histograms of a pair's channels")
+    t.add_argument("name", nargs="?", help="the pair to trace")
+    t.add_argument("--ebpf", action="store_true",
+                   help="print the monitor's eBPF program and its flags for this kernel, and exit")
+    t.add_argument("--seconds", type=float, default=10.0,
+                   help="how long to trace (default 10)")
+    t.add_argument("--interval", type=float, default=1.0,
+                   help="seconds between printouts (default 1)")
+    t.set_defaults(func=cmd_trace)
+
+    m = command("demo", "the main job: a pair, a workload through it, teardown")
+    m.add_argument("--seconds", type=float, default=3.0, help="per benchmark phase (default 3)")
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return a.func(a)
+    except KeyboardInterrupt:
+        print("drb: interrupted", file=sys.stderr)
+        return 130
+    except (DrbError, OSError) as e:
+        print(f"drb: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

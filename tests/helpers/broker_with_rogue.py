@@ -1,0 +1,42 @@
+"""A broker whose workers are rogue (tests/helpers/rogue_worker.py), chosen
+through the broker's own spawn hook:
+
+    python broker_with_rogue.py MODE BROKER_SPEC_JSON
+
+Otherwise exactly `python -m drb_uring.channel.broker BROKER_SPEC_JSON`.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+from drb_uring import procs
+from drb_uring.channel.broker import Broker, BrokerSpec
+
+ROGUE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rogue_worker.py")
+
+
+def main() -> int:
+    mode = sys.argv[1]
+    spec = BrokerSpec.from_json(sys.argv[2])
+
+    def spawn(argv, fds):
+        # argv is [python, -m, drb_uring.channel.worker, SPEC]: keep the spec.
+        proc = subprocess.Popen([sys.executable, ROGUE, mode, argv[-1]], pass_fds=fds,
+                                env=procs.module_env())
+        return proc, proc.pid
+
+    broker = Broker(spec.socket, worker_spin_ns=spec.worker_spin_ns, enforce=spec.enforce,
+                    spawn=spawn)
+    signal.signal(signal.SIGTERM, broker.stop)
+    print("ready", flush=True)
+    try:
+        broker.run()
+    finally:
+        broker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

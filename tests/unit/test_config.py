@@ -1,0 +1,77 @@
+"""A pair's configuration and the specs that cross process boundaries
+(pure logic, no root)."""
+import dataclasses
+import json
+
+import pytest
+
+from drb_uring.channel.worker import WorkerSpec
+from drb_uring.domains.config import PairConfig, parse_size
+from drb_uring.spec import Spec, SpecError
+
+
+@pytest.mark.parametrize("text, n", [("4k", 4096), ("256m", 256 << 20), ("1G", 1 << 30),
+                                     ("2t", 2 << 40), ("12345", 12345)])
+def test_sizes(text, n):
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize("text", ["12q", "", "k", "-1m", "1.5g", "0"])
+def test_bad_sizes_name_the_suffixes(text):
+    with pytest.raises(SpecError, match="k, m, g or t|must be positive"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"name": "Bad/Name"}, "bad pair name 'Bad/Name'"),
+    ({"name": "ok", "size": 1000}, "too small"),
+    ({"name": "ok", "attach_user": 5}, "go together"),
+    ({"name": "ok", "deny": ["inet", "carrier-pigeon"]}, "unknown address family"),
+    ({"name": "ok", "backing": "/a", "blockdev": "/b"}, "exclude each other"),
+    ({"name": "ok", "attach_user": 1, "attach_driver": 7}, "cannot attach to pid 1"),
+])
+def test_pair_config_refuses(kw, words):
+    with pytest.raises(SpecError, match=words):
+        PairConfig(**kw)
+
+
+def test_pair_config_round_trips_through_json():
+    cfg = PairConfig(name="db", size=1 << 30, o_direct=True, deny=["inet"])
+    assert PairConfig.from_json(cfg.to_json()) == cfg
+    assert not cfg.attached
+
+
+def test_spec_parser_trusts_nothing():
+    good = PairConfig(name="db").to_dict()
+    with pytest.raises(SpecError, match="unknown field"):
+        PairConfig.from_dict({**good, "evil": 1})
+    with pytest.raises(SpecError, match="expected <class 'int'>, got '1'"):
+        PairConfig.from_dict({**good, "size": "1"})
+    with pytest.raises(SpecError, match="expected <class 'bool'>"):
+        PairConfig.from_dict({**good, "o_direct": 1})
+    with pytest.raises(SpecError, match="missing"):
+        PairConfig.from_dict({})
+    with pytest.raises(SpecError, match="not JSON"):
+        PairConfig.from_json("{")
+    with pytest.raises(SpecError, match="expected an object"):
+        PairConfig.from_json("[1]")
+
+
+def test_worker_spec_never_carries_the_pool():
+    spec = dict(ring_fd=3, params="00", pool_base=0, ring_fds=[4, 5, -1, 6, 7], extent_base=0,
+                extent_size=4096, align=0, spin_ns=0)
+    assert WorkerSpec.from_json(json.dumps(spec)).ring_fds[2] == -1
+    with pytest.raises(SpecError, match="never the pool"):
+        WorkerSpec.from_dict({**spec, "ring_fds": [4, 5, 8, 6, 7]})
+
+
+def test_nested_types_are_checked():
+    @dataclasses.dataclass(frozen=True)
+    class S(Spec):
+        xs: list[int]
+        m: dict[str, int] | None = None
+    assert S.from_dict({"xs": [1, 2], "m": {"a": 1}}).xs == [1, 2]
+    with pytest.raises(SpecError):
+        S.from_dict({"xs": [1, "2"]})
+    with pytest.raises(SpecError):
+        S.from_dict({"xs": [], "m": {"a": True}})
