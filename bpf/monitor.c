@@ -19,11 +19,11 @@
 
 /* A plain load that the compiler may neither merge with another nor move:
  * the sequence-lock reader below must really read `seq` twice. */
-#define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
+#define DRB_READ_ONCE(x) (*(volatile typeof(x) *)&(x))
 /* Orders the reads of the entry's fields between the two reads of `seq`.
  * A compiler barrier suffices: the JIT keeps the program's load order and
  * x86 does not reorder loads with loads. */
-#define barrier() asm volatile("" ::: "memory")
+#define drb_barrier() asm volatile("" ::: "memory")
 
 struct grant {
     u32 channel;
@@ -145,13 +145,13 @@ RAW_TRACEPOINT_PROBE(io_uring_submit_req)
     struct drb_task *t = bpf_map_lookup_elem(tt, &key);
     if (!t)
         return violation(g, DRB_R_SLOT, slot, user_data, addr, len, pos, op, 0);
-    u32 seq = READ_ONCE(t->seq);
-    barrier();
-    u32 state = READ_ONCE(t->state);
-    u32 top = READ_ONCE(t->op);
-    u32 tlen = READ_ONCE(t->len);
-    u64 toff = READ_ONCE(t->offset);
-    u64 tpost = READ_ONCE(t->post_ns);
+    u32 seq = DRB_READ_ONCE(t->seq);
+    drb_barrier();
+    u32 state = DRB_READ_ONCE(t->state);
+    u32 top = DRB_READ_ONCE(t->op);
+    u32 tlen = DRB_READ_ONCE(t->len);
+    u64 toff = DRB_READ_ONCE(t->offset);
+    u64 tpost = DRB_READ_ONCE(t->post_ns);
     if (seq & 1)
         return violation(g, DRB_R_TORN, slot, user_data, addr, len, pos, op, state);
     if (state != DRB_TASK_ACTIVE)
@@ -167,8 +167,8 @@ RAW_TRACEPOINT_PROBE(io_uring_submit_req)
         return violation(g, DRB_R_EXTENT, slot, user_data, addr, len, pos, op, state);
     if (pos != g->extent_base + toff)
         return violation(g, DRB_R_OFFSET_MISMATCH, slot, user_data, addr, len, pos, op, state);
-    barrier();
-    if (READ_ONCE(t->seq) != seq)
+    drb_barrier();
+    if (DRB_READ_ONCE(t->seq) != seq)
         return violation(g, DRB_R_TORN, slot, user_data, addr, len, pos, op, state);
 
     if (tracing()) {

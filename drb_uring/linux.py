@@ -37,3 +37,28 @@ def die_with_parent(sig: int = 9) -> None:
 
 def setns(fd: int, nstype: int, what: str = "setns") -> None:
     check(libc.setns(fd, nstype), what)
+
+
+SYS_STATX = 332            # x86_64
+AT_EMPTY_PATH = 0x1000
+STATX_DIOALIGN = 0x2000
+BLKSSZGET = 0x1268
+
+
+def dio_alignment(fd: int) -> int:
+    """The offset and length alignment O_DIRECT I/O on `fd` needs: a block
+    device's logical block size, or what statx reports for a file (its
+    file system's rule, e.g. 512 on ext4 over a 512-byte disk)."""
+    import fcntl
+    import stat
+    import struct
+    if stat.S_ISBLK(os.fstat(fd).st_mode):
+        return struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0]
+    buf = ctypes.create_string_buffer(256)
+    syscall(SYS_STATX, fd, b"", AT_EMPTY_PATH, STATX_DIOALIGN, buf, what="statx")
+    mask, = struct.unpack_from("<I", buf, 0)
+    mem_align, offset_align = struct.unpack_from("<II", buf, 152)
+    if not mask & STATX_DIOALIGN or not offset_align:
+        raise OSError(22, "the file system does not say how O_DIRECT I/O must be aligned "
+                          "(no STATX_DIOALIGN): it may not support O_DIRECT")
+    return max(offset_align, mem_align)

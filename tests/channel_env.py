@@ -54,7 +54,7 @@ class BrokerProc:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         s.connect(self.sock_path)
         try:
-            msg = {"op": "register-device", "align": 4096 if o_direct else 0}
+            msg = {"op": "register-device"}
             protocol.request(s, msg, [fd])
         finally:
             os.close(fd)

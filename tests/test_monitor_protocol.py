@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from channel_env import BrokerProc, settled, wait_until
 
-from drb_uring import protocol, ring
+from drb_uring import linux, protocol, ring
 from drb_uring.channel.client import Channel
 from drb_uring.enforce.tasks import OP_READ_FIXED
 from drb_uring.ring import layout as L
@@ -89,20 +89,43 @@ def test_oversized_extent_refused(monitor):
 def test_o_direct_device_enforces_alignment(tmp_path, no_fd_leak):
     m = BrokerProc(tmp_path, o_direct=True)
     try:
+        fd = os.open(m.backing, os.O_RDONLY | os.O_DIRECT)
+        try:
+            want = linux.dio_alignment(fd)      # what the file system asks for
+        finally:
+            os.close(fd)
         with Channel(m.sock_path, 1 << 20, geometry=GEO) as ch:
-            assert ch.pwrite(8192, b"d" * 4096) == 4096
-            assert ch.pread(8192, 4096) == b"d" * 4096
-            with pytest.raises(OSError) as e:
-                ch.pread(100, 4096)
+            a = ch.align
+            assert a == want and a & (a - 1) == 0
+            model = bytearray(os.urandom(4 * a))
+            assert ch.pwrite(0, model) == len(model)
+            # The README's example, unaligned: staged through aligned blocks.
+            assert ch.pwrite(a + 3, b"hello") == 5
+            model[a + 3:a + 8] = b"hello"
+            assert ch.pread(a + 3, 5) == b"hello"
+            assert ch.pwrite(a - 2, b"XYZW") == 4           # across a block boundary
+            model[a - 2:a + 2] = b"XYZW"
+            assert ch.pread(0, 4 * a) == bytes(model)
+            f = ch.file()
+            f.seek(7)
+            assert f.read(9) == bytes(model[7:16])
+            with ch.read_view(a + 1, 10) as v:
+                assert bytes(v) == bytes(model[a + 1:a + 11])
+            with pytest.raises(OSError, match=f"multiples of {a} bytes") as e:
+                ch.submit_write(5, b"nowait", wait=False)
             assert e.value.errno == errno.EINVAL
-            assert ch.end.post(OP_READ_FIXED, 0, 0, 4096, 4096 + 512, 1, 0)
+            # The worker itself refuses what is not aligned, with the errno.
+            assert ch.end.post(OP_READ_FIXED, 0, 0, a, a + 100, 1, 0)
             assert ch.end.wait_readable(5) == 1
             assert L.decode_cqes(ch.end.pop()) == [(1, -errno.EINVAL, 0)]
     finally:
         m.stop()
+    with open(m.backing, "rb") as f:
+        assert f.read(4 * a) == bytes(model)
 
 
-def test_block_device(tmp_path, no_fd_leak):
+@pytest.mark.parametrize("o_direct", [False, True])
+def test_block_device(tmp_path, no_fd_leak, o_direct):
     img = tmp_path / "disk.img"
     with open(img, "wb") as f:
         f.truncate(16 << 20)
@@ -112,10 +135,13 @@ def test_block_device(tmp_path, no_fd_leak):
     except (OSError, subprocess.CalledProcessError) as e:
         pytest.skip(f"no loop device available: {e}")
     try:
-        m = BrokerProc(tmp_path, device=dev)
+        m = BrokerProc(tmp_path, device=dev, o_direct=o_direct)
         try:
             with Channel(m.sock_path, 8 << 20, geometry=GEO) as ch:
                 assert ch.size == 8 << 20
+                # A loop device's logical blocks are 512 bytes: O_DIRECT asks
+                # for that much alignment, not a page.
+                assert ch.align == (512 if o_direct else 1)
                 ch.pwrite(4096, b"block!")
                 ch.flush()
                 assert ch.pread(4096, 6) == b"block!"

@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Callable
 
-from drb_uring import procs, protocol, ring
+from drb_uring import linux, procs, protocol, ring
 from drb_uring.channel import _grant, _worker
 from drb_uring.channel.extents import ExtentError, Extents
 from drb_uring.channel.worker import WorkerSpec
@@ -62,9 +62,12 @@ class BrokerSpec(Spec):
 
 
 class Device:
-    """The driver domain's device: its fd, size and the extents handed out."""
+    """The driver domain's device: its fd, size and the extents handed out.
+    Everything is read from the fd itself, never taken from the sender's
+    word: its size, and whether it was opened with O_DIRECT and so needs
+    aligned offsets and lengths (`align`, 0 when it does not)."""
 
-    def __init__(self, fd: int, align: int):
+    def __init__(self, fd: int):
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode):
             size = st.st_size
@@ -73,8 +76,9 @@ class Device:
         else:
             raise protocol.ProtocolError("the device must be a regular file or a block device")
         self.fd = fd
-        self.align = align
-        self.extents = Extents(size, align or 1)
+        direct = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        self.align = linux.dio_alignment(fd) if direct else 0
+        self.extents = Extents(size, self.align or 1)
 
     @property
     def size(self) -> int:
@@ -269,12 +273,10 @@ class Broker:
     def _register_device(self, msg: dict, fds: list[int]) -> dict:
         if self.device is not None:
             raise BrokerError("a device is already registered")
-        align = protocol.int_field(msg, "align", 0, 1 << 20) if "align" in msg else 0
-        if align & (align - 1):
-            raise protocol.ProtocolError(f"align {align} is not a power of two")
-        self.device = Device(fds[0], align)
-        log.info("device registered: %d bytes, align %d", self.device.size, align)
-        return {"size": self.device.size}
+        self.device = Device(fds[0])
+        log.info("device registered: %d bytes, O_DIRECT alignment %d", self.device.size,
+                 self.device.align)
+        return {"size": self.device.size, "align": self.device.align}
 
     def _open(self, conn: socket.socket, msg: dict,
               fds: list[int]) -> tuple[dict, list[int]]:
@@ -325,7 +327,8 @@ class Broker:
         self.sel.register(ch.pidfd, selectors.EVENT_READ, ("worker", ch))
         log.info("channel %d open: extent %d+%d, worker pid %d%s", ch.id, extent[0], extent[1],
                  ch.worker_pid, "" if self.enforcer else " (UNMONITORED)")
-        reply = {"channel": ch.id, "extent_size": extent[1], "worker_pid": ch.worker_pid}
+        reply = {"channel": ch.id, "extent_size": extent[1], "worker_pid": ch.worker_pid,
+                 "align": self.device.align}
         if tt_fd >= 0:
             reply["task_table_version"] = tasks.VERSION
             reply["task_table_bytes"] = tasks.TABLE_BYTES
@@ -416,12 +419,14 @@ class Broker:
         log.info("channel %d closed", ch.id)
 
 
-def main(argv: list[str] | None = None) -> int:
-    spec = procs.spec_from_argv(BrokerSpec, argv)
+def serve(spec: BrokerSpec, spawn: SpawnFn = spawn_plain) -> int:
+    """Run a broker as this process until SIGTERM or SIGINT; prints "ready"
+    on stdout once it listens."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s drb-broker[%(process)d] %(message)s")
     try:
-        broker = Broker(spec.socket, worker_spin_ns=spec.worker_spin_ns, enforce=spec.enforce)
+        broker = Broker(spec.socket, worker_spin_ns=spec.worker_spin_ns, enforce=spec.enforce,
+                        spawn=spawn)
     except DrbError as e:
         print(f"drb-broker: {e}", file=sys.stderr)
         return 1
@@ -433,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         broker.close()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return serve(procs.spec_from_argv(BrokerSpec, argv))
 
 
 if __name__ == "__main__":

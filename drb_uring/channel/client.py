@@ -47,14 +47,17 @@ class ChannelFailed(DrbError):
 class Request:
     """One call, possibly split in pieces; a future for its result."""
 
-    __slots__ = ("channel", "op", "buf", "lent_slot", "pending", "short", "error", "done",
-                 "callbacks")
+    __slots__ = ("channel", "op", "buf", "lent_slot", "inner", "pending", "short", "error",
+                 "done", "callbacks")
 
     def __init__(self, channel: "Channel", op: int, buf, n: int):
         self.channel = channel
         self.op = op
         self.buf = buf           # read: destination (None: lend the slot); write: source
         self.lent_slot: int | None = None   # a zero-copy read's slot, lent to the caller
+        # (start, length, destination) of what the caller asked for inside a
+        # larger aligned request (O_DIRECT); the destination is None for writes.
+        self.inner: tuple[int, int, object] | None = None
         self.pending = 0
         self.short = n           # bytes done before the first short piece
         self.error: BaseException | None = None
@@ -78,6 +81,13 @@ class Request:
         self._finish()
 
     def _finish(self) -> None:
+        if self.inner is not None and self.error is None:
+            start, n, dest = self.inner
+            got = max(0, min(self.short - start, n))
+            if dest is not None:
+                dest[:got] = self.buf[start:start + got]
+                self.buf = dest
+            self.short = got
         self.done = True
         for cb in self.callbacks:
             cb(self)
@@ -126,6 +136,8 @@ class Channel:
                     protocol.close_fds(rfds)
                 self.end.set_task_table(self.tasks, reply.get("reap_hist_offset", 0))
             self.size = reply["extent_size"]
+            # O_DIRECT devices take offsets and lengths in multiples of this.
+            self.align = reply.get("align") or 1
             self.worker_pid = reply["worker_pid"]
             self.id = reply["channel"]
             self.end.watch_fd = self.sock.fileno()
@@ -237,7 +249,8 @@ class Channel:
         self.inflight[slot] = (req, pos, n)
         req.pending += 1
 
-    def _submit(self, op: int, off: int, n: int, buf, wait: bool) -> Request:
+    def _submit(self, op: int, off: int, n: int, buf, wait: bool,
+                inner: tuple | None = None) -> Request:
         self._check()
         if off < 0 or n < 0:
             raise ValueError(f"offset and length must be >= 0, got {off} and {n}")
@@ -249,6 +262,7 @@ class Channel:
                                             f"of {self.size} bytes")
             n = self.size - off
         req = Request(self, op, buf, n)
+        req.inner = inner
         if n == 0:
             req._finish()
             return req
@@ -275,17 +289,73 @@ class Channel:
 
     # ---- the API -------------------------------------------------------------
 
+    # ---- O_DIRECT alignment ----------------------------------------------------
+
+    def aligned(self, offset: int, n: int) -> bool:
+        """Whether the device takes [offset, offset+n) as it is."""
+        return (offset | n) % self.align == 0
+
+    def _span(self, offset: int, n: int) -> tuple[int, int]:
+        """The aligned range that covers [offset, offset+n), inside the extent."""
+        lo = offset - offset % self.align
+        return lo, min(-(-(offset + n) // self.align) * self.align, self.size)
+
+    def _read_bounced(self, offset: int, n: int, dest, wait: bool) -> Request:
+        """An unaligned read on an O_DIRECT device: read the aligned range
+        that covers it, then hand over only the part asked for."""
+        n = max(0, min(n, self.size - offset))
+        lo, hi = self._span(offset, n)
+        return self._submit(OP_READ_FIXED, lo, hi - lo, bytearray(hi - lo), wait,
+                            inner=(offset - lo, n, bytearray(n) if dest is None else dest))
+
+    def _rmw_plan(self, offset: int, n: int) -> tuple[int, bytearray, list[int]]:
+        """For an unaligned write: the aligned start, a buffer for the aligned
+        range, and the partial blocks at its ends that must be read first."""
+        if offset < 0 or offset + n > self.size:
+            raise OSError(errno.ERANGE, f"offset {offset}+{n} is beyond the extent "
+                                        f"of {self.size} bytes")
+        lo, hi = self._span(offset, n)
+        ends = set()
+        if offset % self.align:
+            ends.add(lo)
+        if (offset + n) % self.align:
+            ends.add(hi - self.align)
+        return lo, bytearray(hi - lo), sorted(ends)
+
+    def _write_bounced(self, offset: int, data, wait: bool) -> Request:
+        """An unaligned write on an O_DIRECT device: read-modify-write of the
+        partial blocks at either end, then one aligned write."""
+        if not wait:
+            raise OSError(errno.EINVAL, f"this device is opened with O_DIRECT and takes "
+                                        f"offsets and lengths in multiples of {self.align} "
+                                        "bytes; an unaligned write is a read-modify-write, "
+                                        "which cannot be posted without waiting")
+        lo, bounce, ends = self._rmw_plan(offset, len(data))
+        for blk in ends:
+            self.submit_readinto(blk, memoryview(bounce)[blk - lo:blk - lo + self.align]
+                                 ).result()
+        bounce[offset - lo:offset - lo + len(data)] = data
+        return self._submit(OP_WRITE_FIXED, lo, len(bounce), bounce, True,
+                            inner=(offset - lo, len(data), None))
+
+    # ---- the API -------------------------------------------------------------
+
     def submit_read(self, offset: int, n: int, *, wait: bool = True) -> Request:
+        if not self.aligned(offset, n) and offset >= 0 and n >= 0:
+            return self._read_bounced(offset, n, None, wait)
         buf = bytearray(max(0, min(n, self.size - offset)))
-        req = self._submit(OP_READ_FIXED, offset, n, buf, wait)
-        return req
+        return self._submit(OP_READ_FIXED, offset, n, buf, wait)
 
     def submit_readinto(self, offset: int, buffer, *, wait: bool = True) -> Request:
         mv = memoryview(buffer).cast("B")
+        if not self.aligned(offset, len(mv)) and offset >= 0:
+            return self._read_bounced(offset, len(mv), mv, wait)
         return self._submit(OP_READ_FIXED, offset, len(mv), mv, wait)
 
     def submit_write(self, offset: int, data, *, wait: bool = True) -> Request:
         mv = memoryview(data).cast("B")
+        if not self.aligned(offset, len(mv)):
+            return self._write_bounced(offset, mv, wait)
         return self._submit(OP_WRITE_FIXED, offset, len(mv), mv, wait)
 
     def submit_flush(self, *, wait: bool = True) -> Request:
@@ -317,13 +387,17 @@ class Channel:
     def read_view(self, offset: int, n: int):
         """Zero copy: read at most one slot and lend a read-only view of the
         slot itself; the slot is reused only after the block ends."""
-        if not 0 < n <= self.slot_size:
-            raise ValueError(f"a view covers 1 to {self.slot_size} bytes (one slot), got {n}")
-        req = self._submit(OP_READ_FIXED, offset, n, None, True)
-        got = req.result()
+        lo, hi = self._span(offset, n) if n > 0 and offset >= 0 else (offset, offset + n)
+        if not 0 < n <= hi - lo <= self.slot_size:
+            raise ValueError(f"a view covers 1 to {self.slot_size} bytes (one slot"
+                             f"{', aligned to ' + str(self.align) if self.align > 1 else ''})"
+                             f", got {n} at {offset}")
+        req = self._submit(OP_READ_FIXED, lo, hi - lo, None, True)
+        got = max(0, min(req.result() - (offset - lo), n))
         slot = req.lent_slot
-        view = (self.pool[slot * self.slot_size: slot * self.slot_size + got].toreadonly()
-                if slot is not None else memoryview(b""))
+        base = 0 if slot is None else slot * self.slot_size + offset - lo
+        view = (self.pool[base:base + got].toreadonly() if slot is not None
+                else memoryview(b""))
         try:
             yield view
         finally:
@@ -460,7 +534,18 @@ class AsyncChannel:
         return bytes(holder[-1].buf[:holder[-1].short])
 
     async def pwrite(self, offset: int, data) -> int:
-        return await self._await(lambda: self.ch.submit_write(offset, data, wait=False))
+        mv = memoryview(data).cast("B")
+        if self.ch.aligned(offset, len(mv)):
+            return await self._await(lambda: self.ch.submit_write(offset, mv, wait=False))
+        # O_DIRECT and unaligned: the read-modify-write, awaiting each step.
+        lo, bounce, ends = self.ch._rmw_plan(offset, len(mv))
+        a = self.ch.align
+        for blk in ends:
+            await self._await(lambda blk=blk: self.ch.submit_readinto(
+                blk, memoryview(bounce)[blk - lo:blk - lo + a], wait=False))
+        bounce[offset - lo:offset - lo + len(mv)] = mv
+        await self._await(lambda: self.ch.submit_write(lo, bounce, wait=False))
+        return len(mv)
 
     async def flush(self) -> None:
         await self._await(lambda: self.ch.submit_flush(wait=False))

@@ -11,18 +11,21 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 
 from drb_uring import procs
 from drb_uring.domains import cgroup, daemon, nsutil
-from drb_uring.domains.config import PairConfig, check_name
+from drb_uring.domains.config import MIN_SIZE, PairConfig, check_name
 from drb_uring.domains.state import (
     RUN,
     PairError,
     daemon_pid,
+    domain_alive,
     group_dir,
     read_state,
+    record_daemon,
     remove_if_empty,
     require_root,
     state_dir,
@@ -49,6 +52,42 @@ def teardown_leftovers(name: str) -> list[str]:
     return done
 
 
+def _check_device(cfg: PairConfig) -> None:
+    """What can be said about the device before anything starts."""
+    if cfg.blockdev:
+        if not os.path.exists(cfg.blockdev):
+            raise PairError(f"block device {cfg.blockdev} does not exist")
+        if not stat.S_ISBLK(os.stat(cfg.blockdev).st_mode):
+            raise PairError(f"{cfg.blockdev} is not a block device")
+        return
+    if cfg.backing:
+        path = cfg.backing
+        if not os.path.exists(path):
+            raise PairError(f"backing file {path} does not exist")
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise PairError(f"backing file {path} is a directory; give a file "
+                            "(or --size to make one)")
+        if not stat.S_ISREG(st.st_mode):
+            raise PairError(f"backing file {path} is not a regular file "
+                            "(use --blockdev for a block device)")
+        if st.st_size < MIN_SIZE:
+            raise PairError(f"backing file {path} is too small "
+                            f"({st.st_size} bytes; at least 1 MiB)")
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            raise PairError(f"backing file {path} is on a read-only file system")
+        if not os.access(path, os.W_OK):
+            raise PairError(f"backing file {path} is not writable")
+        return
+    # A new backing file, under the pair's state directory.
+    free = os.statvfs(os.path.dirname(RUN) if not os.path.isdir(RUN) else RUN)
+    room = free.f_bavail * free.f_frsize
+    if cfg.size > room:
+        raise PairError(f"--size {cfg.size >> 20} MiB is more than the {room >> 20} MiB "
+                        f"free on {RUN}; use a smaller --size, or --backing on a larger "
+                        "file system")
+
+
 def _preflight(cfg: PairConfig) -> None:
     require_root()
     cgroup.cgroup2_root()
@@ -56,10 +95,7 @@ def _preflight(cfg: PairConfig) -> None:
         import bcc  # noqa: F401
     except ImportError:
         raise PairError("bcc is missing: install python3-bpfcc (make setup does)") from None
-    if cfg.backing and not os.path.exists(cfg.backing):
-        raise PairError(f"backing file {cfg.backing} does not exist")
-    if cfg.blockdev and not os.path.exists(cfg.blockdev):
-        raise PairError(f"block device {cfg.blockdev} does not exist")
+    _check_device(cfg)
     pid = daemon_pid(cfg.name)
     if pid:
         raise PairError(f"pair {cfg.name!r} is already up (daemon pid {pid})")
@@ -69,34 +105,50 @@ def _preflight(cfg: PairConfig) -> None:
 
 def start_pair(cfg: PairConfig) -> dict:
     """Start a pair's daemon in the background and wait until it is up;
-    returns its state."""
+    returns its state. Interrupted (Ctrl-C) or failed, it leaves nothing:
+    the daemon is stopped and everything it made removed."""
     _preflight(cfg)
     d = state_dir(cfg.name)
     os.makedirs(d, mode=0o700)
-    r, w = os.pipe()
-    with open(os.path.join(d, "daemon.log"), "ab") as log:
-        proc = procs.spawn("drb_uring.domains.daemon", daemon.DaemonSpec(config=cfg.to_dict(),
-                                                                          ready_fd=w),
-                           [w], start_new_session=True, stdin=subprocess.DEVNULL,
-                           stdout=log, stderr=log)
-    os.close(w)
-    with open(os.path.join(d, "daemon.pid"), "w") as f:
-        f.write(str(proc.pid))
-    with os.fdopen(r) as rf:
-        line = rf.readline().strip()
-    if line != "ok":
-        proc.wait(30)
-        teardown_leftovers(cfg.name)
-        raise PairError(line.removeprefix("error: ") or "the pair's daemon died while starting")
-    return read_state(cfg.name)
+    try:
+        r, w = os.pipe()
+        with open(os.path.join(d, "daemon.log"), "ab") as log:
+            # Its own session: the pair outlives this command, and a Ctrl-C
+            # here reaches it only as the orderly stop below.
+            proc = procs.spawn("drb_uring.domains.daemon",
+                               daemon.DaemonSpec(config=cfg.to_dict(), ready_fd=w),
+                               [w], start_new_session=True, stdin=subprocess.DEVNULL,
+                               stdout=log, stderr=log)
+        os.close(w)
+        record_daemon(cfg.name, proc.pid)
+        with os.fdopen(r) as rf:
+            line = rf.readline().strip()
+        if line != "ok":
+            proc.wait(30)
+            raise PairError(line.removeprefix("error: ")
+                            or "the pair's daemon died while starting")
+        return read_state(cfg.name)
+    except BaseException:
+        with _no_interrupts():
+            stop_pair(cfg.name)
+        raise
+
+
+class _no_interrupts:
+    """Finish a tear-down whatever the terminal sends meanwhile."""
+
+    def __enter__(self):
+        self.old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.old)
 
 
 def run_pair_here(cfg: PairConfig) -> int:
     """The daemon in this process, logging to stderr (drb up --foreground)."""
     _preflight(cfg)
     os.makedirs(state_dir(cfg.name), mode=0o700)
-    with open(os.path.join(state_dir(cfg.name), "daemon.pid"), "w") as f:
-        f.write(str(os.getpid()))
+    record_daemon(cfg.name, os.getpid())
     return daemon.run(cfg, ready_fd=-1, log_to_stderr=True)
 
 
@@ -129,6 +181,9 @@ def exec_in(name: str, role: str, cmd: list[str], **kw) -> subprocess.Popen:
     if st is None or not daemon_pid(name):
         raise PairError(f"pair {name!r} is not up")
     dm = st["domains"][role]
+    if not domain_alive(st, role):
+        raise PairError(f"the {role} domain of pair {name!r} (pid {dm['pid']}) is gone; "
+                        f"take the pair down with: drb down {name}")
     return nsutil.spawn_in(dm["pid"], cmd, group=dm["cgroup"],
                            packet_filter=role == "user" and "packet" in st["deny"],
                            env=procs.module_env(), **kw)

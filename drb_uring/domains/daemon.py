@@ -30,6 +30,7 @@ from drb_uring.domains.state import (
     PairError,
     group_dir,
     remove_if_empty,
+    start_time,
     state_dir,
     write_state,
 )
@@ -64,6 +65,8 @@ class Pair:
     # ---- set-up ------------------------------------------------------------
 
     def _device_path(self) -> tuple[str, tuple[int, int] | None]:
+        """The device's path and, for a block device, its numbers (checked
+        already by domains.control)."""
         a = self.cfg
         if a.blockdev:
             st = os.stat(a.blockdev)
@@ -71,12 +74,6 @@ class Pair:
                 raise PairError(f"{a.blockdev} is not a block device")
             return a.blockdev, (os.major(st.st_rdev), os.minor(st.st_rdev))
         if a.backing:
-            if not os.path.exists(a.backing):
-                raise PairError(f"backing file {a.backing} does not exist")
-            size = os.path.getsize(a.backing)
-            if size < 1 << 20:
-                raise PairError(f"backing file {a.backing} is too small "
-                                f"({size} bytes; at least 1 MiB)")
             return os.path.abspath(a.backing), None
         path = os.path.join(self.dir, "driver", "backing.img")
         os.makedirs(os.path.dirname(path), mode=0o700)
@@ -98,7 +95,11 @@ class Pair:
             cgroup.join(group)
             linux.die_with_parent()
 
+        # Every process the daemon starts has its own session: a Ctrl-C in
+        # the terminal of `drb up --foreground` reaches the daemon alone,
+        # which then takes the pair down in order.
         proc = subprocess.Popen(args, pass_fds=[w], preexec_fn=enter, env=procs.module_env(),
+                                start_new_session=True,
                                 stdin=subprocess.DEVNULL)
         os.close(w)
         with os.fdopen(r) as rf:
@@ -135,7 +136,7 @@ class Pair:
             nsutil.bind_into(pid, self.sock, self.sock)
 
     def _spawn_worker(self, argv: list[str], fds: list[int]):
-        proc = nsutil.spawn_in(self.pids["driver"], argv,
+        proc = nsutil.spawn_in(self.pids["driver"], argv, start_new_session=True,
                                group=self.groups["driver"],
                                fds=fds, die_with_spawner=True, env=procs.module_env())
         for _ in range(400):
@@ -176,6 +177,7 @@ class Pair:
         spec = RegisterSpec(command="register", socket=self.sock, device=dev_path,
                             o_direct=a.o_direct)
         reg = nsutil.spawn_in(self.pids["driver"], procs.argv("drb_uring.domains.init", spec),
+                              start_new_session=True,
                               group=self.groups["driver"], env=procs.module_env(),
                               stderr=subprocess.PIPE)
         if not self.broker.run_until(lambda: reg.poll() is not None, 20):
@@ -190,7 +192,8 @@ class Pair:
                       "device": dev_path, "device_size": self.broker.device.size,
                       "o_direct": a.o_direct, "attached": a.attached,
                       "domains": {r: {"pid": self.pids[r], "cgroup": self.groups[r],
-                                      "hostname": f"{self.name}-{r}"}
+                                      "started": start_time(self.pids[r]),
+                                      "hostname": nsutil.hostname_of(self.pids[r])}
                                   for r in ("user", "driver")},
                       "deny": list(a.deny), "monitor": not a.no_monitor,
                       "started": time.time()}

@@ -112,15 +112,15 @@ def register(a: RegisterSpec) -> int:
     try:
         fd = os.open(a.device, flags)
     except OSError as e:
-        print(f"drb: the driver domain cannot open {a.device}: {e.strerror}", file=sys.stderr)
+        print(f"the driver domain cannot open {a.device}: {e.strerror}", file=sys.stderr)
         return 1
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         s.connect(a.socket)
-        protocol.request(s, {"op": "register-device", "align": 4096 if a.o_direct else 0},
+        protocol.request(s, {"op": "register-device"},
                          [fd])
     except (OSError, protocol.ProtocolError) as e:
-        print(f"drb: registering the device with the broker failed: {e}", file=sys.stderr)
+        print(f"registering the device with the broker failed: {e}", file=sys.stderr)
         return 1
     finally:
         os.close(fd)

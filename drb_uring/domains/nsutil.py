@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 
 from drb_uring import linux
@@ -69,8 +70,11 @@ def _enter(pid: int, group: str | None, packet_filter: bool, die: bool) -> None:
     child = os.fork()
     if child:
         # Close everything, so the pipe subprocess uses to see our exec is
-        # closed by the real program's exec, not held open by us.
+        # closed by the real program's exec, not held open by us. A Ctrl-C
+        # is the program's to handle (it is in the same process group); this
+        # stand-in only passes its exit status on.
         os.closerange(3, 65536)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         _, status = os.waitpid(child, 0)
         code = os.waitstatus_to_exitcode(status)
         os._exit(code if code >= 0 else 128 - code)
@@ -107,25 +111,38 @@ OPEN_TREE_CLONE, AT_EMPTY_PATH, MOVE_MOUNT_F_EMPTY_PATH, MNT_DETACH = 1, 0x1000,
 AT_FDCWD = -100
 
 
-def _in_mount_ns(pid: int, action) -> None:
-    """Run action() in a forked child that joined pid's mount namespace;
-    raise OSError with the child's message if it failed."""
+def in_child(pid: int, action) -> str:
+    """Run action() in a forked child (which may join pid's namespaces) and
+    return what it returned, as text; raise OSError with the child's message
+    if it failed. The caller's own namespaces never change."""
     r, w = os.pipe()
     child = os.fork()
     if child == 0:
         os.close(r)
         try:
-            action()
+            out = action() or ""
+            os.write(w, b"ok:" + str(out).encode()[:4000])
             os._exit(0)
         except BaseException as e:   # report, never return into the parent's code
-            os.write(w, str(e).encode()[:4000])
+            os.write(w, b"error:" + str(e).encode()[:4000])
             os._exit(1)
     os.close(w)
     with os.fdopen(r, "rb") as f:
         msg = f.read().decode()
     _, status = os.waitpid(child, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise OSError(msg or f"helper for pid {pid} failed")
+    if os.waitstatus_to_exitcode(status) != 0 or not msg.startswith("ok:"):
+        raise OSError(msg.removeprefix("error:") or f"helper for pid {pid} failed")
+    return msg[3:]
+
+
+def hostname_of(pid: int) -> str:
+    """The host name process `pid` sees (its UTS namespace's)."""
+    def action():
+        import socket
+        fd = os.open(f"/proc/{pid}/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
+        linux.setns(fd, CLONE_NEWUTS, f"setns(uts) into {pid}")
+        return socket.gethostname()
+    return in_child(pid, action)
 
 
 def _setns_mnt(pid: int) -> None:
@@ -148,7 +165,7 @@ def bind_into(pid: int, src: str, dst: str) -> None:
             open(dst, "w").close()
         linux.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, dst.encode(),
                       MOVE_MOUNT_F_EMPTY_PATH, what=f"move_mount to {dst}")
-    _in_mount_ns(pid, action)
+    in_child(pid, action)
 
 
 def unbind_from(pid: int, path: str) -> None:
@@ -156,6 +173,6 @@ def unbind_from(pid: int, path: str) -> None:
         _setns_mnt(pid)
         linux.libc.umount2(path.encode(), MNT_DETACH)
     try:
-        _in_mount_ns(pid, action)
+        in_child(pid, action)
     except (OSError, FileNotFoundError):
         pass        # the container is gone: so is the mount

@@ -47,14 +47,31 @@ def write_state(name: str, state: dict) -> None:
     os.replace(tmp, os.path.join(state_dir(name), "state.json"))
 
 
+def start_time(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot): with the pid, an identity
+    a recycled pid cannot fake."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def record_daemon(name: str, pid: int) -> None:
+    """Note the pair's daemon as pid and start time, in the pair's host-only
+    state directory."""
+    with open(os.path.join(state_dir(name), "daemon.pid"), "w") as f:
+        f.write(f"{pid} {start_time(pid)}\n")
+
+
 def daemon_pid(name: str) -> int | None:
+    """The pid of the pair's daemon if that very process still runs."""
     try:
         with open(os.path.join(state_dir(name), "daemon.pid")) as f:
-            pid = int(f.read())
-        os.kill(pid, 0)
-        return pid
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+            pid, started = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
         return None
+    return pid if start_time(pid) == started else None
 
 
 def pair_names() -> list[str]:
@@ -70,3 +87,23 @@ def remove_if_empty(path: str) -> None:
         os.rmdir(path)
     except OSError:
         pass
+
+
+def domain_alive(st: dict, role: str) -> bool:
+    """Whether the domain recorded in state `st` still runs: the same
+    process (pid and start time), not a recycled pid."""
+    dm = st["domains"][role]
+    return dm.get("started") is not None and start_time(dm["pid"]) == dm["started"]
+
+
+def describe(name: str) -> tuple[dict, str] | None:
+    """A pair's state and one word for it: up, degraded (a domain is gone)
+    or down (its daemon is gone). None if there is no such pair."""
+    st = read_state(name)
+    if st is None:
+        return None
+    if not daemon_pid(name):
+        return st, "down"
+    if not all(domain_alive(st, r) for r in ("user", "driver")):
+        return st, "degraded"
+    return st, "up"

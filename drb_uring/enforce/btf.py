@@ -28,6 +28,8 @@ class BTFError(Exception):
 
 class BTF:
     def __init__(self, data: bytes):
+        if len(data) < 24:
+            raise BTFError(f"not BTF data ({len(data)} bytes)")
         magic, version, _flags, hdr_len, type_off, type_len, str_off, str_len = \
             struct.unpack_from("<HBBIIIII", data)
         if magic != 0xEB9F:

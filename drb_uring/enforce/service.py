@@ -201,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     except (EnforceError, OSError) as e:
         print(f"error: {e}", flush=True)
         return 1
+    except Exception as e:       # a bug: the log keeps the traceback
+        log.exception("the service could not start")
+        print(f"error: the eBPF service could not start ({type(e).__name__}: {e}); "
+              "see /var/log/drb-ebpfd.log", flush=True)
+        return 1
     signal.signal(signal.SIGTERM, lambda *_: setattr(svc, "stopping", True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     print("ready", flush=True)

@@ -61,14 +61,19 @@ class Domains:
         from drb_uring.enforce.client import EnforceClient
         self.root = os.path.join(cgroup.cgroup2_root(), "drb", f"bench-{os.getpid()}")
         self.home = cgroup.path_of(os.getpid())
+        self.enforcer = None
         os.makedirs(self.root)
-        self.user = os.path.join(self.root, "user")
-        self.driver = os.path.join(self.root, "driver")
-        os.mkdir(self.user)
-        os.mkdir(self.driver)
-        self.enforcer = EnforceClient()
-        self.enforcer.watch(self.user)
-        self.enforcer.watch(self.driver)
+        try:
+            self.user = os.path.join(self.root, "user")
+            self.driver = os.path.join(self.root, "driver")
+            os.mkdir(self.user)
+            os.mkdir(self.driver)
+            self.enforcer = EnforceClient()
+            self.enforcer.watch(self.user)
+            self.enforcer.watch(self.driver)
+        except BaseException:
+            self.close()         # a failed start leaves no group behind
+            raise
 
     def counters(self) -> dict:
         return {"user": self.enforcer.counters(self.user),
@@ -76,7 +81,8 @@ class Domains:
 
     def close(self) -> None:
         cgroup.join(self.home)
-        self.enforcer.close()
+        if self.enforcer is not None:
+            self.enforcer.close()
         cgroup.kill_and_remove(self.root)
         with contextlib.suppress(OSError):
             os.rmdir(os.path.dirname(self.root))

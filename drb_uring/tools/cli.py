@@ -98,7 +98,13 @@ def cmd_up(a: argparse.Namespace) -> int:
     if a.foreground:
         return control.run_pair_here(cfg)
     print(f"drb: bringing up pair {cfg.name} ...", file=sys.stderr)
-    _print_status(control.start_pair(cfg), True)
+    try:
+        st = control.start_pair(cfg)
+    except KeyboardInterrupt:
+        print(f"drb: interrupted: pair {cfg.name} was not brought up; everything it had "
+              "started is removed", file=sys.stderr)
+        return 130
+    _print_status(st, "up")
     return 0
 
 
@@ -112,46 +118,52 @@ def cmd_down(a: argparse.Namespace) -> int:
     return 0
 
 
-def _print_status(st: dict, alive: bool) -> None:
-    print(f"pair {st['name']}: {'up' if alive else 'DOWN: its monitor is not running'}")
+def _print_status(st: dict, condition: str) -> None:
+    from drb_uring.domains import state
+    head = {"up": "up", "down": "DOWN: its monitor is not running",
+            "degraded": "DEGRADED: a domain is gone"}[condition]
+    print(f"pair {st['name']}: {head}")
     print(f"  daemon/monitor pid {st['daemon_pid']}, socket {st['socket']}")
     print(f"  device {st['device']} ({st['device_size']} bytes"
           f"{', O_DIRECT' if st['o_direct'] else ''})")
     for role in ("user", "driver"):
         dm = st["domains"][role]
+        gone = "" if state.domain_alive(st, role) else "  GONE"
         print(f"  {role:<6} domain: pid {dm['pid']}, hostname {dm['hostname']}, "
-              f"cgroup {dm['cgroup']}")
-    if not alive:
-        print("  its workers stopped with it and channel calls fail; "
-              f"clean up with: drb down {st['name']}")
+              f"cgroup {dm['cgroup']}{gone}")
+    if condition != "up":
+        print("  its channels fail; clean up with: "
+              f"drb down {st['name']}")
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    from drb_uring.domains import control
-    names = [a.name] if a.name else control.pair_names()
+    from drb_uring.domains import state
+    state.require_root()       # pair state is readable by root only
+    names = [a.name] if a.name else state.pair_names()
     out = []
     for n in names:
-        st = control.read_state(n)
-        if st is None:
+        got = state.describe(n)
+        if got is None:
             if a.name:
                 raise CliError(f"no pair named {n!r}")
             continue
-        alive = control.daemon_pid(n) is not None
-        out.append({**st, "alive": alive})
+        st, condition = got
+        out.append({**st, "state": condition, "alive": condition != "down"})
         if not a.json:
-            _print_status(st, alive)
+            _print_status(st, condition)
     if a.json:
         print(json.dumps(out if not a.name else out[0], indent=2))
     return 0
 
 
 def cmd_ls(a: argparse.Namespace) -> int:
-    from drb_uring.domains import control
-    print(f"{'NAME':<20}{'STATE':<8}{'DAEMON':>8}  DEVICE")
-    for n in control.pair_names():
-        st = control.read_state(n) or {}
-        alive = control.daemon_pid(n)
-        print(f"{n:<20}{'up' if alive else 'down':<8}{alive or '-':>8}  {st.get('device', '?')}")
+    from drb_uring.domains import state
+    state.require_root()       # pair state is readable by root only
+    print(f"{'NAME':<20}{'STATE':<10}{'DAEMON':>8}  DEVICE")
+    for n in state.pair_names():
+        st, condition = state.describe(n) or ({}, "starting")
+        pid = state.daemon_pid(n)
+        print(f"{n:<20}{condition:<10}{pid or '-':>8}  {st.get('device', '?')}")
     return 0
 
 
@@ -164,7 +176,7 @@ def cmd_exec(a: argparse.Namespace) -> int:
 
 
 def cmd_trace(a: argparse.Namespace) -> int:
-    from drb_uring.domains import control
+    from drb_uring.domains import state
     from drb_uring.tools import trace
     if a.ebpf:
         from drb_uring import bpf
@@ -174,8 +186,13 @@ def cmd_trace(a: argparse.Namespace) -> int:
         return 0
     if not a.name:
         raise CliError("which pair? drb trace NAME")
-    st = control.read_state(a.name)
-    if st is None or not control.daemon_pid(a.name):
+    if not a.seconds > 0:
+        raise CliError(f"--seconds must be more than 0, got {a.seconds:g}")
+    if not 0.1 <= a.interval <= 3600:
+        raise CliError(f"--interval must be between 0.1 and 3600 seconds, got {a.interval:g}")
+    state.require_root()
+    st = state.read_state(a.name)
+    if st is None or not state.daemon_pid(a.name):
         raise CliError(f"pair {a.name!r} is not up")
     # Each snapshot renews the broker's lease on the stage histograms.
     lease = a.interval * 2 + 1

@@ -9,15 +9,18 @@ everything down, also when interrupted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from drb_uring import procs
-from drb_uring.domains import control
+from drb_uring.domains import control, state
 from drb_uring.domains.config import PairConfig
 from drb_uring.tools import hist
 from drb_uring.tools.workload import WorkloadSpec
@@ -28,6 +31,23 @@ def _say(msg: str) -> None:
     print(f"  .. {msg}", file=sys.stderr, flush=True)
 
 
+DEVICE_SIZE = 128 << 20
+CHANNEL_SIZE = 64 << 20
+
+
+def _fill(path: str, size: int) -> str:
+    """A backing file of random bytes; returns the sha256 of its first
+    CHANNEL_SIZE / 2 bytes, which the workload reads through the channel."""
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for off in range(0, size, 1 << 20):
+            chunk = os.urandom(1 << 20)
+            if off < CHANNEL_SIZE // 2:
+                h.update(chunk)
+            f.write(chunk)
+    return h.hexdigest()
+
+
 def run(seconds: float) -> int:
     name = f"demo-{os.getpid()}"
     t0 = time.monotonic()
@@ -35,15 +55,19 @@ def run(seconds: float) -> int:
           "(Ctrl-C tears down)")
     # Ctrl-C must reach our finally block, not kill us mid-teardown.
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    work = tempfile.mkdtemp(prefix="drb-demo-", dir="/var/tmp")
     try:
-        _say(f"bringing up pair {name} on a 256 MiB temporary backing file")
-        st = control.start_pair(PairConfig(name=name))
+        backing = os.path.join(work, "device.img")
+        _say(f"filling a {DEVICE_SIZE >> 20} MiB backing file with random data")
+        want = _fill(backing, DEVICE_SIZE)
+        _say(f"bringing up pair {name} on it")
+        st = control.start_pair(PairConfig(name=name, backing=backing))
         u, d = st["domains"]["user"], st["domains"]["driver"]
         _say(f"user domain {u['hostname']} (pid {u['pid']}), driver domain "
              f"{d['hostname']} (pid {d['pid']}), monitor pid {st['daemon_pid']}")
-        _say(f"running the workload inside the user domain ({2 * seconds:g} s of "
-             "benchmark after a file-like pass)")
-        spec = WorkloadSpec(socket=st["socket"], seconds=seconds)
+        _say(f"running the workload inside the user domain (a file-like pass, then "
+             f"{2 * seconds:g} s of random reads)")
+        spec = WorkloadSpec(socket=st["socket"], size=CHANNEL_SIZE, seconds=seconds)
         proc = control.exec_in(name, "user", procs.argv("drb_uring.tools.workload", spec),
                                stdout=subprocess.PIPE)
         out, _ = proc.communicate()
@@ -51,23 +75,27 @@ def run(seconds: float) -> int:
             print(f"drb demo: the workload failed (exit {proc.returncode})", file=sys.stderr)
             return 1
         rep = json.loads(out.decode().strip().splitlines()[-1])
-        f = rep["file"]
-        print(f"\nfile-like API: wrote and read back {f['bytes'] >> 20} MiB in "
-              f"{f['seconds']:.2f} s, sha256 {'matches' if f['sha256_ok'] else 'DIFFERS'}")
+        r, w = rep["read"], rep["write"]
+        read_ok = r["sha256"] == want
+        with open(backing, "rb") as f:     # the write, as the device has it
+            f.seek(CHANNEL_SIZE // 2)
+            on_disk = hashlib.sha256(f.read(w["bytes"])).hexdigest() == w["sha256"]
+        print(f"\nfile-like API: read {r['bytes'] >> 20} MiB of the device's data in "
+              f"{r['seconds']:.2f} s, sha256 {'matches the file' if read_ok else 'DIFFERS'}; "
+              f"wrote and read back {w['bytes'] >> 20} MiB in {w['seconds']:.2f} s, "
+              f"{'on the device' if on_disk and w['sha256_ok'] else 'DIFFERS'}")
         print(f"\n{'workload':<22}{'IOPS':>11}{'MB/s':>9}{'p50 us':>9}{'p99 us':>9}"
               f"{'p99.9 us':>10}")
         for key in ("randread_4k_qd1", "randread_4k_qd32"):
-            r = rep[key]
-            iops = r["ios"] / r["seconds"]
-            lat = r["lat_us"]
+            res = rep[key]
+            iops = res["ios"] / res["seconds"]
+            lat = res["lat_us"]
             print(f"{key:<22}{iops:>11.0f}{iops * 4096 / 1e6:>9.1f}{lat['p50']:>9.2f}"
                   f"{lat['p99']:>9.2f}{lat['p999']:>10.2f}")
         print()
         b = {int(k): v for k, v in rep["randread_4k_qd32"]["hist_us"].items()}
         sys.stdout.write(hist.format_hist("usecs_randread_4k_qd32", b))
-        print("baselines (grant-map, socket, direct): not built yet; "
-              "see drb bench once they are")
-        return 0 if f["sha256_ok"] else 1
+        return 0 if read_ok and on_disk and w["sha256_ok"] else 1
     except KeyboardInterrupt:
         print("\ndrb demo: interrupted; tearing down", file=sys.stderr)
         return 130
@@ -75,5 +103,9 @@ def run(seconds: float) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # finish the teardown whatever comes
         for line in control.stop_pair(name):
             _say(line)
+        shutil.rmtree(work, ignore_errors=True)
+        left = [p for p in (state.state_dir(name), state.group_dir(name), work)
+                if os.path.exists(p)]
         signal.signal(signal.SIGINT, old)
-        _say(f"done in {time.monotonic() - t0:.1f} s; nothing left behind")
+        _say(f"done in {time.monotonic() - t0:.1f} s; "
+             + (f"LEFT BEHIND: {', '.join(left)}" if left else "nothing left behind"))

@@ -7,19 +7,18 @@ Otherwise exactly `python -m drb_uring.channel.broker BROKER_SPEC_JSON`.
 """
 
 import os
-import signal
 import subprocess
 import sys
 
 from drb_uring import procs
-from drb_uring.channel.broker import Broker, BrokerSpec
+from drb_uring.channel import broker
+from drb_uring.channel.broker import BrokerSpec
 
 ROGUE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rogue_worker.py")
 
 
 def main() -> int:
     mode = sys.argv[1]
-    spec = BrokerSpec.from_json(sys.argv[2])
 
     def spawn(argv, fds):
         # argv is [python, -m, drb_uring.channel.worker, SPEC]: keep the spec.
@@ -27,15 +26,7 @@ def main() -> int:
                                 env=procs.module_env())
         return proc, proc.pid
 
-    broker = Broker(spec.socket, worker_spin_ns=spec.worker_spin_ns, enforce=spec.enforce,
-                    spawn=spawn)
-    signal.signal(signal.SIGTERM, broker.stop)
-    print("ready", flush=True)
-    try:
-        broker.run()
-    finally:
-        broker.close()
-    return 0
+    return broker.serve(BrokerSpec.from_json(sys.argv[2]), spawn)
 
 
 if __name__ == "__main__":
