@@ -9,7 +9,7 @@ Otherwise exactly the daemon `drb up` starts; `drb down` stops it.
 import os
 import sys
 
-from drb_uring.domains import control, daemon
+from drb_uring.domains import daemon, state
 from drb_uring.domains.config import PairConfig
 
 ROGUE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rogue_worker.py")
@@ -26,9 +26,8 @@ class RoguePair(daemon.Pair):
 def main() -> int:
     RoguePair.mode = sys.argv[1]
     cfg = PairConfig.from_json(sys.argv[2])
-    os.makedirs(control.state_dir(cfg.name), mode=0o700)
-    with open(os.path.join(control.state_dir(cfg.name), "daemon.pid"), "w") as f:
-        f.write(str(os.getpid()))
+    os.makedirs(state.state_dir(cfg.name), mode=0o700)
+    state.record_daemon(cfg.name, os.getpid())
     daemon.Pair = RoguePair
     return daemon.run(cfg, int(sys.argv[3]))
 
