@@ -62,3 +62,41 @@ def dio_alignment(fd: int) -> int:
         raise OSError(22, "the file system does not say how O_DIRECT I/O must be aligned "
                           "(no STATX_DIOALIGN): it may not support O_DIRECT")
     return max(offset_align, mem_align)
+
+
+CLONE_NEWNS = 0x00020000
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+
+
+def mount(src: str | None, dst: str, fstype: str | None, flags: int,
+          data: str | None = None) -> None:
+    check(libc.mount(src.encode() if src else None, dst.encode(),
+                     fstype.encode() if fstype else None, ctypes.c_ulong(flags),
+                     data.encode() if data else None), f"mount {src} on {dst}")
+
+
+def root_is_mount_point() -> bool:
+    """False in a chroot whose root directory is not itself a mount."""
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == "/" for line in f)
+
+
+def private_mount_namespace() -> None:
+    """Move this (single-threaded) process into a new mount namespace in
+    which no mount propagates to or from the one it came from.
+
+    Where "/" is a mount point that is one call (make everything private).
+    In a chroot whose root is a plain directory the kernel refuses to change
+    the propagation of "/", and so does every container runtime; there the
+    process first re-roots itself onto a bind mount of its own root, which
+    is a mount point, and makes that private."""
+    check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    if not root_is_mount_point():
+        # Any existing directory serves as the place for the bind mount: the
+        # process chroots into it at once, and nothing else lives in this
+        # namespace to see the directory covered.
+        cwd = os.getcwd()
+        mount("/", "/run", None, MS_BIND | MS_REC)
+        os.chroot("/run")
+        os.chdir(cwd if os.path.isdir(cwd) else "/")
+    mount(None, "/", None, MS_REC | MS_PRIVATE)

@@ -10,6 +10,8 @@ from drb_uring import procs, protocol
 from drb_uring.channel.broker import BrokerSpec
 
 HELPERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers")
+# Runs a command in a private mount namespace, chroot or not (helpers/private_ns.py).
+PRIVATE_NS = os.path.join(HELPERS, "private_ns.py")
 
 
 def children_of(pid: int) -> list[int]:

@@ -10,7 +10,7 @@ import textwrap
 import time
 
 import pytest
-from channel_env import HELPERS
+from channel_env import HELPERS, PRIVATE_NS
 from pair_env import DRB, bpf_prog_ids, drb, in_domain, leftovers, wait_gone
 
 from drb_uring import procs
@@ -213,18 +213,20 @@ def test_killing_the_monitor_stops_workers_and_fails_calls(pair):
 
 def test_attach_mode_with_unshare_containers(clean, tmp_path):
     from drb_uring.domains import cgroup
-    groups, procs = [], []
+    groups, conts = [], []
     try:
         for role in ("user", "driver"):
             g = os.path.join(cgroup.cgroup2_root(), f"{PREFIX}-att-{role}")
             os.mkdir(g)
             groups.append(g)
-            p = subprocess.Popen(["unshare", "--mount", "--pid", "--ipc", "--uts", "--net",
-                                  "--fork", "--mount-proc", "sleep", "600"],
+            p = subprocess.Popen([sys.executable, PRIVATE_NS, "unshare", "--mount", "--pid",
+                                  "--ipc", "--uts", "--net", "--fork", "--mount-proc",
+                                  "--propagation", "unchanged", "sleep", "600"],
+                                 env=procs.module_env(),
                                  preexec_fn=lambda g=g: cgroup.join(g))
-            procs.append(p)
+            conts.append(p)
         pids = []
-        for p in procs:
+        for p in conts:
             assert wait_gone(lambda p=p: open(f"/proc/{p.pid}/task/{p.pid}/children").read())
             pids.append(int(open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()[0]))
         name = f"{PREFIX}-att"
@@ -242,12 +244,12 @@ def test_attach_mode_with_unshare_containers(clean, tmp_path):
         finally:
             drb("down", name)
         # Their containers are theirs: still running, policies gone from their groups.
-        assert all(p.poll() is None for p in procs)
+        assert all(p.poll() is None for p in conts)
         tree = subprocess.run(["bpftool", "cgroup", "show", groups[0]], capture_output=True,
                               text=True).stdout
         assert "drb_" not in tree
     finally:
-        for p in procs:
+        for p in conts:
             p.kill()
             p.wait()
         for g in groups:

@@ -13,8 +13,10 @@ import textwrap
 import time
 
 import pytest
+from channel_env import PRIVATE_NS
 from pair_env import DRB, drb, in_domain, leftovers, wait_gone
 
+from drb_uring import procs
 from drb_uring.domains import cgroup
 from drb_uring.tools.cli import build_parser
 
@@ -139,19 +141,20 @@ def test_every_argument_has_help():
 
 
 def test_exec_into_an_attached_pair_whose_container_is_gone(clean):
-    groups, procs = [], []
+    groups, conts = [], []
     name = f"{PREFIX}-att"
     try:
         for role in ("user", "driver"):
             g = os.path.join(cgroup.cgroup2_root(), f"{PREFIX}-att-{role}")
             os.mkdir(g)
             groups.append(g)
-            procs.append(subprocess.Popen(
-                ["unshare", "--uts", "--pid", "--fork", "--mount", "--mount-proc", "sh", "-c",
-                 f"hostname their-{role}; exec sleep 600"],
+            conts.append(subprocess.Popen(
+                [sys.executable, PRIVATE_NS, "unshare", "--uts", "--pid", "--fork", "--mount",
+                 "--mount-proc", "--propagation", "unchanged", "sh", "-c",
+                 f"hostname their-{role}; exec sleep 600"], env=procs.module_env(),
                 preexec_fn=lambda g=g: cgroup.join(g)))
         pids = []
-        for p in procs:
+        for p in conts:
             assert wait_gone(lambda p=p: open(f"/proc/{p.pid}/task/{p.pid}/children").read())
             pids.append(int(open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()[0]))
         assert wait_gone(lambda: b"sleep" in open(f"/proc/{pids[0]}/cmdline", "rb").read())
@@ -161,7 +164,7 @@ def test_exec_into_an_attached_pair_whose_container_is_gone(clean):
         assert st["state"] == "up"
         assert st["domains"]["user"]["hostname"] == "their-user"    # theirs, not ours
         os.kill(pids[0], signal.SIGKILL)          # the user container is removed
-        procs[0].wait()
+        conts[0].wait()
         assert wait_gone(lambda: not os.path.exists(f"/proc/{pids[0]}"))
         _one_error(drb("exec", name, "user", "--", "true", check=False),
                    f"the user domain of pair '{name}' (pid {pids[0]}) is gone")
@@ -170,7 +173,7 @@ def test_exec_into_an_attached_pair_whose_container_is_gone(clean):
         assert "DEGRADED: a domain is gone" in drb("status", name).stdout
     finally:
         drb("down", name, check=False)
-        for p in procs:
+        for p in conts:
             p.kill()
             p.wait()
         for g in groups:
@@ -190,8 +193,9 @@ def test_bench_that_fails_at_start_leaves_no_cgroup(clean):
     # private /run, so the host's own enforcement service is not touched.
     root = os.path.join(cgroup.cgroup2_root(), "drb")
     before = set(os.listdir(root)) if os.path.isdir(root) else set()
-    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+    proc = subprocess.run([sys.executable, PRIVATE_NS, "sh", "-c",
                            BROKEN_BTF, "sh", DRB, "bench", "--seconds", "0.2"],
+                          env=procs.module_env(),
                           capture_output=True, text=True, timeout=120)
     _one_error(proc, "eBPF monitor cannot start")
     after = set(os.listdir(root)) if os.path.isdir(root) else set()

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+from channel_env import PRIVATE_NS
+
 from drb_uring import procs
 
 INSIDE = textwrap.dedent("""
@@ -27,9 +29,9 @@ INSIDE = textwrap.dedent("""
             m.stop()
 """)
 
-# A private mount namespace: tracefs and debugfs unmounted (if this host has
-# them), and a private /run, so that this test starts its own enforcement
-# service instead of reusing the host's.
+# In a private mount namespace (helpers/private_ns.py): tracefs and debugfs
+# unmounted (if this host has them), and a private /run, so that this test
+# starts its own enforcement service instead of reusing the host's.
 SHELL = """
 set -e
 for m in /sys/kernel/debug/tracing /sys/kernel/tracing /sys/kernel/debug; do
@@ -43,7 +45,7 @@ exec "$@"
 def test_monitor_starts_without_tracefs_or_debugfs():
     env = procs.module_env()
     env["PYTHONPATH"] += os.pathsep + os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+    proc = subprocess.run([sys.executable, PRIVATE_NS, "sh", "-c",
                            SHELL, "sh", sys.executable, "-c", INSIDE],
                           capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr

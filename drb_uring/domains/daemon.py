@@ -88,7 +88,7 @@ class Pair:
         spec = InitSpec(command="init", role=role, hostname=f"{self.name}-{role}",
                         socket=self.sock, ready_fd=w, hide=hide)
         args = ["unshare", "--mount", "--pid", "--ipc", "--uts", "--net", "--fork",
-                "--mount-proc", "--propagation", "private",
+                "--mount-proc", "--propagation", "unchanged",
                 *procs.argv("drb_uring.domains.init", spec)]
 
         def enter():
@@ -234,6 +234,9 @@ def _tell(fd: int, line: str) -> None:
 def run(cfg: PairConfig, ready_fd: int, log_to_stderr: bool = False) -> int:
     """Bring the pair up, serve until SIGTERM or SIGINT, take it down."""
     d = state_dir(cfg.name)
+    # Whatever the pair mounts stays in the pair: the daemon, and every
+    # domain it starts, live in a mount namespace of their own.
+    linux.private_mount_namespace()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s drb[%(process)d] %(message)s",
                         **({"stream": sys.stderr} if log_to_stderr
                            else {"filename": os.path.join(d, "daemon.log")}))
