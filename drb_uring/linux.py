@@ -66,6 +66,8 @@ def dio_alignment(fd: int) -> int:
 
 CLONE_NEWNS = 0x00020000
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+SYS_PIVOT_ROOT = 155       # x86_64
+MNT_DETACH = 2
 
 
 def mount(src: str | None, dst: str, fstype: str | None, flags: int,
@@ -86,17 +88,39 @@ def private_mount_namespace() -> None:
     which no mount propagates to or from the one it came from.
 
     Where "/" is a mount point that is one call (make everything private).
-    In a chroot whose root is a plain directory the kernel refuses to change
-    the propagation of "/", and so does every container runtime; there the
-    process first re-roots itself onto a bind mount of its own root, which
-    is a mount point, and makes that private."""
+    In a chroot whose root is a plain directory it is not: the kernel
+    refuses to change the propagation of "/" (and so does every container
+    runtime), and a process that joins the namespace with setns() would
+    land at the namespace's real root, outside the chroot. There the
+    namespace is re-rooted at the chroot (see _reroot)."""
     check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     if not root_is_mount_point():
-        # Any existing directory serves as the place for the bind mount: the
-        # process chroots into it at once, and nothing else lives in this
-        # namespace to see the directory covered.
-        cwd = os.getcwd()
-        mount("/", "/run", None, MS_BIND | MS_REC)
-        os.chroot("/run")
-        os.chdir(cwd if os.path.isdir(cwd) else "/")
+        _reroot()
     mount(None, "/", None, MS_REC | MS_PRIVATE)
+
+
+def _reroot() -> None:
+    """Make this namespace's root a bind mount of the chroot we are in.
+
+    Only in our own fresh namespace, as root: step out of the chroot to the
+    namespace's real root (a chroot(2) elsewhere leaves the working
+    directory outside the new root, from where ".." climbs to the top), bind
+    the chroot's directory onto itself, and pivot_root(2) into it, which
+    also makes it what setns() lands on."""
+    cwd = os.getcwd()
+    jail = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.chdir("/")
+        os.chroot("/proc")
+        for _ in range(256):
+            os.chdir("..")
+        os.chroot(".")
+        path = os.readlink(f"/proc/self/fd/{jail}")
+    finally:
+        os.close(jail)
+    mount(None, "/", None, MS_REC | MS_PRIVATE)    # pivot_root refuses shared parents
+    mount(path, path, None, MS_BIND | MS_REC)
+    os.chdir(path)
+    syscall(SYS_PIVOT_ROOT, b".", b".", what="pivot_root")
+    check(libc.umount2(b".", MNT_DETACH), "umount2 of the old root")
+    os.chdir(cwd if os.path.isdir(cwd) else "/")
