@@ -26,8 +26,10 @@ def module_env() -> dict[str, str]:
 
 
 def argv(module: str, spec: Spec) -> list[str]:
-    """The command line of helper `module` with `spec`."""
-    return [sys.executable, "-m", module, spec.to_json()]
+    """The command line of helper `module` with `spec`. -P: the working
+    directory is not put on the module path, so a `drb_uring` directory
+    wherever drb runs (another checkout, say) cannot stand in for this one."""
+    return [sys.executable, "-P", "-m", module, spec.to_json()]
 
 
 def spawn(module: str, spec: Spec, fds=(), **kw) -> subprocess.Popen:
