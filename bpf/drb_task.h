@@ -24,7 +24,7 @@ typedef uint64_t drb_u64;
 
 /* Bump when struct drb_task or the table's shape changes: the client
  * refuses a table of another version. */
-#define DRB_TASK_VERSION 1
+#define DRB_TASK_VERSION 2
 
 /* Slots per channel: the task table has one entry per slot and the grant
  * ring one fixed buffer per slot. The ring layout takes its limit from
@@ -32,10 +32,15 @@ typedef uint64_t drb_u64;
 #define DRB_MAX_SLOTS 1024
 
 /* After the DRB_MAX_SLOTS entries the table holds DRB_TASK_EXTRA entries'
- * worth of room for the user side's own post->reap histogram
- * (DRB_HIST_BUCKETS u64 counters). */
+ * worth of room: first the user side's own post->reap histogram
+ * (DRB_HIST_BUCKETS u64 counters), and in the very last entry the channel's
+ * status, whose `state` the program sets to the drb_reason of the first
+ * violation. The user side checks it after it copies data out of a slot:
+ * a violation is recorded before the I/O it stops can move any data, so
+ * data seen before a clean status is the device's. */
 #define DRB_TASK_EXTRA 16
 #define DRB_HIST_BUCKETS 64
+#define DRB_STATUS_ENTRY (DRB_MAX_SLOTS + DRB_TASK_EXTRA - 1)
 
 #define DRB_TASK_ACTIVE 1
 
@@ -58,11 +63,20 @@ enum drb_reason {
     DRB_R_EXTENT = 8,          /* device range outside the channel's extent */
     DRB_R_OFFSET_MISMATCH = 9, /* device offset differs from the task's */
     DRB_R_REGISTER = 10,       /* io_uring_register on an enabled grant ring */
-    DRB_R_COUNT = 11,
+    DRB_R_REFUSED = 11,        /* a request the ring refused before submitting it */
+    DRB_R_OVERFLOW = 12,       /* a completion the grant ring could not post */
+    DRB_R_COUNT = 13,
 };
 
-/* One entry. The user side writes it with a sequence lock: seq is odd while
- * the fields change, so the program never acts on a half-written entry. */
+/* One entry. The user side writes the first six fields with a sequence
+ * lock: seq is odd while they change, so the program never acts on a
+ * half-written entry. The program alone writes the last two.
+ *
+ * `inflight` is the kernel's word on the slot: the program adds one when a
+ * request on the slot is submitted on the grant ring (before it reads the
+ * entry) and takes one away when the request completes. The user side
+ * clears the entry, fences, then reads it: zero means no request on the
+ * slot can still move data, whatever the worker says. */
 struct drb_task {
     drb_u32 seq;
     drb_u32 state;        /* DRB_TASK_ACTIVE, or 0 */
@@ -71,6 +85,8 @@ struct drb_task {
     drb_u64 offset;       /* channel-relative device offset */
     drb_u64 post_ns;      /* CLOCK_MONOTONIC, as bpf_ktime_get_ns() reads it */
     drb_u64 submit_ns;    /* written by the program: when the worker submitted */
+    drb_u32 inflight;     /* written by the program: requests on the slot in the kernel */
+    drb_u32 pad;
 };
 
 /* bpftrace's hist() numbering: 1 for 0, 2 for 1, k + 2 for [2^k, 2^(k+1)).

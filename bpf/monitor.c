@@ -30,7 +30,7 @@ struct grant {
     u32 slot_size;
     u32 slot_count;
     u32 failed;           /* enum drb_reason, written here, read by the service */
-    u32 hist;             /* this channel's rows in `lat` (< MAX_CHANNELS) */
+    u32 row;              /* this channel's index in task_tables and `lat` (< MAX_CHANNELS) */
     u32 pad;
     u64 pool_base;
     u64 extent_base;
@@ -58,7 +58,9 @@ struct event {
  * histogram (see drb_task.h). */
 BPF_F_TABLE("array", u32, struct drb_task, task_tmpl, DRB_MAX_SLOTS + DRB_TASK_EXTRA,
             BPF_F_MMAPABLE);
-BPF_HASH_OF_MAPS(task_tables, u32, "task_tmpl", MAX_CHANNELS);
+/* Indexed by the channel's row (struct grant.row): an array lookup is
+ * cheaper than a hash one, and this is on every request's path. */
+BPF_ARRAY_OF_MAPS(task_tables, "task_tmpl", MAX_CHANNELS);
 BPF_HASH(grants, u64, struct grant, MAX_CHANNELS);
 /* Latency histograms: row (hist * 2 + stage), 64 log2 buckets per row. An
  * array, not a hash: this is on every request's path. */
@@ -76,23 +78,36 @@ static __always_inline int tracing(void)
 }
 BPF_RINGBUF_OUTPUT(events, 16);
 
-static __always_inline void hist_add(u32 hist, u32 stage, u64 ns)
+static __always_inline void hist_add(u32 row, u32 stage, u64 ns)
 {
     u32 b = drb_log2_bucket(ns / 1000);
-    if (b >= DRB_HIST_BUCKETS || hist >= MAX_CHANNELS)
+    if (b >= DRB_HIST_BUCKETS || row >= MAX_CHANNELS)
         return;
-    u32 k = (hist * 2 + stage) * DRB_HIST_BUCKETS + b;
+    u32 k = (row * 2 + stage) * DRB_HIST_BUCKETS + b;
     u64 *c = lat.lookup(&k);
     if (c)
         __sync_fetch_and_add(c, 1);
+}
+
+/* The channel's status entry in its task table (see drb_task.h). */
+static __always_inline void mark_failed(struct grant *g, u32 reason)
+{
+    u32 row = g->row, key = DRB_STATUS_ENTRY;
+    if (g->failed == 0)
+        g->failed = reason;
+    void *tt = task_tables.lookup(&row);
+    if (!tt)
+        return;
+    struct drb_task *st = bpf_map_lookup_elem(tt, &key);
+    if (st && st->state == 0)
+        st->state = reason;
 }
 
 static __always_inline int violation(struct grant *g, u32 reason, u32 slot, u64 user_data,
                                      u64 addr, u64 len, u64 pos, u32 opcode, u32 tstate)
 {
     bpf_send_signal(SIGKILL);
-    if (g->failed == 0)
-        g->failed = reason;
+    mark_failed(g, reason);
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (e) {
         e->channel = g->channel;
@@ -137,14 +152,19 @@ RAW_TRACEPOINT_PROBE(io_uring_submit_req)
     if (slot >= g->slot_count)
         return violation(g, DRB_R_SLOT, slot, user_data, addr, len, pos, op, 0);
 
-    u32 ch = g->channel;
-    void *tt = task_tables.lookup(&ch);
+    u32 row = g->row;
+    void *tt = task_tables.lookup(&row);
     if (!tt)
         return violation(g, DRB_R_TASK_INACTIVE, slot, user_data, addr, len, pos, op, 0);
     u32 key = slot;
     struct drb_task *t = bpf_map_lookup_elem(tt, &key);
     if (!t)
         return violation(g, DRB_R_SLOT, slot, user_data, addr, len, pos, op, 0);
+    /* Counted before the entry is read, whatever the verdict: a request
+     * stopped below may still move data (O_DIRECT), and the user side
+     * reuses the slot only when the count is back to zero. The atomic add
+     * is a full barrier; it pairs with the user's clear-fence-read. */
+    __sync_fetch_and_add(&t->inflight, 1);
     u32 seq = DRB_READ_ONCE(t->seq);
     drb_barrier();
     u32 state = DRB_READ_ONCE(t->state);
@@ -158,12 +178,16 @@ RAW_TRACEPOINT_PROBE(io_uring_submit_req)
         return violation(g, DRB_R_TASK_INACTIVE, slot, user_data, addr, len, pos, op, state);
     if (top != op)
         return violation(g, DRB_R_OP_MISMATCH, slot, user_data, addr, len, pos, op, state);
+    /* Bounds without overflow: every sum could wrap in 64 bits. */
     u64 base = g->pool_base + (u64)slot * g->slot_size;
-    if (addr < base || addr + len > base + g->slot_size)
+    if (addr < base || addr - base > g->slot_size || len > g->slot_size - (addr - base))
         return violation(g, DRB_R_BUF_RANGE, slot, user_data, addr, len, pos, op, state);
     if (len != tlen)
         return violation(g, DRB_R_LEN_MISMATCH, slot, user_data, addr, len, pos, op, state);
-    if (pos < g->extent_base || pos + len > g->extent_base + g->extent_size)
+    /* A negative position (-1: "the file's current position") is no place
+     * in the extent at all. */
+    if ((s64)pos < 0 || pos < g->extent_base || pos - g->extent_base > g->extent_size ||
+        len > g->extent_size - (pos - g->extent_base))
         return violation(g, DRB_R_EXTENT, slot, user_data, addr, len, pos, op, state);
     if (pos != g->extent_base + toff)
         return violation(g, DRB_R_OFFSET_MISMATCH, slot, user_data, addr, len, pos, op, state);
@@ -174,33 +198,73 @@ RAW_TRACEPOINT_PROBE(io_uring_submit_req)
     if (tracing()) {
         u64 now = bpf_ktime_get_ns();
         if (tpost && now > tpost)
-            hist_add(g->hist, 0, now - tpost);
+            hist_add(g->row, 0, now - tpost);
         t->submit_ns = now;
     }
     return 0;
 }
 
-/* Attached only under a trace lease (it is on every completion's path). */
-int on_complete(struct bpf_raw_tracepoint_args *ctx)
+/* Every completion of a request the ring submitted: the slot's count goes
+ * down. A completion without a request is a resource tag (none are used).
+ * Requests the ring refused before submitting them complete here too, with
+ * a stale buf_index; io_uring_req_failed below makes each of those a
+ * violation, so a wrong count can only follow a failed channel. */
+RAW_TRACEPOINT_PROBE(io_uring_complete)
 {
-    if (!tracing())
-        return 0;
     u64 ring = ctx->args[0];
     struct grant *g = grants.lookup(&ring);
     if (!g)
         return 0;
     char *req = (char *)ctx->args[1];
-    u16 slot = 0;
-    bpf_probe_read_kernel(&slot, sizeof(slot), req + OFF_REQ_BUF_INDEX);
-    u32 ch = g->channel, key = slot;
-    void *tt = task_tables.lookup(&ch);
+    if (!req)
+        return 0;
+    /* opcode and buf_index in one read (the span is from BTF too). */
+    char f[REQ_OP_SPAN];
+    if (bpf_probe_read_kernel(f, sizeof(f), req + OFF_REQ_OP_FIRST))
+        return 0;
+    u8 op = *(u8 *)(f + OFF_REQ_OPCODE - OFF_REQ_OP_FIRST);
+    u16 slot = *(u16 *)(f + OFF_REQ_BUF_INDEX - OFF_REQ_OP_FIRST);
+    if ((op != DRB_OP_READ_FIXED && op != DRB_OP_WRITE_FIXED) || slot >= g->slot_count)
+        return 0;
+    u32 row = g->row, key = slot;
+    void *tt = task_tables.lookup(&row);
     if (!tt)
         return 0;
     struct drb_task *t = bpf_map_lookup_elem(tt, &key);
-    if (t && t->submit_ns) {
-        hist_add(g->hist, 1, bpf_ktime_get_ns() - t->submit_ns);
+    if (!t)
+        return 0;
+    __sync_fetch_and_add(&t->inflight, -1);
+    if (tracing() && t->submit_ns) {
+        hist_add(g->row, 1, bpf_ktime_get_ns() - t->submit_ns);
         t->submit_ns = 0;
     }
+    return 0;
+}
+
+/* The ring refused a request before submitting it (a restriction, a bad
+ * field): the worker is hostile or broken, since it checks every request
+ * it passes on. Runs in the submitter. */
+RAW_TRACEPOINT_PROBE(io_uring_req_failed)
+{
+    char *req = (char *)ctx->args[1];
+    u64 ring = 0;
+    bpf_probe_read_kernel(&ring, sizeof(ring), req + OFF_REQ_CTX);
+    struct grant *g = grants.lookup(&ring);
+    if (!g)
+        return 0;
+    return violation(g, DRB_R_REFUSED, 0, 0, 0, 0, 0, 0, 0);
+}
+
+/* A completion the ring could not post (its completion queue was full):
+ * the count for its slot never comes down, so the user side fails the
+ * channel when it checks the slot. Recorded, without a signal: this may
+ * run outside the worker. */
+RAW_TRACEPOINT_PROBE(io_uring_cqe_overflow)
+{
+    u64 ring = ctx->args[0];
+    struct grant *g = grants.lookup(&ring);
+    if (g)
+        mark_failed(g, DRB_R_OVERFLOW);
     return 0;
 }
 

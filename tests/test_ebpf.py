@@ -158,9 +158,10 @@ def test_task_contract_has_one_definition():
     body = h[h.index("struct drb_task {"):h.index("};", h.index("struct drb_task {"))]
     fields = re.findall(r"^\s+drb_u(32|64) (\w+);", body, re.M)
     assert [f for _, f in fields] == list(_task.FIELD_OFFSETS)
-    assert tasks.ENTRY_SIZE == sum(int(b) // 8 for b, _ in fields) == 40
+    assert tasks.ENTRY_SIZE == sum(int(b) // 8 for b, _ in fields) == 48
     offs = [_task.FIELD_OFFSETS[f] for _, f in fields]
     assert offs == sorted(offs) and offs[0] == 0
+    assert _task.STATUS_ENTRY == tasks.MAX_SLOTS + _task.EXTRA_ENTRIES - 1
     for name, value in re.findall(r"^#define (DRB_\w+) (\d+)", h, re.M):
         key = name.removeprefix("DRB_")
         expect = {"TASK_VERSION": tasks.VERSION, "MAX_SLOTS": tasks.MAX_SLOTS,

@@ -199,24 +199,53 @@ class Channel:
                 self._hear_monitor()
             raise
         raw = self.end.pop()
-        for user_data, res, _flags in _CQE.iter_unpack(raw):
-            slot = user_data & ((1 << SLOT_BITS) - 1)
-            entry = self.inflight.get(slot)
-            if entry is None or self.gen[slot] != user_data >> SLOT_BITS:
-                self._fail(f"worker answered a request that is not in flight "
-                           f"(user_data 0x{user_data:x})")
-                raise ChannelFailed(self.failed)
-            req, pos, want = self.inflight.pop(slot)
-            self.end.clear_task(slot)       # revoke before the slot is reused
-            if req.op == OP_READ_FIXED and res > 0 and req.buf is None:
-                req.lent_slot = slot        # zero copy: the slot stays lent out
-            else:
-                if req.op == OP_READ_FIXED and res > 0:
-                    base = slot * self.slot_size
-                    req.buf[pos:pos + min(res, want)] = self.pool[base:base + min(res, want)]
-                self.free.append(slot)
+        done = []
+        try:
+            for user_data, res, _flags in _CQE.iter_unpack(raw):
+                done.append(self._take(user_data, res))
+            # A violation is recorded before the I/O it stops can move data:
+            # with a clean status here, what was copied above is the device's.
+            code = self.end.channel_failed()
+            if code:
+                raise self._broken(f"monitor killed backend worker {self.worker_pid}: "
+                                   f"{tasks.REASONS.get(code, code)}")
+        except ChannelFailed as e:
+            for req, _, _, _ in done:
+                req._fail(e)
+            raise
+        for req, pos, want, res in done:
             req._piece_done(pos, want, res)
         return len(raw) // L.CQE_SIZE
+
+    def _broken(self, reason: str) -> ChannelFailed:
+        self._fail(reason)
+        return ChannelFailed(self.failed)
+
+    def _take(self, user_data: int, res: int):
+        """Check one response (the worker is not trusted) and take the
+        slot back: its task is revoked, and the kernel must have no
+        request on it left. Returns what finishes the piece."""
+        slot = user_data & ((1 << SLOT_BITS) - 1)
+        entry = self.inflight.get(slot)
+        if entry is None or self.gen[slot] != user_data >> SLOT_BITS:
+            raise self._broken(f"worker answered a request that is not in flight "
+                               f"(user_data 0x{user_data:x})")
+        req, pos, want = self.inflight.pop(slot)
+        busy = self.end.release_task(slot)
+        if busy:
+            # The slot is never used again: the kernel may still write it.
+            raise self._broken(f"worker {self.worker_pid} answered for slot {slot} while the "
+                               f"kernel still had {busy} request(s) on it")
+        if res > want:
+            raise self._broken(f"worker answered {res} bytes for a request of {want}")
+        if req.op == OP_READ_FIXED and res > 0 and req.buf is None:
+            req.lent_slot = slot        # zero copy: the slot stays lent out
+        else:
+            if req.op == OP_READ_FIXED and res > 0:
+                base = slot * self.slot_size
+                req.buf[pos:pos + res] = self.pool[base:base + res]
+            self.free.append(slot)
+        return req, pos, want, res
 
     def _drive(self, until, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -404,6 +433,12 @@ class Channel:
             view.release()
             if slot is not None:
                 self.free.append(slot)
+        # The view was the slot itself: valid only if no violation happened
+        # while it was lent.
+        code = self.end.channel_failed()
+        if code:
+            raise self._broken(f"monitor killed backend worker {self.worker_pid}: "
+                               f"{tasks.REASONS.get(code, code)}")
 
     def file(self) -> "ChannelFile":
         return ChannelFile(self)

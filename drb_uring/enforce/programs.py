@@ -27,7 +27,8 @@ log = logging.getLogger("drb.enforce")
 MAX_CHANNELS = 1024                   # channels enforced at once on this host
 COUNTERS = ("syscalls", "ctx_switches", "mmap", "munmap", "mprotect", "pread64")
 TRACEPOINTS = ("io_uring_submit_req", "io_uring_complete", "io_uring_register",
-               "io_uring_create", "sys_enter", "sched_switch")
+               "io_uring_create", "io_uring_req_failed", "io_uring_cqe_overflow",
+               "sys_enter", "sched_switch")
 BPF_MAP_TYPE_ARRAY, BPF_F_MMAPABLE = 2, 1 << 10
 
 
@@ -66,6 +67,11 @@ def monitor_cflags() -> list[str]:
         raise EnforceError(f"eBPF monitor cannot start: the io_kiocb fields it reads span "
                         f"{head} bytes, more than its 256-byte read")
     offsets["REQ_READ_LEN"] = (head + 7) & ~7
+    # The completion hook reads opcode and buf_index in one go.
+    first = min(offsets["OFF_REQ_OPCODE"], offsets["OFF_REQ_BUF_INDEX"])
+    offsets["OFF_REQ_OP_FIRST"] = first
+    offsets["REQ_OP_SPAN"] = max(offsets["OFF_REQ_OPCODE"] + 1,
+                                 offsets["OFF_REQ_BUF_INDEX"] + 2) - first
     return ([f"-D{k}={v}" for k, v in offsets.items()]
             + [f"-DMAX_CHANNELS={MAX_CHANNELS}", f"-I{bpf.DIR}"])
 
@@ -135,12 +141,12 @@ class Enforcer:
                             "program (is the monitor registered?)") from None
         del created[key]
         gid = self.next_gid
+        row = self.free_rows[-1]
         fd = _create_task_table()
         try:
             mm = mmap.mmap(fd, tasks.TABLE_BYTES, prot=mmap.PROT_READ)
             tt = self.b["task_tables"]
-            tt[tt.Key(gid)] = ctypes.c_int(fd)
-            row = self.free_rows[-1]
+            tt[tt.Key(row)] = ctypes.c_int(fd)
             self._zero_row(row)
             g = self.b["grants"]
             g[g.Key(ctx)] = g.Leaf(gid, slot_size, slot_count, 0, row, 0, pool_base, *extent)
@@ -170,7 +176,7 @@ class Enforcer:
 
     def ungrant(self, gid: int) -> None:
         ctx, fd, mm, row = self.tables.pop(gid, (0, -1, None, -1))
-        for name, key in (("grants", ctx), ("task_tables", gid)):
+        for name, key in (("grants", ctx), ("task_tables", row)):
             t = self.b[name]
             try:
                 del t[t.Key(key)]
@@ -208,7 +214,6 @@ class Enforcer:
         if not self.trace_until:
             cfg = self.b["config"]
             cfg[cfg.Key(0)] = cfg.Leaf(1)
-            self.b.attach_raw_tracepoint(tp="io_uring_complete", fn_name="on_complete")
             self.count_on()
         self.trace_until = max(self.trace_until, time.monotonic() + seconds)
 
@@ -217,7 +222,6 @@ class Enforcer:
             cfg = self.b["config"]
             cfg[cfg.Key(0)] = cfg.Leaf(0)
             self.trace_until = 0.0
-            self.b.detach_raw_tracepoint(tp="io_uring_complete")
             self.count_off()
 
     def count_on(self) -> None:

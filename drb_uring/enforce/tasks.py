@@ -23,7 +23,8 @@ log2_bucket = _task.log2_bucket
 ENTRIES = MAX_SLOTS + _task.EXTRA_ENTRIES
 REAP_HIST_OFFSET = MAX_SLOTS * ENTRY_SIZE
 TABLE_BYTES = (ENTRIES * ENTRY_SIZE + 4095) & ~4095
-assert REAP_HIST_OFFSET + HIST_BUCKETS * 8 <= ENTRIES * ENTRY_SIZE
+STATUS_ENTRY = _task.STATUS_ENTRY
+assert REAP_HIST_OFFSET + HIST_BUCKETS * 8 <= STATUS_ENTRY * ENTRY_SIZE
 
 _TEXT = {
     "opcode": "opcode",
@@ -36,6 +37,8 @@ _TEXT = {
     "extent": "device range outside the channel's extent",
     "offset_mismatch": "device offset differs from the task",
     "register": "io_uring_register on a grant ring",
+    "refused": "a request the grant ring refused before submitting it",
+    "overflow": "a completion the grant ring could not post",
 }
 assert set(_TEXT) == set(_task.REASON_CODES), "a violation reason has no text"
 REASONS = {_task.REASON_CODES[k]: v for k, v in _TEXT.items()}

@@ -11,6 +11,11 @@ hostile driver domain would try:
   cross-slot      the request's slot index, but an address in the next slot
   beyond-extent   the request, at the first byte past the channel's extent
   register        an io_uring_register call on the grant ring
+  neg-offset      the request, at position -1 ("the file's current position")
+  as-posted       the request as the user wrote it, unchecked: its offset is
+                  added to the extent's base whatever it is (near 2**64 it wraps)
+  early-answer    the request, then its response at once, before the kernel
+                  has finished it (the clear-and-reuse race)
   probe:FILE      record what the ring refuses (nop, a non-fixed file, a
                   register call) to FILE, then wait to be stopped
 
@@ -23,7 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from uring import IORING_OP_NOP, IORING_OP_READ_FIXED, IOSQE_FIXED_FILE, RawRing  # noqa: E402
+from uring import CQE, IORING_OP_NOP, IORING_OP_READ_FIXED, IOSQE_FIXED_FILE, RawRing  # noqa: E402
 
 from drb_uring import ring  # noqa: E402
 from drb_uring.ring import layout as L  # noqa: E402
@@ -69,6 +74,15 @@ def main() -> int:
         sqe.update(addr=spec["pool_base"] + other * geo.slot_size)
     elif mode == "beyond-extent":
         sqe.update(off=spec["extent_base"] + spec["extent_size"])
+    elif mode == "neg-offset":
+        sqe.update(off=(1 << 64) - 1)
+    elif mode == "as-posted":
+        sqe.update(off=(spec["extent_base"] + req["off"]) & ((1 << 64) - 1))
+    elif mode == "early-answer":
+        g.submit(**sqe)
+        _end.push(CQE.pack(req["user_data"], req["len"], 0))
+        time.sleep(5)
+        return 3
     elif mode == "register":
         g.register(IORING_REGISTER_BUFFERS)
         time.sleep(5)

@@ -7,10 +7,10 @@ them names and meaning.
 """
 from drb_uring.enforce.tasks cimport (
     drb_task, drb_log2_bucket, DRB_TASK_VERSION, DRB_MAX_SLOTS, DRB_TASK_EXTRA,
-    DRB_HIST_BUCKETS, DRB_TASK_ACTIVE, DRB_OP_FSYNC, DRB_OP_READ_FIXED, DRB_OP_WRITE_FIXED,
+    DRB_HIST_BUCKETS, DRB_TASK_ACTIVE, DRB_STATUS_ENTRY, DRB_OP_FSYNC, DRB_OP_READ_FIXED, DRB_OP_WRITE_FIXED,
     DRB_R_OPCODE, DRB_R_SLOT, DRB_R_TASK_INACTIVE, DRB_R_TORN, DRB_R_OP_MISMATCH,
     DRB_R_BUF_RANGE, DRB_R_LEN_MISMATCH, DRB_R_EXTENT, DRB_R_OFFSET_MISMATCH, DRB_R_REGISTER,
-    DRB_R_COUNT)
+    DRB_R_REFUSED, DRB_R_OVERFLOW, DRB_R_COUNT)
 from drb_uring.includes.io_uring cimport IORING_OP_FSYNC, IORING_OP_READ_FIXED, IORING_OP_WRITE_FIXED
 
 # The channel's opcodes are io_uring's own: refuse to build otherwise.
@@ -27,6 +27,7 @@ VERSION = DRB_TASK_VERSION
 MAX_SLOTS = DRB_MAX_SLOTS
 EXTRA_ENTRIES = DRB_TASK_EXTRA
 HIST_BUCKETS = DRB_HIST_BUCKETS
+STATUS_ENTRY = DRB_STATUS_ENTRY
 ACTIVE = DRB_TASK_ACTIVE
 ENTRY_SIZE = sizeof(drb_task)
 OP_FSYNC = DRB_OP_FSYNC
@@ -37,6 +38,7 @@ REASON_CODES = {
     "torn": DRB_R_TORN, "op_mismatch": DRB_R_OP_MISMATCH, "buf_range": DRB_R_BUF_RANGE,
     "len_mismatch": DRB_R_LEN_MISMATCH, "extent": DRB_R_EXTENT,
     "offset_mismatch": DRB_R_OFFSET_MISMATCH, "register": DRB_R_REGISTER,
+    "refused": DRB_R_REFUSED, "overflow": DRB_R_OVERFLOW,
 }
 REASON_COUNT = DRB_R_COUNT
 FIELD_OFFSETS = {
@@ -44,6 +46,7 @@ FIELD_OFFSETS = {
     "op": <size_t>&(<drb_task *>0).op, "len": <size_t>&(<drb_task *>0).len,
     "offset": <size_t>&(<drb_task *>0).offset, "post_ns": <size_t>&(<drb_task *>0).post_ns,
     "submit_ns": <size_t>&(<drb_task *>0).submit_ns,
+    "inflight": <size_t>&(<drb_task *>0).inflight, "pad": <size_t>&(<drb_task *>0).pad,
 }
 
 

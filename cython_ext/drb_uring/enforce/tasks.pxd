@@ -4,7 +4,8 @@
 # when it reaps the response; the sequence field is odd while it writes, so
 # the monitor's program never acts on a half-written entry.
 from libc.stdint cimport uint32_t, uint64_t
-from drb_uring.includes.atomic cimport drb_store_relaxed, drb_store_release, drb_fence_release
+from drb_uring.includes.atomic cimport (drb_store_relaxed, drb_store_release, drb_fence_release,
+                                        drb_fence, drb_load_relaxed)
 
 cdef extern from "drb_task.h" nogil:
     enum:
@@ -16,6 +17,7 @@ cdef extern from "drb_task.h" nogil:
         DRB_OP_FSYNC
         DRB_OP_READ_FIXED
         DRB_OP_WRITE_FIXED
+        DRB_STATUS_ENTRY
 
     enum drb_reason:
         DRB_R_NONE
@@ -29,6 +31,8 @@ cdef extern from "drb_task.h" nogil:
         DRB_R_EXTENT
         DRB_R_OFFSET_MISMATCH
         DRB_R_REGISTER
+        DRB_R_REFUSED
+        DRB_R_OVERFLOW
         DRB_R_COUNT
 
     struct drb_task:
@@ -39,6 +43,8 @@ cdef extern from "drb_task.h" nogil:
         uint64_t offset
         uint64_t post_ns
         uint64_t submit_ns
+        uint32_t inflight
+        uint32_t pad
 
     uint32_t drb_log2_bucket(uint64_t v)
 
@@ -73,3 +79,23 @@ cdef inline void task_reaped(drb_task *t, uint64_t *hist, uint64_t now) noexcept
         b = drb_log2_bucket((now - t.post_ns) // 1000)
         if b < DRB_HIST_BUCKETS:
             hist[b] += 1
+
+
+cdef inline uint32_t task_release(drb_task *t) noexcept nogil:
+    """Revoke the slot's task and return how many requests on the slot the
+    kernel still has: the monitor's program counts them at submission and
+    completion. The fence orders the clear before the read, against the
+    program's count-then-read (a Dekker pair): either the program sees the
+    task cleared, or we see its count. Non-zero means the worker answered
+    before the kernel finished with the slot, and the slot must not be
+    reused."""
+    task_clear(t)
+    drb_fence()
+    return drb_load_relaxed(&t.inflight)
+
+
+cdef inline uint32_t task_table_failed(drb_task *table) noexcept nogil:
+    """The drb_reason of the channel's first violation, or 0. The fence
+    orders the caller's earlier reads of slot data before this read."""
+    drb_fence()
+    return drb_load_relaxed(&table[DRB_STATUS_ENTRY].state)

@@ -48,3 +48,4 @@ cdef extern from "<errno.h>" nogil:
     int ETIMEDOUT
     int EPROTO
     int EPIPE
+    int EBUSY

@@ -15,7 +15,8 @@ from libc.stdint cimport uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 
 from drb_uring.includes.atomic cimport drb_store_relaxed, drb_fence, drb_now_ns
-from drb_uring.enforce.tasks cimport drb_task, task_post, task_clear, task_reaped, DRB_HIST_BUCKETS
+from drb_uring.enforce.tasks cimport (drb_task, task_post, task_release, task_reaped,
+                                      task_table_failed, DRB_HIST_BUCKETS, DRB_STATUS_ENTRY)
 from drb_uring.includes.io_uring cimport io_uring_sqe, IORING_OP_FSYNC
 from drb_uring.includes.sys cimport (mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED,
                            MAP_FAILED, errno, EINTR, EPROTO)
@@ -413,9 +414,8 @@ cdef class UserEnd(RingEnd):
         cdef Py_buffer view
         PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
         try:
-            if <size_t>view.len < <size_t>self.geometry.slot_count * sizeof(drb_task):
-                raise ValueError(f"task table of {view.len} bytes is too small for "
-                                 f"{self.geometry.slot_count} slots")
+            if <size_t>view.len < <size_t>(DRB_STATUS_ENTRY + 1) * sizeof(drb_task):
+                raise ValueError(f"task table of {view.len} bytes is too small")
             if hist_offset and hist_offset + DRB_HIST_BUCKETS * 8 > <size_t>view.len:
                 raise ValueError("reap histogram beyond the task table")
             self.tasks = <drb_task *>view.buf
@@ -426,12 +426,23 @@ cdef class UserEnd(RingEnd):
         finally:
             PyBuffer_Release(&view)
 
-    def clear_task(self, unsigned short slot):
-        """Revoke the slot's task (its response was reaped); count its
-        post->reap latency."""
+    def release_task(self, unsigned short slot):
+        """Revoke the slot's task (its response was reaped), count its
+        post->reap latency, and return how many requests on the slot the
+        kernel still has (0 without a task table). Only a slot at 0 may be
+        reused or read."""
         if self.tasks != NULL and slot < self.ntasks:
             task_reaped(&self.tasks[slot], self.reap_hist, drb_now_ns())
-            task_clear(&self.tasks[slot])
+            return task_release(&self.tasks[slot])
+        return 0
+
+    def channel_failed(self):
+        """The code of the monitor's first violation on this channel (see
+        enforce.tasks.REASONS), or 0. Call it after copying data out of a
+        slot: data copied before a 0 here is the device's."""
+        if self.tasks == NULL:
+            return 0
+        return task_table_failed(self.tasks)
 
     def drop_task_table(self):
         self.tasks = NULL

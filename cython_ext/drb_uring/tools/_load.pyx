@@ -13,11 +13,12 @@ from libc.string cimport memcpy, memset
 
 from drb_uring.includes.atomic cimport drb_now_ns
 from drb_uring.includes.io_uring cimport io_uring_sqe, io_uring_cqe
+from drb_uring.includes.sys cimport EBUSY
 from drb_uring.ring.spsc cimport (prod_entry, prod_publish, cons_avail, cons_entry,
                                   cons_release, drb_notify, drb_wait_cons)
 from drb_uring.ring.loops cimport ERR_TIMEOUT, loop_result
 from drb_uring.ring._spsc cimport UserEnd
-from drb_uring.enforce.tasks cimport task_post, task_clear, task_reaped
+from drb_uring.enforce.tasks cimport task_post, task_release, task_reaped
 
 from array import array
 
@@ -106,14 +107,17 @@ def run(UserEnd u, int opcode, uint32_t bs, uint32_t qd, double seconds,
                     errors += 1
                 ios += 1
                 if u.tasks != NULL:
+                    # Revoke, and reuse the slot only if the kernel is done
+                    # with it, as the channel client does.
                     task_reaped(&u.tasks[slot], u.reap_hist, now)
+                    if task_release(&u.tasks[slot]) != 0:
+                        err = -EBUSY
+                        break
                 if nsamp < max_samples:
                     lat[nsamp] = now - posted[slot]
                     nsamp += 1
                 if now >= end_ns:
                     inflight -= 1
-                    if u.tasks != NULL:
-                        task_clear(&u.tasks[slot])     # revoke: no more I/O there
                     continue
                 # Re-post in the same slot: the ring has room, since every
                 # response frees exactly one request entry.
@@ -121,6 +125,8 @@ def run(UserEnd u, int opcode, uint32_t bs, uint32_t qd, double seconds,
                         next_offset(&state, &next_block, blocks, bs, rand), now)
                 posted[slot] = now
                 k += 1
+            if err:
+                break
             cons_release(&u.cons, <uint32_t>n)
             if k:
                 prod_publish(&u.prod, k)
