@@ -1,14 +1,17 @@
-"""Messages between the parties and the monitor, over SOCK_SEQPACKET.
+"""Messages between the parties and the trusted processes, over SOCK_SEQPACKET.
 
 One message is one datagram: a JSON object with a version, and the file
-descriptors it carries as SCM_RIGHTS. Every message is length-checked and
-its fd count and types checked against what its operation needs; a message
-that fails is refused with a clear error and its fds are closed.
+descriptors it carries as SCM_RIGHTS. Every message is length-checked, its
+JSON depth bounded, and its fd count checked against what its operation
+needs; a message that fails is refused with a clear error and its fds are
+closed. A server talks to each peer through a :class:`Peer`, which never
+blocks on it.
 """
 
 from __future__ import annotations
 
 import array
+import collections
 import json
 import os
 import socket
@@ -24,7 +27,7 @@ FDS_FOR = {
     "register-device": (1,),  # driver side: its device, once
     "open": (5,),             # user side: ring fds (ctl_user ro, ctl_driver, pool, 2 eventfds)
     "close": (0,),
-    "trace": (0,),            # anyone on the host: the monitor's latency histograms
+    "trace": (0,),            # the host only (control socket): histograms and counters
     "ok": (0, 1),             # the reply to "open" carries the task table when monitored
     "error": (0,),
     "failed": (0,),           # monitor -> user: the channel failed (reason)
@@ -58,12 +61,86 @@ def listen(path: str) -> socket.socket:
     return sock
 
 
-def send(sock: socket.socket, msg: dict, fds: list[int] = ()) -> None:
+def _encode(msg: dict) -> bytes:
     body = json.dumps({"v": VERSION, **msg}).encode()
     if len(body) > MAX_MSG:
         raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MSG}")
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-    sock.sendmsg([body], anc)
+    return body
+
+
+def _ancillary(fds) -> list:
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds \
+        else []
+
+
+def send(sock: socket.socket, msg: dict, fds: list[int] = ()) -> None:
+    sock.sendmsg([_encode(msg)], _ancillary(fds))
+
+
+class Peer:
+    """A server's connection to one peer, which the server never waits on.
+
+    Replies leave at once when the socket has room; otherwise they wait in
+    a short queue (with duplicates of their fds) until it drains. A peer
+    whose queue overflows does not read its replies, and is to be dropped
+    (``dead``), so that one silent client cannot stall a server."""
+
+    MAX_QUEUED = 8
+
+    def __init__(self, conn: socket.socket):
+        conn.setblocking(False)
+        self.conn = conn
+        self.queue: collections.deque = collections.deque()
+        self.dead = False
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def send(self, msg: dict, fds=()) -> None:
+        if self.dead:
+            return
+        body = _encode(msg)
+        if not self.queue and self._try(body, fds):
+            return
+        if len(self.queue) >= self.MAX_QUEUED:
+            self.dead = True
+            return
+        self.queue.append((body, [os.dup(fd) for fd in fds]))
+
+    def _try(self, body: bytes, fds) -> bool:
+        try:
+            self.conn.sendmsg([body], _ancillary(fds))
+            return True
+        except BlockingIOError:
+            return False
+        except OSError:
+            self.dead = True
+            return True
+
+    def flush(self) -> None:
+        """Send what waits, as far as the socket takes it."""
+        while self.queue and not self.dead:
+            body, fds = self.queue[0]
+            if not self._try(body, fds):
+                return
+            self.queue.popleft()
+            close_fds(fds)
+
+    @property
+    def wants_write(self) -> bool:
+        return bool(self.queue)
+
+    def recv(self, table: dict = FDS_FOR) -> tuple[dict | None, list[int]] | None:
+        """One message as recv() gives it, or None if none is there yet."""
+        try:
+            return recv(self.conn, table)
+        except BlockingIOError:
+            return None
+
+    def close(self) -> None:
+        while self.queue:
+            close_fds(self.queue.popleft()[1])
+        self.conn.close()
 
 
 def recv(sock: socket.socket, table: dict = FDS_FOR) -> tuple[dict | None, list[int]]:
@@ -86,6 +163,8 @@ def recv(sock: socket.socket, table: dict = FDS_FOR) -> tuple[dict | None, list[
             msg = json.loads(data)
         except ValueError:
             raise ProtocolError("message is not JSON") from None
+        except RecursionError:       # nesting deeper than the parser's stack
+            raise ProtocolError("message nests too deeply") from None
         if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
             raise ProtocolError("message has no operation")
         if msg.get("v") != VERSION:

@@ -1,12 +1,11 @@
 """A real broker process with a registered backing file, for channel tests."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-from drb_uring import procs, protocol
+from drb_uring import procs
 from drb_uring.channel.broker import BrokerSpec
 
 HELPERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers")
@@ -32,11 +31,17 @@ class BrokerProc:
     the real worker (through the broker's spawn hook)."""
 
     def __init__(self, tmp_path, size=256 << 20, o_direct=False, device=None,
-                 enforce=True, rogue=None):
+                 enforce=True, rogue=None, limits=None):
         self.sock_path = str(tmp_path / "monitor.sock")
+        self.control_path = str(tmp_path / "control.sock")
         self.backing = str(tmp_path / "backing")
         self.log = open(tmp_path / "broker.log", "w+")
-        spec = BrokerSpec(socket=self.sock_path, enforce=enforce)
+        if not device:
+            with open(self.backing, "wb") as f:
+                f.truncate(size)
+        spec = BrokerSpec(socket=self.sock_path, control=self.control_path,
+                          device=device or self.backing, o_direct=o_direct, enforce=enforce,
+                          limits=limits or {})
         if rogue:
             argv = [sys.executable, os.path.join(HELPERS, "broker_with_rogue.py"), rogue,
                     spec.to_json()]
@@ -47,20 +52,6 @@ class BrokerProc:
                                     stderr=self.log)
         line = self.proc.stdout.readline()
         assert line.strip() == b"ready", (line, self.log_text())
-        if device:
-            fd = os.open(device, os.O_RDWR | (os.O_DIRECT if o_direct else 0))
-        else:
-            fd = os.open(self.backing, os.O_RDWR | os.O_CREAT | os.O_TRUNC
-                         | (os.O_DIRECT if o_direct else 0), 0o600)
-            os.ftruncate(fd, size)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        s.connect(self.sock_path)
-        try:
-            msg = {"op": "register-device"}
-            protocol.request(s, msg, [fd])
-        finally:
-            os.close(fd)
-            s.close()
 
     def workers(self) -> list[int]:
         return children_of(self.proc.pid)

@@ -305,17 +305,17 @@ def test_counters_count_preads_in_a_domain_exactly(pair):
     st = pair(f"{PREFIX}-k", "--size", "16m")
     prog = ("import os; fd = os.open('/dev/zero', os.O_RDONLY)\n"
             "for _ in range({n}): os.pread(fd, 1, 0)\n")
-    t0 = _trace(st["socket"])["counters"]
+    t0 = _trace(st["control"])["counters"]
     c0 = t0["user"]
     in_domain(st["name"], "user", prog.format(n=0))
-    c1 = _trace(st["socket"])["counters"]["user"]
+    c1 = _trace(st["control"])["counters"]["user"]
     in_domain(st["name"], "user", prog.format(n=1000))
-    c2 = _trace(st["socket"])["counters"]["user"]
+    c2 = _trace(st["control"])["counters"]["user"]
     # Same program twice, one with 1000 more preads: exactly 1000 more.
     assert (c2["pread64"] - c1["pread64"]) - (c1["pread64"] - c0["pread64"]) == 1000
     assert c2["syscalls"] - c1["syscalls"] >= 1000
     # None of this ran in the driver domain.
-    assert _trace(st["socket"])["counters"]["driver"]["pread64"] == t0["driver"]["pread64"]
+    assert _trace(st["control"])["counters"]["driver"]["pread64"] == t0["driver"]["pread64"]
 
 
 def test_trace_prints_bpftrace_histograms_and_rates(pair):

@@ -37,7 +37,7 @@ from drb_uring.channel.extents import ExtentError, Extents
 from drb_uring.channel.worker import WorkerSpec
 from drb_uring.enforce import tasks
 from drb_uring.errors import DrbError
-from drb_uring.spec import Spec
+from drb_uring.spec import Spec, SpecError
 
 log = logging.getLogger("drb.broker")
 
@@ -52,13 +52,37 @@ class BrokerError(DrbError):
     pass
 
 
+MAX_CHANNELS = 64          # per user domain, by default
+MAX_PINNED = 512 << 20     # bytes of user memory pinned as fixed buffers, per user domain
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits(Spec):
+    """What one user domain may hold; going past a limit gets an error
+    naming it and hurts no one else."""
+
+    channels: int = MAX_CHANNELS
+    pinned: int = MAX_PINNED
+
+    def check(self) -> None:
+        if self.channels < 1 or self.pinned < 4096:
+            raise SpecError("limits must allow at least one channel and one page")
+
+
 @dataclasses.dataclass(frozen=True)
 class BrokerSpec(Spec):
     """A broker started as its own process (python -m drb_uring.channel.broker)."""
 
-    socket: str
+    socket: str                    # for user sides
+    control: str | None = None     # for the host only: trace
+    device: str | None = None      # opened here, on the host (tests and benchmarks)
+    o_direct: bool = False
     worker_spin_ns: int = ring.DEFAULT_SPIN_NS
     enforce: bool = True
+    limits: dict = dataclasses.field(default_factory=dict)
+
+    def check(self) -> None:
+        Limits.from_dict(self.limits)
 
 
 class Device:
@@ -88,10 +112,11 @@ class Device:
 class BrokerChannel:
     """The broker's record of one open channel."""
 
-    def __init__(self, cid: int, conn: socket.socket, extent: tuple[int, int]):
+    def __init__(self, cid: int, peer: protocol.Peer, extent: tuple[int, int], pinned: int):
         self.id = cid
-        self.conn: socket.socket | None = conn
+        self.peer: protocol.Peer | None = peer
         self.extent = extent
+        self.pinned = pinned
         self.worker: subprocess.Popen | None = None
         self.worker_pid = 0
         self.pidfd = -1
@@ -107,10 +132,19 @@ def spawn_plain(argv: list[str], fds: list[int]) -> tuple[subprocess.Popen, int]
     return proc, proc.pid
 
 
+# Which operations each kind of peer may ask for. The user socket is the
+# only one a domain can reach; the driver side is a socket the pair's
+# daemon hands its driver domain; the control socket is the host's alone.
+OPS_FOR = {"user": {"open"}, "driver": {"register-device"}, "host": {"trace"}}
+
+
 class Broker:
-    def __init__(self, path: str, *, worker_spin_ns: int = ring.DEFAULT_SPIN_NS,
-                 spawn: SpawnFn = spawn_plain, enforce: bool = True):
+    def __init__(self, path: str, *, control: str | None = None,
+                 worker_spin_ns: int = ring.DEFAULT_SPIN_NS, spawn: SpawnFn = spawn_plain,
+                 enforce: bool = True, limits: Limits | None = None):
         self.path = path
+        self.control_path = control
+        self.limits = limits or Limits()
         # Without enforcement no task table exists and nothing checks what a
         # worker submits. Turning it off is loud on purpose.
         self.enforcer = None
@@ -127,10 +161,14 @@ class Broker:
         self.sel = selectors.DefaultSelector()
         self.device: Device | None = None
         self.channels: dict[int, BrokerChannel] = {}
+        self.peers: dict[protocol.Peer, str] = {}      # waiting for a request: role
         self.next_id = 1
         self.stopping = False
-        self.sock = protocol.listen(path)
-        self.sel.register(self.sock, selectors.EVENT_READ, ("listen", None))
+        self.listeners = [protocol.listen(path)]
+        self.sel.register(self.listeners[0], selectors.EVENT_READ, ("listen", "user"))
+        if control:
+            self.listeners.append(protocol.listen(control))
+            self.sel.register(self.listeners[1], selectors.EVENT_READ, ("listen", "host"))
 
     def watch_domains(self, groups: dict[str, str]) -> None:
         """Count the mode switches of these domains (role -> cgroup) for
@@ -139,6 +177,20 @@ class Broker:
         if self.enforcer:
             for group in groups.values():
                 self.enforcer.watch(group)
+
+    def add_peer(self, conn: socket.socket, role: str) -> None:
+        """Serve a connection made elsewhere (the driver domain's end of a
+        socket pair) as a peer of `role`."""
+        self._add(protocol.Peer(conn), role)
+
+    def open_device(self, path: str, o_direct: bool) -> None:
+        """Open the device here (a broker that runs on the host by itself)."""
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_DIRECT if o_direct else 0))
+        try:
+            self.device = Device(fd)
+        except BaseException:
+            os.close(fd)
+            raise
 
     # ---- the loop ------------------------------------------------------------
 
@@ -157,20 +209,35 @@ class Broker:
     def stop(self, *_) -> None:
         self.stopping = True
 
+    def _add(self, peer: protocol.Peer, role: str) -> None:
+        self.peers[peer] = role
+        self.sel.register(peer, selectors.EVENT_READ, ("conn", peer))
+
+    def _events(self, peer: protocol.Peer, data) -> None:
+        """Watch for room to write while replies wait; drop a dead peer."""
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.wants_write else 0)
+        key = self.sel.get_map().get(peer)
+        if key is not None and key.events != want:
+            self.sel.modify(peer, want, data)
+
     def _step(self, timeout: float) -> None:
         """One round of the loop: whatever is ready within `timeout`, then
         the workers whose grace period ran out."""
         if any(ch.kill_at for ch in self.channels.values()):
             timeout = min(timeout, 0.05)
-        for key, _ in self.sel.select(timeout=timeout):
+        for key, events in self.sel.select(timeout=timeout):
             kind, obj = key.data
             try:
                 if kind == "listen":
-                    conn, _ = self.sock.accept()
-                    conn.setblocking(True)
-                    self.sel.register(conn, selectors.EVENT_READ, ("conn", None))
+                    conn, _ = key.fileobj.accept()
+                    self._add(protocol.Peer(conn), obj)
                 elif kind == "conn":
-                    self._on_message(key.fileobj)
+                    if events & selectors.EVENT_WRITE:
+                        obj.flush()
+                    if events & selectors.EVENT_READ:
+                        self._on_message(obj)
+                    if obj in self.peers:
+                        self._settle(obj, key.data)
                 elif kind == "channel":
                     self._on_channel_message(obj)
                 elif kind == "worker":
@@ -184,6 +251,13 @@ class Broker:
                             ch.id, ch.worker_pid)
                 ch.worker.kill()
                 ch.kill_at = 0.0
+
+    def _settle(self, peer: protocol.Peer, data) -> None:
+        if peer.dead:
+            log.warning("dropping a peer that does not read its replies")
+            self._drop(peer)
+        else:
+            self._events(peer, data)
 
     def close(self) -> None:
         """Stop every worker and release everything. Idempotent."""
@@ -200,60 +274,63 @@ class Broker:
         if self.device:
             protocol.close_fds([self.device.fd])
             self.device = None
-        for key in list(self.sel.get_map().values()):
-            if key.data[0] == "conn":
-                key.fileobj.close()
+        for peer in list(self.peers):
+            self._drop(peer)
         self.sel.close()
         if self.enforcer:
             self.enforcer.close()
             self.enforcer = None
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        for sock, path in zip(self.listeners, (self.path, self.control_path), strict=False):
+            sock.close()
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     # ---- messages ------------------------------------------------------------
 
-    def _reply_error(self, conn: socket.socket, err: Exception) -> None:
+    def _reply_error(self, peer: protocol.Peer, err: Exception) -> None:
         log.warning("refused: %s", err)
-        try:
-            protocol.send(conn, {"op": "error", "error": str(err)})
-        except OSError:
-            pass
+        peer.send({"op": "error", "error": str(err)})
 
-    def _drop(self, conn: socket.socket) -> None:
-        self.sel.unregister(conn)
-        conn.close()
+    def _drop(self, peer: protocol.Peer) -> None:
+        self.peers.pop(peer, None)
+        if peer.fileno() >= 0 and peer in self.sel.get_map():
+            self.sel.unregister(peer)
+        peer.close()
 
-    def _on_message(self, conn: socket.socket) -> None:
+    def _on_message(self, peer: protocol.Peer) -> None:
         try:
-            msg, fds = protocol.recv(conn)
+            got = peer.recv()
         except protocol.ProtocolError as e:
-            self._reply_error(conn, e)
+            self._reply_error(peer, e)
             return
         except OSError:
-            self._drop(conn)
+            self._drop(peer)
             return
+        if got is None:
+            return                       # nothing there after all
+        msg, fds = got
         if msg is None:
-            self._drop(conn)
+            self._drop(peer)
             return
+        role = self.peers[peer]
         out_fds: list[int] = []
         try:
+            if msg["op"] not in OPS_FOR[role]:
+                raise protocol.ProtocolError(f"operation {msg['op']!r} is not served here")
             if msg["op"] == "register-device":
-                reply = self._register_device(msg, fds)
+                reply = self._register_device(fds)
             elif msg["op"] == "open":
-                reply, out_fds = self._open(conn, msg, fds)
-            elif msg["op"] == "trace":
-                reply = self._trace(msg)
+                reply, out_fds = self._open(peer, msg, fds)
             else:
-                raise protocol.ProtocolError(f"operation {msg['op']!r} is not a request")
+                reply = self._trace(msg)
         except (DrbError, OSError) as e:
             protocol.close_fds(fds)
-            self._reply_error(conn, e)
+            self._reply_error(peer, e)
             return
         try:
-            protocol.send(conn, {"op": "ok", **reply}, out_fds)
+            peer.send({"op": "ok", **reply}, out_fds)
         finally:
             protocol.close_fds(out_fds)
 
@@ -270,7 +347,7 @@ class Broker:
                 "counters": {role: self.enforcer.counters(path)
                              for role, path in self.domains.items()}}
 
-    def _register_device(self, msg: dict, fds: list[int]) -> dict:
+    def _register_device(self, fds: list[int]) -> dict:
         if self.device is not None:
             raise BrokerError("a device is already registered")
         self.device = Device(fds[0])
@@ -278,25 +355,38 @@ class Broker:
                  self.device.align)
         return {"size": self.device.size, "align": self.device.align}
 
-    def _open(self, conn: socket.socket, msg: dict,
+    def _check_limits(self, pool_size: int) -> None:
+        n = len(self.channels)
+        if n >= self.limits.channels:
+            raise BrokerError(f"limit reached: {self.limits.channels} channels per user domain "
+                              "(drb up --max-channels)")
+        pinned = sum(ch.pinned for ch in self.channels.values())
+        if pinned + pool_size > self.limits.pinned:
+            raise BrokerError(f"limit reached: a pool of {pool_size >> 10} KiB on top of "
+                              f"{pinned >> 10} KiB would pin more than "
+                              f"{self.limits.pinned >> 20} MiB per user domain "
+                              "(drb up --max-pinned)")
+
+    def _open(self, peer: protocol.Peer, msg: dict,
               fds: list[int]) -> tuple[dict, list[int]]:
         if self.device is None:
             raise BrokerError("no device registered by the driver domain yet")
         size = protocol.int_field(msg, "size", 1, self.device.size)
-        peer = ring.PeerFds.from_list(fds)
-        geo = ring.validate_peer_fds(peer)
+        ring_fds = ring.PeerFds.from_list(fds)
+        geo = ring.validate_peer_fds(ring_fds)
+        self._check_limits(geo.pool_size)
         if self.device.align and geo.slot_size % self.device.align:
             raise BrokerError("slot size is not a multiple of the device alignment")
         try:
             extent = self.device.extents.alloc(size)
         except ExtentError as e:
             raise BrokerError(str(e)) from None
-        ch = BrokerChannel(self.next_id, conn, extent)
+        ch = BrokerChannel(self.next_id, peer, extent, geo.pool_size)
         tt_fd = -1
         try:
             ring_fd, params = _grant.setup_disabled(geo.sq_entries)
             try:
-                pool_base = _grant.register_pool(ring_fd, peer.pool, geo.slot_size,
+                pool_base = _grant.register_pool(ring_fd, ring_fds.pool, geo.slot_size,
                                                  geo.slot_count)
                 _grant.register_device(ring_fd, self.device.fd)
                 _grant.restrict(ring_fd, [tasks.OP_READ_FIXED, tasks.OP_WRITE_FIXED,
@@ -308,7 +398,7 @@ class Broker:
                     ch.gid, tt_fd = self.enforcer.grant(ring_fd, pool_base, geo.slot_size,
                                                         geo.slot_count, extent)
                 ch.worker, ch.worker_pid = self._spawn_worker(ring_fd, params, pool_base,
-                                                              peer, extent)
+                                                              ring_fds, extent)
             finally:
                 os.close(ring_fd)
         except BaseException:
@@ -318,12 +408,13 @@ class Broker:
             self.device.extents.release(*extent)
             raise
         finally:
-            peer.close()       # the worker has its own copies; never the pool
+            ring_fds.close()       # the worker has its own copies; never the pool
         self.next_id += 1
         ch.pidfd = os.pidfd_open(ch.worker.pid)
         self.channels[ch.id] = ch
-        self.sel.unregister(conn)
-        self.sel.register(conn, selectors.EVENT_READ, ("channel", ch))
+        # From now on the connection is the channel's: it hears "failed".
+        self.peers.pop(peer, None)
+        self.sel.modify(peer, selectors.EVENT_READ, ("channel", ch))
         self.sel.register(ch.pidfd, selectors.EVENT_READ, ("worker", ch))
         log.info("channel %d open: extent %d+%d, worker pid %d%s", ch.id, extent[0], extent[1],
                  ch.worker_pid, "" if self.enforcer else " (UNMONITORED)")
@@ -336,12 +427,13 @@ class Broker:
             return reply, [tt_fd]
         return reply, []
 
-    def _spawn_worker(self, ring_fd, params, pool_base, peer,
+    def _spawn_worker(self, ring_fd, params, pool_base, ring_fds,
                       extent) -> tuple[subprocess.Popen, int]:
-        fds = [ring_fd, peer.ctl_user, peer.ctl_driver, peer.user_efd, peer.driver_efd]
+        fds = [ring_fd, ring_fds.ctl_user, ring_fds.ctl_driver, ring_fds.user_efd,
+               ring_fds.driver_efd]
         spec = WorkerSpec(ring_fd=ring_fd, params=params.hex(), pool_base=pool_base,
-                          ring_fds=[peer.ctl_user, peer.ctl_driver, -1, peer.user_efd,
-                                    peer.driver_efd],
+                          ring_fds=[ring_fds.ctl_user, ring_fds.ctl_driver, -1,
+                                    ring_fds.user_efd, ring_fds.driver_efd],
                           extent_base=extent[0], extent_size=extent[1],
                           align=self.device.align, spin_ns=self.worker_spin_ns)
         return self.spawn(procs.argv("drb_uring.channel.worker", spec), fds)
@@ -350,15 +442,18 @@ class Broker:
 
     def _on_channel_message(self, ch: BrokerChannel) -> None:
         try:
-            msg, fds = protocol.recv(ch.conn)
-            protocol.close_fds(fds)
+            got = ch.peer.recv()
         except (protocol.ProtocolError, OSError):
-            msg = None
+            got = (None, [])
+        if got is None:
+            return
+        msg, fds = got
+        protocol.close_fds(fds)
         # The extent is released only once the worker is gone: until then it
         # could still be doing I/O there. A "close" is answered after that,
         # so the user side may reuse the space as soon as it has the reply.
         ch.reply_close = msg is not None and msg["op"] == "close"
-        self.sel.unregister(ch.conn)      # nothing more to read from this peer
+        self.sel.unregister(ch.peer)      # nothing more to read from this peer
         self._stop_worker(ch)
 
     def _stop_worker(self, ch: BrokerChannel) -> None:
@@ -399,22 +494,23 @@ class Broker:
             ch.worker.kill()
             ch.worker.wait()
         if self.enforcer and ch.gid:
-            self.enforcer.ungrant(ch.gid)
+            try:
+                self.enforcer.ungrant(ch.gid)
+            except (DrbError, OSError) as e:      # the user side must hear anyway
+                log.error("channel %d: ungrant failed: %s", ch.id, e)
             ch.gid = 0
         if self.device is not None:
             self.device.extents.release(*ch.extent)
-        if ch.conn is not None:
+        if ch.peer is not None:
             msg = {"op": "failed", "reason": reason} if reason else \
                 {"op": "ok"} if ch.reply_close else None
             if msg:
-                try:
-                    protocol.send(ch.conn, msg)
-                except OSError:
-                    pass
-            if ch.conn.fileno() in self.sel.get_map():
-                self.sel.unregister(ch.conn)
-            ch.conn.close()
-            ch.conn = None
+                ch.peer.send(msg)
+                ch.peer.flush()
+            if ch.peer in self.sel.get_map():
+                self.sel.unregister(ch.peer)
+            ch.peer.close()
+            ch.peer = None
         self.channels.pop(ch.id, None)
         log.info("channel %d closed", ch.id)
 
@@ -425,9 +521,12 @@ def serve(spec: BrokerSpec, spawn: SpawnFn = spawn_plain) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s drb-broker[%(process)d] %(message)s")
     try:
-        broker = Broker(spec.socket, worker_spin_ns=spec.worker_spin_ns, enforce=spec.enforce,
-                        spawn=spawn)
-    except DrbError as e:
+        broker = Broker(spec.socket, control=spec.control, worker_spin_ns=spec.worker_spin_ns,
+                        enforce=spec.enforce, spawn=spawn,
+                        limits=Limits.from_dict(spec.limits))
+        if spec.device:
+            broker.open_device(spec.device, spec.o_direct)
+    except (DrbError, OSError) as e:
         print(f"drb-broker: {e}", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, broker.stop)

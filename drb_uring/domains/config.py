@@ -50,6 +50,8 @@ class PairConfig(Spec):
     attach_driver: int | None = None
     deny: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_DENY))
     no_monitor: bool = False
+    max_channels: int = 64              # per user domain
+    max_pinned: int = 512 << 20         # bytes of user memory pinned, per user domain
 
     def check(self) -> None:
         check_name(self.name)
@@ -62,6 +64,10 @@ class PairConfig(Spec):
         for pid in (self.attach_user, self.attach_driver):
             if pid is not None and pid <= 1:
                 raise SpecError(f"cannot attach to pid {pid}")
+        if self.max_channels < 1 or self.max_channels > 1024:
+            raise SpecError(f"--max-channels must be in [1, 1024], got {self.max_channels}")
+        if self.max_pinned < 1 << 20:
+            raise SpecError(f"--max-pinned must be at least 1m, got {self.max_pinned}")
         bad = [f for f in self.deny if f not in FAMILIES]
         if bad:
             raise SpecError(f"unknown address family {bad[0]!r}; choose from "

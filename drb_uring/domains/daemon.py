@@ -14,13 +14,14 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import time
 
 from drb_uring import linux, procs
-from drb_uring.channel.broker import Broker
+from drb_uring.channel.broker import Broker, Limits
 from drb_uring.domains import cgroup, nsutil
 from drb_uring.domains.config import PairConfig
 from drb_uring.domains.init import InitSpec, RegisterSpec
@@ -54,7 +55,8 @@ class Pair:
         self.cfg = cfg
         self.name = cfg.name
         self.dir = state_dir(cfg.name)
-        self.sock = os.path.join(self.dir, "monitor.sock")
+        self.sock = os.path.join(self.dir, "monitor.sock")     # the user domain's
+        self.control = os.path.join(self.dir, "control.sock")  # the host's: drb trace
         self.group = group_dir(cfg.name) if not cfg.attached else None
         self.policies = Policies()
         self.inits: dict[str, subprocess.Popen] = {}
@@ -152,7 +154,9 @@ class Pair:
         a = self.cfg
         dev_path, block = self._device_path()
         # The broker's socket exists before the user domain, which binds it in.
-        self.broker = Broker(self.sock, spawn=self._spawn_worker, enforce=not a.no_monitor)
+        self.broker = Broker(self.sock, control=self.control, spawn=self._spawn_worker,
+                             enforce=not a.no_monitor,
+                             limits=Limits(channels=a.max_channels, pinned=a.max_pinned))
         if self.group:
             os.makedirs(os.path.dirname(self.group), exist_ok=True)
             try:
@@ -173,13 +177,20 @@ class Pair:
         self.policies.device(self.groups["driver"], block)
         self.policies.sockets(self.groups["user"], tuple(a.deny))
         self.broker.watch_domains(self.groups)
-        # The driver domain opens the device itself and hands it over once.
-        spec = RegisterSpec(command="register", socket=self.sock, device=dev_path,
+        # The driver domain opens the device itself and hands it over once,
+        # on a socket pair: it never needs a path to the broker.
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.broker.add_peer(mine, "driver")
+        spec = RegisterSpec(command="register", sock_fd=theirs.fileno(), device=dev_path,
                             o_direct=a.o_direct)
-        reg = nsutil.spawn_in(self.pids["driver"], procs.argv("drb_uring.domains.init", spec),
-                              start_new_session=True,
-                              group=self.groups["driver"], env=procs.module_env(),
-                              stderr=subprocess.PIPE)
+        try:
+            reg = nsutil.spawn_in(self.pids["driver"],
+                                  procs.argv("drb_uring.domains.init", spec),
+                                  fds=[theirs.fileno()], start_new_session=True,
+                                  group=self.groups["driver"], env=procs.module_env(),
+                                  stderr=subprocess.PIPE)
+        finally:
+            theirs.close()
         if not self.broker.run_until(lambda: reg.poll() is not None, 20):
             reg.kill()
             reg.wait()
@@ -189,6 +200,7 @@ class Pair:
         if reg.returncode != 0 or self.broker.device is None:
             raise PairError(err or "the driver domain could not register its device")
         self.state = {"name": self.name, "daemon_pid": os.getpid(), "socket": self.sock,
+                      "control": self.control,
                       "device": dev_path, "device_size": self.broker.device.size,
                       "o_direct": a.o_direct, "attached": a.attached,
                       "domains": {r: {"pid": self.pids[r], "cgroup": self.groups[r],

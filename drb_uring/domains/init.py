@@ -77,7 +77,7 @@ class InitSpec(Spec):
 @dataclasses.dataclass(frozen=True)
 class RegisterSpec(Spec):
     command: str        # "register"
-    socket: str
+    sock_fd: int        # inherited: the broker's end is in the pair's daemon
     device: str
     o_direct: bool = False
 
@@ -114,11 +114,9 @@ def register(a: RegisterSpec) -> int:
     except OSError as e:
         print(f"the driver domain cannot open {a.device}: {e.strerror}", file=sys.stderr)
         return 1
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    s = socket.socket(fileno=a.sock_fd)
     try:
-        s.connect(a.socket)
-        protocol.request(s, {"op": "register-device"},
-                         [fd])
+        protocol.request(s, {"op": "register-device"}, [fd])
     except (OSError, protocol.ProtocolError) as e:
         print(f"registering the device with the broker failed: {e}", file=sys.stderr)
         return 1

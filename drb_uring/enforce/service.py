@@ -15,6 +15,7 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 
 from drb_uring import procs, protocol
@@ -26,12 +27,23 @@ log = logging.getLogger("drb.enforce")
 
 
 class Client:
-    def __init__(self, conn: socket.socket):
-        self.conn = conn
-        self.tgid = 0
+    """A connected broker (or a benchmark), known by what the kernel says of
+    it (SO_PEERCRED), never by what it claims."""
+
+    def __init__(self, peer: protocol.Peer, tgid: int):
+        self.peer = peer
+        self.tgid = tgid
+        self.registered = False
         self.gids: set[int] = set()
         self.watched: set[str] = set()
         self.counting = False
+
+
+def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, as the kernel
+    recorded them at connect(), in this process's namespaces."""
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)
 
 
 class Service:
@@ -40,16 +52,23 @@ class Service:
         self.sel = selectors.DefaultSelector()
         self.sock = protocol.listen(SERVICE_SOCK)
         self.sel.register(self.sock, selectors.EVENT_READ, None)
-        self.clients: dict[int, Client] = {}
+        self.clients: dict[protocol.Peer, Client] = {}
+        self.broker_refs: dict[int, int] = {}      # tgid -> its connections
         self.stopping = False
         self.served = 0
 
     def _accept(self) -> None:
         conn, _ = self.sock.accept()
-        conn.setblocking(True)
-        c = Client(conn)
-        self.clients[conn.fileno()] = c
-        self.sel.register(conn, selectors.EVENT_READ, c)
+        pid, uid, _gid = peer_credentials(conn)
+        # Host root only: a domain's root maps to an unprivileged host uid,
+        # and a process of another pid namespace shows as pid 0 here.
+        if uid != 0 or pid <= 0:
+            log.warning("refused a client: pid %d, uid %d (only root on the host)", pid, uid)
+            conn.close()
+            return
+        c = Client(protocol.Peer(conn), pid)
+        self.clients[c.peer] = c
+        self.sel.register(c.peer, selectors.EVENT_READ, c)
         self.served += 1
 
     def _drop(self, c: Client) -> None:
@@ -59,19 +78,26 @@ class Service:
             self.enforcer.unwatch(path)
         if c.counting:
             self.enforcer.count_off()
-        if c.tgid:
-            self.enforcer.remove_broker(c.tgid)
-        self.sel.unregister(c.conn)
-        self.clients.pop(c.conn.fileno(), None)
-        c.conn.close()
+        if c.registered:
+            self.broker_refs[c.tgid] -= 1
+            if not self.broker_refs[c.tgid]:
+                del self.broker_refs[c.tgid]
+                self.enforcer.remove_broker(c.tgid)
+        self.sel.unregister(c.peer)
+        self.clients.pop(c.peer, None)
+        c.peer.close()
 
     def _handle(self, c: Client, msg: dict) -> tuple[dict, list[int]]:
         op = msg["op"]
         if op == "hello":
-            c.tgid = protocol.int_field(msg, "tgid", 1, 1 << 22)
-            self.enforcer.add_broker(c.tgid)
+            # The grant rings this process creates are recorded from now on:
+            # the process is the one the kernel says is at the other end.
+            if not c.registered:
+                c.registered = True
+                self.broker_refs[c.tgid] = self.broker_refs.get(c.tgid, 0) + 1
+                self.enforcer.add_broker(c.tgid)
             return {}, []
-        if not c.tgid:
+        if not c.registered:
             raise protocol.ProtocolError("say hello first")
         if op == "grant":
             extent = msg.get("extent")
@@ -125,24 +151,28 @@ class Service:
 
     def _on_message(self, c: Client) -> None:
         try:
-            msg, fds = protocol.recv(c.conn, OPS)
+            got = c.peer.recv(OPS)
         except (protocol.ProtocolError, OSError) as e:
             log.warning("dropping a client: %s", e)
             self._drop(c)
             return
+        if got is None:
+            return
+        msg, fds = got
         protocol.close_fds(fds)
         if msg is None:
             self._drop(c)
             return
-        out_fds: list[int] = []
         try:
+            # The fds sent (a task table) stay the enforcer's: Peer.send
+            # duplicates any it has to queue.
             reply, out_fds = self._handle(c, msg)
-            protocol.send(c.conn, {"op": "ok", **reply}, out_fds)
+            c.peer.send({"op": "ok", **reply}, out_fds)
         except (protocol.ProtocolError, EnforceError, OSError, KeyError, ValueError) as e:
-            try:
-                protocol.send(c.conn, {"op": "error", "error": str(e)})
-            except OSError:
-                pass
+            c.peer.send({"op": "error", "error": str(e)})
+        if c.peer.dead:
+            log.warning("dropping a client that does not read its replies")
+            self._drop(c)
 
     def _last_one_out(self) -> bool:
         """With no clients left: exit unless one is already queued. Taken
@@ -165,11 +195,20 @@ class Service:
 
     def run(self) -> None:
         while not self.stopping:
-            for key, _ in self.sel.select(timeout=0.5):
+            for key, events in self.sel.select(timeout=0.5):
                 if key.data is None:
                     self._accept()
-                else:
-                    self._on_message(key.data)
+                    continue
+                c = key.data
+                if events & selectors.EVENT_WRITE:
+                    c.peer.flush()
+                if events & selectors.EVENT_READ:
+                    self._on_message(c)
+                if c.peer in self.clients:
+                    want = selectors.EVENT_READ | (
+                        selectors.EVENT_WRITE if c.peer.wants_write else 0)
+                    if self.sel.get_key(c.peer).events != want:
+                        self.sel.modify(c.peer, want, c)
             self.enforcer.poll()
             self.enforcer.expire()
             if self.served and not self.clients and self._last_one_out():

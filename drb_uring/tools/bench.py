@@ -13,11 +13,10 @@ import contextlib
 import itertools
 import json
 import os
-import socket
 import subprocess
 import tempfile
 
-from drb_uring import procs, protocol
+from drb_uring import procs
 from drb_uring.channel.broker import BrokerSpec
 from drb_uring.channel.client import Channel
 from drb_uring.domains import cgroup
@@ -92,7 +91,14 @@ class Domains:
 def _broker(transport: str, workdir: str, enforce: bool = True,
             domains: Domains | None = None):
     tag = f"{transport}-{'mon' if enforce else 'nomon'}"
-    spec = BrokerSpec(socket=os.path.join(workdir, f"{tag}.sock"), enforce=enforce)
+    backing = os.path.join(workdir, f"{tag}.img")
+    with open(backing, "wb") as f:
+        # Real data, not a hole: reads must come from the page cache.
+        chunk = os.urandom(1 << 20)
+        for _ in range(EXTENT >> 20):
+            f.write(chunk)
+    spec = BrokerSpec(socket=os.path.join(workdir, f"{tag}.sock"), enforce=enforce,
+                      device=backing)
     if transport == "drb-poll":
         spec = spec.replace(worker_spin_ns=POLL_NS)
     log = open(os.path.join(workdir, f"{tag}.log"), "w")
@@ -111,19 +117,6 @@ def _broker(transport: str, workdir: str, enforce: bool = True,
     try:
         if proc.stdout.readline().strip() != b"ready":
             raise BenchError(f"broker for {transport} did not start; see {log.name}")
-        backing = os.path.join(workdir, f"{tag}.img")
-        fd = os.open(backing, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            # Real data, not a hole: reads must come from the page cache.
-            chunk = os.urandom(1 << 20)
-            for off in range(0, EXTENT, len(chunk)):
-                os.pwrite(fd, chunk, off)
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            with s:
-                s.connect(spec.socket)
-                protocol.request(s, {"op": "register-device"}, [fd])
-        finally:
-            os.close(fd)
         yield spec.socket
     finally:
         proc.terminate()

@@ -86,7 +86,8 @@ def _config(a: argparse.Namespace):
     deny = [x for x in a.deny.split(",") if x] if a.deny is not None else list(DEFAULT_DENY)
     return PairConfig(name=a.name, backing=a.backing, size=parse_size(a.size),
                       blockdev=a.blockdev, o_direct=a.o_direct, attach_user=a.attach_user,
-                      attach_driver=a.attach_driver, deny=deny, no_monitor=a.no_monitor)
+                      attach_driver=a.attach_driver, deny=deny, no_monitor=a.no_monitor,
+                      max_channels=a.max_channels, max_pinned=parse_size(a.max_pinned))
 
 
 def cmd_up(a: argparse.Namespace) -> int:
@@ -198,12 +199,12 @@ def cmd_trace(a: argparse.Namespace) -> int:
     lease = a.interval * 2 + 1
     print(f"Tracing pair {a.name} for {a.seconds:g} s, every {a.interval:g} s "
           "(latency per stage in microseconds; mode switches per domain). Ctrl-C to stop.")
-    prev = trace.snapshot(st["socket"], lease)
+    prev = trace.snapshot(st["control"], lease)
     t_prev = time.monotonic()
     end = t_prev + a.seconds
     while time.monotonic() < end:
         time.sleep(min(a.interval, max(0.0, end - time.monotonic())))
-        cur = trace.snapshot(st["socket"], lease)
+        cur = trace.snapshot(st["control"], lease)
         now = time.monotonic()
         print(time.strftime("%H:%M:%S"))
         sys.stdout.write(trace.render(prev, cur, now - t_prev))
@@ -266,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--foreground", action="store_true",
                    help="run the pair's daemon in this terminal, logging to stderr "
                         "(Ctrl-C takes the pair down)")
+    u.add_argument("--max-channels", type=_positive, default=64,
+                   help="channels a user domain may open at once (default 64)")
+    u.add_argument("--max-pinned", default="512m",
+                   help="user memory a user domain may pin in channel pools (default 512m)")
     u.add_argument("--no-monitor", action="store_true",
                    help="run WITHOUT the eBPF monitor: no I/O task table is enforced "
                         "(an explicit, loudly logged opt-out)")
