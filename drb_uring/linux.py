@@ -65,6 +65,7 @@ def dio_alignment(fd: int) -> int:
 
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 SYS_PIVOT_ROOT = 155       # x86_64
 MNT_DETACH = 2

@@ -24,7 +24,6 @@ MAX_FDS = 8
 
 # Operation -> numbers of fds it may carry.
 FDS_FOR = {
-    "register-device": (1,),  # driver side: its device, once
     "open": (5,),             # user side: ring fds (ctl_user ro, ctl_driver, pool, 2 eventfds)
     "close": (0,),
     "trace": (0,),            # the host only (control socket): histograms and counters

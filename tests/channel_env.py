@@ -69,6 +69,15 @@ class BrokerProc:
         self.log.close()
 
 
+def dead(pid) -> bool:
+    """Gone, or a zombie (it ran its last; its parent has not reaped it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def wait_until(pred, timeout=5.0):
     end = time.monotonic() + timeout
     while time.monotonic() < end:

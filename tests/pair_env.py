@@ -16,7 +16,9 @@ def drb(*args, check=True, timeout=120, **kw):
 
 
 def in_domain(name, role, code, check=True, timeout=60):
-    return drb("exec", name, role, "--", sys.executable, "-c", code, check=check,
+    # Inside a domain: the domain's python3 (the host's /usr, read-only),
+    # with drb_uring at /opt/drb/lib; nothing of the host's virtualenv.
+    return drb("exec", name, role, "--", "python3", "-c", code, check=check,
                timeout=timeout)
 
 

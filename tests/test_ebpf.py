@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from channel_env import BrokerProc, wait_until
+from channel_env import BrokerProc, dead, wait_until
 
 from drb_uring.channel.client import Channel, ChannelFailed
 from drb_uring.enforce import _task, btf, tasks
@@ -80,7 +80,7 @@ def _expect_kill(m, ch, call, reason):
     with pytest.raises(ChannelFailed) as e:
         call()
     assert f"monitor killed backend worker {pid}: {reason}" in str(e.value)
-    assert wait_until(lambda: not os.path.exists(f"/proc/{pid}"))
+    assert wait_until(lambda: dead(pid))
     assert wait_until(lambda: f"VIOLATION channel 1: {reason}" in m.log_text()), m.log_text()
 
 

@@ -13,7 +13,7 @@ import textwrap
 import time
 
 import pytest
-from channel_env import PRIVATE_NS
+from channel_env import PRIVATE_NS, dead
 from pair_env import DRB, drb, in_domain, leftovers, wait_gone
 
 from drb_uring import procs
@@ -165,7 +165,7 @@ def test_exec_into_an_attached_pair_whose_container_is_gone(clean):
         assert st["domains"]["user"]["hostname"] == "their-user"    # theirs, not ours
         os.kill(pids[0], signal.SIGKILL)          # the user container is removed
         conts[0].wait()
-        assert wait_gone(lambda: not os.path.exists(f"/proc/{pids[0]}"))
+        assert wait_gone(lambda: dead(pids[0]))
         _one_error(drb("exec", name, "user", "--", "true", check=False),
                    f"the user domain of pair '{name}' (pid {pids[0]}) is gone")
         st = json.loads(drb("status", name, "--json").stdout)

@@ -14,7 +14,7 @@ import struct
 import time
 
 import pytest
-from channel_env import BrokerProc, wait_until
+from channel_env import BrokerProc, dead, wait_until
 
 from drb_uring.channel.client import Channel, ChannelFailed
 from drb_uring.enforce import _task, tasks
@@ -59,7 +59,7 @@ def _killed(m, ch, call, reason):
     with pytest.raises(ChannelFailed) as e:
         call()
     assert f"monitor killed backend worker {pid}: {reason}" in str(e.value)
-    assert wait_until(lambda: not os.path.exists(f"/proc/{pid}"))
+    assert wait_until(lambda: dead(pid))
     # The channel stays failed: nothing more comes out of its pool.
     with pytest.raises(ChannelFailed):
         ch.pread(0, 512)

@@ -1,8 +1,9 @@
 """The broker: the trusted process that opens every channel of a pair.
 
-It listens on a Unix SOCK_SEQPACKET socket. The driver side hands it its
-device once; each user side opens channels by sending its ring's memory and
-eventfds. For every channel the broker checks the layout, gives the channel
+It opens the device on the host and listens on two Unix SOCK_SEQPACKET
+sockets: the user domain's, on which each user side opens channels by
+sending its ring's memory and eventfds, and the host's control socket
+(trace). For every channel the broker checks the layout, gives the channel
 an extent of the device that it alone decides, builds the grant ring (the
 user's pool as fixed buffers, the device as fixed file 0, restricted, then
 enabled), has the enforcement service check every submission on it, and
@@ -11,7 +12,7 @@ a pidfd: a worker that dies fails its channel at once, and the user side
 hears it on its connection.
 
 Whom it distrusts: every peer on the socket (messages are length-, type-
-and fd-checked in channel.protocol; ring memory is checked by
+and fd-checked in drb_uring.protocol; ring memory is checked by
 ring.validate_peer_fds) and every worker (it is watched, never waited on).
 """
 
@@ -23,7 +24,6 @@ import logging
 import os
 import selectors
 import signal
-import socket
 import stat
 import struct
 import subprocess
@@ -44,8 +44,9 @@ log = logging.getLogger("drb.broker")
 BLKGETSIZE64 = 0x80081272
 WORKER_STOP_GRACE = 1.0    # seconds between SIGTERM and SIGKILL
 
-# spawn(argv, fds) -> (a Popen to watch, the pid of the worker itself)
-SpawnFn = Callable[[list[str], list[int]], tuple[subprocess.Popen, int]]
+# spawn(spec, fds) -> (a process to watch, the pid of the worker itself): the
+# worker inherits `fds`, which the spec names.
+SpawnFn = Callable[["WorkerSpec", list[int]], tuple[subprocess.Popen, int]]
 
 
 class BrokerError(DrbError):
@@ -126,16 +127,15 @@ class BrokerChannel:
         self.reply_close = False   # answer "close" once the worker is gone
 
 
-def spawn_plain(argv: list[str], fds: list[int]) -> tuple[subprocess.Popen, int]:
+def spawn_plain(spec: WorkerSpec, fds: list[int]) -> tuple[subprocess.Popen, int]:
     """Start a worker as a child of the broker (no domain)."""
-    proc = subprocess.Popen(argv, pass_fds=fds, env=procs.module_env())
+    proc = procs.spawn("drb_uring.channel.worker", spec, fds)
     return proc, proc.pid
 
 
 # Which operations each kind of peer may ask for. The user socket is the
-# only one a domain can reach; the driver side is a socket the pair's
-# daemon hands its driver domain; the control socket is the host's alone.
-OPS_FOR = {"user": {"open"}, "driver": {"register-device"}, "host": {"trace"}}
+# only one a domain can reach; the control socket is the host's alone.
+OPS_FOR = {"user": {"open"}, "host": {"trace"}}
 
 
 class Broker:
@@ -178,13 +178,9 @@ class Broker:
             for group in groups.values():
                 self.enforcer.watch(group)
 
-    def add_peer(self, conn: socket.socket, role: str) -> None:
-        """Serve a connection made elsewhere (the driver domain's end of a
-        socket pair) as a peer of `role`."""
-        self._add(protocol.Peer(conn), role)
-
     def open_device(self, path: str, o_direct: bool) -> None:
-        """Open the device here (a broker that runs on the host by itself)."""
+        """Open the device, here on the host: the trusted side opens it, and
+        the driver domain reaches it only through the grant rings."""
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_DIRECT if o_direct else 0))
         try:
             self.device = Device(fd)
@@ -319,9 +315,7 @@ class Broker:
         try:
             if msg["op"] not in OPS_FOR[role]:
                 raise protocol.ProtocolError(f"operation {msg['op']!r} is not served here")
-            if msg["op"] == "register-device":
-                reply = self._register_device(fds)
-            elif msg["op"] == "open":
+            if msg["op"] == "open":
                 reply, out_fds = self._open(peer, msg, fds)
             else:
                 reply = self._trace(msg)
@@ -347,14 +341,6 @@ class Broker:
                 "counters": {role: self.enforcer.counters(path)
                              for role, path in self.domains.items()}}
 
-    def _register_device(self, fds: list[int]) -> dict:
-        if self.device is not None:
-            raise BrokerError("a device is already registered")
-        self.device = Device(fds[0])
-        log.info("device registered: %d bytes, O_DIRECT alignment %d", self.device.size,
-                 self.device.align)
-        return {"size": self.device.size, "align": self.device.align}
-
     def _check_limits(self, pool_size: int) -> None:
         n = len(self.channels)
         if n >= self.limits.channels:
@@ -370,7 +356,7 @@ class Broker:
     def _open(self, peer: protocol.Peer, msg: dict,
               fds: list[int]) -> tuple[dict, list[int]]:
         if self.device is None:
-            raise BrokerError("no device registered by the driver domain yet")
+            raise BrokerError("the broker has no device")
         size = protocol.int_field(msg, "size", 1, self.device.size)
         ring_fds = ring.PeerFds.from_list(fds)
         geo = ring.validate_peer_fds(ring_fds)
@@ -411,6 +397,9 @@ class Broker:
             ring_fds.close()       # the worker has its own copies; never the pool
         self.next_id += 1
         ch.pidfd = os.pidfd_open(ch.worker.pid)
+        if self.enforcer:
+            # Should this broker die, the service kills the worker.
+            self.enforcer.worker(ch.gid, ch.worker_pid)
         self.channels[ch.id] = ch
         # From now on the connection is the channel's: it hears "failed".
         self.peers.pop(peer, None)
@@ -436,7 +425,7 @@ class Broker:
                                     ring_fds.user_efd, ring_fds.driver_efd],
                           extent_base=extent[0], extent_size=extent[1],
                           align=self.device.align, spin_ns=self.worker_spin_ns)
-        return self.spawn(procs.argv("drb_uring.channel.worker", spec), fds)
+        return self.spawn(spec, fds)
 
     # ---- channel life --------------------------------------------------------
 

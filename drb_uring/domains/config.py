@@ -52,6 +52,10 @@ class PairConfig(Spec):
     no_monitor: bool = False
     max_channels: int = 64              # per user domain
     max_pinned: int = 512 << 20         # bytes of user memory pinned, per user domain
+    user_rootfs: str | None = None      # an unpacked image as the user domain's root
+    driver_rootfs: str | None = None
+    domain_pids: int = 512              # processes per domain
+    domain_memory: int = 4 << 30        # bytes of memory per domain
 
     def check(self) -> None:
         check_name(self.name)
@@ -68,6 +72,15 @@ class PairConfig(Spec):
             raise SpecError(f"--max-channels must be in [1, 1024], got {self.max_channels}")
         if self.max_pinned < 1 << 20:
             raise SpecError(f"--max-pinned must be at least 1m, got {self.max_pinned}")
+        if self.domain_pids < 16 or self.domain_memory < 64 << 20:
+            raise SpecError("a domain needs at least 16 processes and 64m of memory")
+        for opt, path in (("--user-rootfs", self.user_rootfs),
+                          ("--driver-rootfs", self.driver_rootfs)):
+            if path is not None and self.attached:
+                raise SpecError(f"{opt} makes no sense with --attach-*: the containers "
+                                "have their roots")
+            if path is not None and not path.startswith("/"):
+                raise SpecError(f"{opt} must be an absolute path, got {path!r}")
         bad = [f for f in self.deny if f not in FAMILIES]
         if bad:
             raise SpecError(f"unknown address family {bad[0]!r}; choose from "

@@ -16,7 +16,7 @@ import subprocess
 import time
 
 from drb_uring import procs
-from drb_uring.domains import cgroup, daemon, nsutil
+from drb_uring.domains import attach, cgroup, daemon, runtime, seccomp
 from drb_uring.domains.config import MIN_SIZE, PairConfig, check_name
 from drb_uring.domains.state import (
     RUN,
@@ -24,31 +24,48 @@ from drb_uring.domains.state import (
     daemon_pid,
     domain_alive,
     group_dir,
+    make_state_dir,
+    private_file,
     read_state,
     record_daemon,
-    remove_if_empty,
+    release_ids,
+    remove_run_if_empty,
     require_root,
     state_dir,
 )
 
 
 def teardown_leftovers(name: str) -> list[str]:
-    """Remove what a pair whose daemon is gone left behind. Returns what it did."""
+    """Remove what a pair whose daemon is gone left behind: its containers,
+    the mounts it made in attached containers, its groups in every cgroup
+    hierarchy, its host ids and its state. Returns what it did."""
     done = []
+    d = state_dir(name)
+    st = read_state(name) or {}
+    root = os.path.join(d, "runc")
+    if os.path.isdir(root):
+        for cid in os.listdir(root):
+            subprocess.run([runtime.runc(), "--root", root, "delete", "--force", cid],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=30)
+            done.append(f"removed container {cid}")
+    for role, dm in st.get("domains", {}).items():
+        if domain_alive(st, role):
+            for dst, made in reversed(dm.get("mounts") or []):
+                attach.unbind(dm["pid"], dst, made)
+                done.append(f"unmounted {dst} in the {role} container")
     try:
         g = group_dir(name)
     except cgroup.CgroupError:
         g = None
     if g and os.path.isdir(g):
-        cgroup.kill_and_remove(g)
+        runtime.remove_pair_groups(name)
         done.append(f"removed cgroup {g}")
-    if g:
-        remove_if_empty(os.path.dirname(g))
-    d = state_dir(name)
     if os.path.isdir(d):
         shutil.rmtree(d, ignore_errors=True)
         done.append(f"removed {d}")
-    remove_if_empty(RUN)
+    release_ids(name)
+    remove_run_if_empty()
     return done
 
 
@@ -91,6 +108,9 @@ def _check_device(cfg: PairConfig) -> None:
 def _preflight(cfg: PairConfig) -> None:
     require_root()
     cgroup.cgroup2_root()
+    if not cfg.attached:
+        runtime.runc()
+    seccomp.domain_profile("user")        # the base profile is there and readable
     try:
         import bcc  # noqa: F401
     except ImportError:
@@ -108,11 +128,10 @@ def start_pair(cfg: PairConfig) -> dict:
     returns its state. Interrupted (Ctrl-C) or failed, it leaves nothing:
     the daemon is stopped and everything it made removed."""
     _preflight(cfg)
-    d = state_dir(cfg.name)
-    os.makedirs(d, mode=0o700)
+    d = make_state_dir(cfg.name)
     try:
         r, w = os.pipe()
-        with open(os.path.join(d, "daemon.log"), "ab") as log:
+        with private_file(os.path.join(d, "daemon.log"), "ab") as log:
             # Its own session: the pair outlives this command, and a Ctrl-C
             # here reaches it only as the orderly stop below.
             proc = procs.spawn("drb_uring.domains.daemon",
@@ -147,7 +166,7 @@ class _no_interrupts:
 def run_pair_here(cfg: PairConfig) -> int:
     """The daemon in this process, logging to stderr (drb up --foreground)."""
     _preflight(cfg)
-    os.makedirs(state_dir(cfg.name), mode=0o700)
+    make_state_dir(cfg.name)
     record_daemon(cfg.name, os.getpid())
     return daemon.run(cfg, ready_fd=-1, log_to_stderr=True)
 
@@ -184,6 +203,14 @@ def exec_in(name: str, role: str, cmd: list[str], **kw) -> subprocess.Popen:
     if not domain_alive(st, role):
         raise PairError(f"the {role} domain of pair {name!r} (pid {dm['pid']}) is gone; "
                         f"take the pair down with: drb down {name}")
-    return nsutil.spawn_in(dm["pid"], cmd, group=dm["cgroup"],
-                           packet_filter=role == "user" and "packet" in st["deny"],
-                           env=procs.module_env(), **kw)
+    if dm.get("runc_id"):
+        return subprocess.Popen([runtime.runc(), "--root", st["runc_root"], "exec", "--cwd", "/",
+                                 dm["runc_id"], *cmd], **kw)
+    deny = tuple(st["deny"]) if role == "user" else ()
+    std = {}
+    for k in ("stdin", "stdout", "stderr"):
+        v = kw.get(k)
+        if v == subprocess.PIPE:
+            raise PairError("a pipe to a command in an attached container is not supported")
+        std[k] = procs.NULL if v == subprocess.DEVNULL else v
+    return attach.spawn_joined(dm["pid"], cmd, role=role, deny=deny, **std)

@@ -3,8 +3,13 @@
 ``drb up`` starts it in the background (domains.control.start_pair); it
 builds the pair, serves channels, and on SIGTERM (``drb down``) or a fatal
 error takes everything down again: workers, domains, policies, cgroups,
-state. Everything a pair has lives under /run/drb/NAME/ and
-<cgroup2>/drb/NAME/.
+state. Everything a pair has lives under /run/drb/NAME/ (no domain sees
+it) and <cgroup2>/drb/NAME/.
+
+The domains are containers made by runc (domains.runtime), or, in attach
+mode, containers another runtime made (domains.attach). The device is
+opened here, by the trusted side: the driver domain reaches it only through
+the grant rings its workers inherit.
 """
 
 from __future__ import annotations
@@ -14,23 +19,23 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import stat
-import subprocess
 import sys
+import tempfile
 import time
 
 from drb_uring import linux, procs
 from drb_uring.channel.broker import Broker, Limits
-from drb_uring.domains import cgroup, nsutil
+from drb_uring.channel.worker import WorkerSpec
+from drb_uring.domains import attach, runtime
 from drb_uring.domains.config import PairConfig
-from drb_uring.domains.init import InitSpec, RegisterSpec
 from drb_uring.domains.policy import Policies
 from drb_uring.domains.state import (
-    RUN,
     PairError,
-    group_dir,
-    remove_if_empty,
+    private_file,
+    release_ids,
+    remove_run_if_empty,
+    reserve_ids,
     start_time,
     state_dir,
     write_state,
@@ -39,6 +44,7 @@ from drb_uring.errors import DrbError
 from drb_uring.spec import Spec
 
 log = logging.getLogger("drb.pair")
+ROLES = ("user", "driver")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,19 +56,32 @@ class DaemonSpec(Spec):
         PairConfig.from_dict(self.config)
 
 
+def _at_three(spec: WorkerSpec) -> WorkerSpec:
+    """The spec a worker reads when its fds are placed at 3, 4, ... in the
+    order the broker lists them (ring, ctl_user, ctl_driver, efds)."""
+    return spec.replace(ring_fd=3, ring_fds=[4, 5, -1, 6, 7])
+
+
 class Pair:
     def __init__(self, cfg: PairConfig):
         self.cfg = cfg
         self.name = cfg.name
         self.dir = state_dir(cfg.name)
-        self.sock = os.path.join(self.dir, "monitor.sock")     # the user domain's
-        self.control = os.path.join(self.dir, "control.sock")  # the host's: drb trace
-        self.group = group_dir(cfg.name) if not cfg.attached else None
+        # The user domain's socket, alone in a directory that is shown to it
+        # at /run/drb/NAME; the control socket is the host's.
+        self.sock_dir = os.path.join(self.dir, "user")
+        self.sock = os.path.join(self.sock_dir, "monitor.sock")
+        self.inside_sock = f"/run/drb/{cfg.name}/monitor.sock"
+        self.control = os.path.join(self.dir, "control.sock")
         self.policies = Policies()
-        self.inits: dict[str, subprocess.Popen] = {}
+        self.domains: dict[str, runtime.Domain] = {}
+        # attach mode: role -> [(mount point, directories made for it)]
+        self.mounts: dict[str, list[tuple[str, list[str]]]] = {}
         self.pids: dict[str, int] = {}
         self.groups: dict[str, str] = {}
+        self.ids: list[int] = []
         self.broker: Broker | None = None
+        self.worker_log = os.path.join(self.dir, "workers.log")
 
     # ---- set-up ------------------------------------------------------------
 
@@ -83,132 +102,126 @@ class Pair:
             f.truncate(a.size)
         return path, None
 
-    def _start_domain(self, role: str, hide: list[str]) -> None:
-        group = os.path.join(self.group, role)
-        cgroup.create(group)
-        r, w = os.pipe()
-        spec = InitSpec(command="init", role=role, hostname=f"{self.name}-{role}",
-                        socket=self.sock, ready_fd=w, hide=hide)
-        args = ["unshare", "--mount", "--pid", "--ipc", "--uts", "--net", "--fork",
-                "--mount-proc", "--propagation", "unchanged",
-                *procs.argv("drb_uring.domains.init", spec)]
+    def _share_socket(self, host_id: int) -> None:
+        """Let root of the user domain (host id `host_id`) connect."""
+        os.chown(self.sock_dir, 0, host_id)
+        os.chmod(self.sock_dir, 0o750)
+        os.chown(self.sock, 0, host_id)
+        os.chmod(self.sock, 0o660)
 
-        def enter():
-            cgroup.join(group)
-            linux.die_with_parent()
+    def _make_domains(self) -> None:
+        a = self.cfg
+        self.ids = reserve_ids(self.name, len(ROLES))
+        self._share_socket(self.ids[0])
+        for role, host_id in zip(ROLES, self.ids, strict=True):
+            spec = runtime.DomainSpec(
+                pair=self.name, role=role, host_id=host_id,
+                deny=tuple(a.deny) if role == "user" else (),
+                socket_dir=self.sock_dir if role == "user" else None,
+                rootfs=a.user_rootfs if role == "user" else a.driver_rootfs,
+                pids=a.domain_pids, memory=a.domain_memory)
+            dom = runtime.Domain(self.dir, spec)
+            # The group first, with its policies, then what runs in it.
+            os.makedirs(dom.group, exist_ok=False)
+            self.groups[role] = dom.group
+            self._policies(role)
+            self.domains[role] = dom
+            dom.start()
+            self.pids[role] = dom.pid
 
-        # Every process the daemon starts has its own session: a Ctrl-C in
-        # the terminal of `drb up --foreground` reaches the daemon alone,
-        # which then takes the pair down in order.
-        proc = subprocess.Popen(args, pass_fds=[w], preexec_fn=enter, env=procs.module_env(),
-                                start_new_session=True,
-                                stdin=subprocess.DEVNULL)
-        os.close(w)
-        with os.fdopen(r) as rf:
-            ready = rf.readline().strip()
-        if ready != "ready":
-            raise PairError(f"the {role} domain did not start (see {self.dir}/daemon.log)")
-        pid = None
-        for _ in range(200):
-            pid = nsutil.child_of(proc.pid)
-            if pid:
-                break
-            time.sleep(0.005)
-        self.inits[role] = proc
-        self.pids[role] = pid
-        self.groups[role] = group
+    def _attach_domains(self) -> None:
+        a = self.cfg
+        for role, pid in (("driver", a.attach_driver), ("user", a.attach_user)):
+            self.groups[role] = attach.check_container(role, pid, list(self.groups.values()))
+            self.pids[role] = pid
+        self._share_socket(attach.root_host_id(self.pids["user"]))
+        made = attach.bind_into(self.pids["user"], self.sock_dir, f"/run/drb/{self.name}",
+                                readonly=False)
+        self.mounts["user"] = [(f"/run/drb/{self.name}", made)]
+        # drb's package, read-only, in both: the worker runs from it, the
+        # user side's programs import the client from it.
+        for role in ROLES:
+            self.mounts.setdefault(role, []).append(
+                (f"{runtime.PACKAGE_AT}/drb_uring", attach.share_package(self.pids[role])))
+        for role in ROLES:
+            self._policies(role)
+        # The driver container must be able to run a worker: say why not now.
+        probe = attach.spawn_joined(
+            self.pids["driver"], [runtime.PYTHON, "-P", "-c", "import drb_uring.channel._worker"],
+            role="driver", stderr=procs.NULL)
+        if probe.wait(30) != 0:
+            raise PairError(f"the driver container (pid {self.pids['driver']}) cannot run "
+                            f"drb's worker: {runtime.PYTHON} with liburing.so.2 must be there, "
+                            f"and drb's package is at {runtime.PACKAGE_AT}")
 
-    def _attach_domain(self, role: str, pid: int) -> None:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            raise PairError(f"--attach-{role} {pid}: no such process") from None
-        group = cgroup.path_of(pid)
-        # A policy on a shared group would confine far more than the domain.
-        if os.path.realpath(group) == os.path.realpath(cgroup.cgroup2_root()):
-            raise PairError(f"--attach-{role} {pid}: the process is in the root cgroup; "
-                            "put the container in a cgroup of its own first")
-        if group == cgroup.path_of(os.getpid()):
-            raise PairError(f"--attach-{role} {pid}: the process shares drb's own cgroup")
-        if group in self.groups.values():
-            raise PairError("the user and driver containers share one cgroup")
-        self.pids[role] = pid
-        self.groups[role] = group
+    def _policies(self, role: str) -> None:
+        a = self.cfg
+        self.policies.device(self.groups[role], None)
         if role == "user":
-            nsutil.bind_into(pid, self.sock, self.sock)
+            self.policies.sockets(self.groups[role], tuple(a.deny))
 
-    def _spawn_worker(self, argv: list[str], fds: list[int]):
-        proc = nsutil.spawn_in(self.pids["driver"], argv, start_new_session=True,
-                               group=self.groups["driver"],
-                               fds=fds, die_with_spawner=True, env=procs.module_env())
-        for _ in range(400):
-            pid = nsutil.child_of(proc.pid)
-            if pid:
-                return proc, pid
-            if proc.poll() is not None:
-                break
+    def worker_argv(self, spec: WorkerSpec) -> list[str]:
+        """The worker's command line inside the driver domain."""
+        return runtime.python_argv("drb_uring.channel.worker", spec)
+
+    def _spawn_worker(self, spec: WorkerSpec, fds: list[int]):
+        """Start a worker inside the driver domain, through its runtime."""
+        argv = self.worker_argv(_at_three(spec))
+        with private_file(self.worker_log, "ab") as out:
+            if "driver" in self.domains:
+                with tempfile.TemporaryDirectory(dir=self.dir) as tmp:
+                    pid_file = os.path.join(tmp, "pid")
+                    child = procs.spawn_at(self.domains["driver"].exec_argv(
+                        argv, preserve_fds=len(fds), pid_file=pid_file), fds,
+                        stdout=out.fileno(), stderr=out.fileno())
+                    for _ in range(2000):
+                        if os.path.exists(pid_file) or child.poll() is not None:
+                            break
+                        time.sleep(0.005)
+                    try:
+                        with open(pid_file) as f:
+                            return child, int(f.read())
+                    except (OSError, ValueError):
+                        return child, child.pid
+            child = attach.spawn_joined(self.pids["driver"], argv, fds, role="driver",
+                                        stdout=out.fileno(), stderr=out.fileno())
+        for _ in range(2000):
+            pid = attach.child_of(child.pid)
+            if pid or child.poll() is not None:
+                return child, pid or child.pid
             time.sleep(0.005)
-        return proc, proc.pid
+        return child, child.pid
 
     def up(self) -> None:
         a = self.cfg
         dev_path, block = self._device_path()
-        # The broker's socket exists before the user domain, which binds it in.
+        os.makedirs(self.sock_dir, mode=0o700)
         self.broker = Broker(self.sock, control=self.control, spawn=self._spawn_worker,
                              enforce=not a.no_monitor,
                              limits=Limits(channels=a.max_channels, pinned=a.max_pinned))
-        if self.group:
-            os.makedirs(os.path.dirname(self.group), exist_ok=True)
-            try:
-                cgroup.create(self.group)
-            except FileExistsError:
-                raise PairError(f"cgroup {self.group} exists: is pair {self.name!r} "
-                                "up already, or left over? (drb down "
-                                f"{self.name})") from None
-            self._start_domain("driver", [])
-            hide = [os.path.join(self.dir, "driver")]
-            if not dev_path.startswith(self.dir) and not block:
-                hide.append(os.path.dirname(dev_path))
-            self._start_domain("user", hide)
+        # The device, opened here on the host: the driver domain reaches it
+        # only through the grant rings.
+        self.broker.open_device(dev_path, a.o_direct)
+        if a.attached:
+            self._attach_domains()
         else:
-            self._attach_domain("driver", a.attach_driver)
-            self._attach_domain("user", a.attach_user)
-        self.policies.device(self.groups["user"], None)
-        self.policies.device(self.groups["driver"], block)
-        self.policies.sockets(self.groups["user"], tuple(a.deny))
+            self._make_domains()
         self.broker.watch_domains(self.groups)
-        # The driver domain opens the device itself and hands it over once,
-        # on a socket pair: it never needs a path to the broker.
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.broker.add_peer(mine, "driver")
-        spec = RegisterSpec(command="register", sock_fd=theirs.fileno(), device=dev_path,
-                            o_direct=a.o_direct)
-        try:
-            reg = nsutil.spawn_in(self.pids["driver"],
-                                  procs.argv("drb_uring.domains.init", spec),
-                                  fds=[theirs.fileno()], start_new_session=True,
-                                  group=self.groups["driver"], env=procs.module_env(),
-                                  stderr=subprocess.PIPE)
-        finally:
-            theirs.close()
-        if not self.broker.run_until(lambda: reg.poll() is not None, 20):
-            reg.kill()
-            reg.wait()
-            raise PairError("the driver domain did not register its device in time")
-        err = reg.stderr.read().decode().strip()
-        reg.stderr.close()
-        if reg.returncode != 0 or self.broker.device is None:
-            raise PairError(err or "the driver domain could not register its device")
-        self.state = {"name": self.name, "daemon_pid": os.getpid(), "socket": self.sock,
-                      "control": self.control,
-                      "device": dev_path, "device_size": self.broker.device.size,
-                      "o_direct": a.o_direct, "attached": a.attached,
-                      "domains": {r: {"pid": self.pids[r], "cgroup": self.groups[r],
-                                      "started": start_time(self.pids[r]),
-                                      "hostname": nsutil.hostname_of(self.pids[r])}
-                                  for r in ("user", "driver")},
-                      "deny": list(a.deny), "monitor": not a.no_monitor,
-                      "started": time.time()}
+        self.state = {
+            "name": self.name, "daemon_pid": os.getpid(), "socket": self.inside_sock,
+            "socket_host": self.sock, "control": self.control,
+            "device": dev_path, "device_size": self.broker.device.size,
+            "o_direct": a.o_direct, "attached": a.attached,
+            "domains": {r: {"pid": self.pids[r], "cgroup": self.groups[r],
+                            "started": start_time(self.pids[r]),
+                            "hostname": attach.hostname_of(self.pids[r]),
+                            "runc_id": self.domains[r].id if r in self.domains else None,
+                            "host_id": self.ids[i] if self.ids else attach.root_host_id(
+                                self.pids[r]),
+                            "mounts": self.mounts.get(r, [])}
+                        for i, r in enumerate(ROLES)},
+            "runc_root": os.path.join(self.dir, "runc"),
+            "deny": list(a.deny), "monitor": not a.no_monitor, "started": time.time()}
         write_state(self.name, self.state)
 
     # ---- tear-down ---------------------------------------------------------
@@ -217,22 +230,15 @@ class Pair:
         if self.broker is not None:
             self.broker.close()
             self.broker = None
-        for role, proc in self.inits.items():
-            try:
-                os.kill(self.pids[role], signal.SIGKILL)   # ends the whole pid namespace
-            except (ProcessLookupError, TypeError):
-                pass
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for dom in self.domains.values():
+            dom.stop()
+        for role, mounts in self.mounts.items():
+            for dst, made in reversed(mounts):
+                attach.unbind(self.pids[role], dst, made)
         self.policies.close()
-        if self.group:
-            cgroup.kill_and_remove(self.group)
-            remove_if_empty(os.path.dirname(self.group))
-        if not self.group and self.pids.get("user"):
-            nsutil.unbind_from(self.pids["user"], self.sock)
+        if self.domains:
+            runtime.remove_pair_groups(self.name)
+        release_ids(self.name)
 
 
 def _tell(fd: int, line: str) -> None:
@@ -284,7 +290,7 @@ def run(cfg: PairConfig, ready_fd: int, log_to_stderr: bool = False) -> int:
             log.info("pair %s down", cfg.name)
             logging.shutdown()
             shutil.rmtree(d, ignore_errors=True)
-            remove_if_empty(RUN)
+            remove_run_if_empty()
     return status
 
 

@@ -28,6 +28,25 @@ def state_dir(name: str) -> str:
     return os.path.join(RUN, name)
 
 
+def make_state_dir(name: str) -> str:
+    """/run/drb/NAME. Directories are traversable (0711), not listable: a
+    domain's runc init, already its unprivileged root, must reach the
+    domain's bundle; every file in them is root's alone (0600), and the
+    user domain's socket directory is 0750 to it only."""
+    for path in (RUN, state_dir(name)):
+        if not os.path.isdir(path):
+            os.mkdir(path)
+        os.chmod(path, 0o711)
+    return state_dir(name)
+
+
+def private_file(path: str, mode: str = "w"):
+    """A file only root may read (these directories can be traversed)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if "a" in mode
+                                                     else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, 0o600), mode)
+
+
 def group_dir(name: str) -> str:
     return os.path.join(cgroup.cgroup2_root(), "drb", name)
 
@@ -42,7 +61,7 @@ def read_state(name: str) -> dict | None:
 
 def write_state(name: str, state: dict) -> None:
     tmp = os.path.join(state_dir(name), "state.json.tmp")
-    with open(tmp, "w") as f:
+    with private_file(tmp) as f:
         json.dump(state, f, indent=2)
     os.replace(tmp, os.path.join(state_dir(name), "state.json"))
 
@@ -52,15 +71,18 @@ def start_time(pid: int) -> int | None:
     a recycled pid cannot fake."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+    if fields[0] in ("Z", "X"):            # ran its last: not alive, whatever the pid
+        return None
+    return int(fields[19])
 
 
 def record_daemon(name: str, pid: int) -> None:
     """Note the pair's daemon as pid and start time, in the pair's host-only
     state directory."""
-    with open(os.path.join(state_dir(name), "daemon.pid"), "w") as f:
+    with private_file(os.path.join(state_dir(name), "daemon.pid")) as f:
         f.write(f"{pid} {start_time(pid)}\n")
 
 
@@ -76,9 +98,20 @@ def daemon_pid(name: str) -> int | None:
 
 def pair_names() -> list[str]:
     try:
-        return sorted(os.listdir(RUN))
+        return sorted(n for n in os.listdir(RUN) if os.path.isdir(os.path.join(RUN, n)))
     except FileNotFoundError:
         return []
+
+
+def remove_run_if_empty() -> None:
+    """/run/drb goes with its last pair (and the id registry with it)."""
+    if not pair_names() and not os.path.exists(IDS):
+        for leftover in (".ids.lock",):
+            try:
+                os.unlink(os.path.join(RUN, leftover))
+            except FileNotFoundError:
+                pass
+        remove_if_empty(RUN)
 
 
 def remove_if_empty(path: str) -> None:
@@ -107,3 +140,59 @@ def describe(name: str) -> tuple[dict, str] | None:
     if not all(domain_alive(st, r) for r in ("user", "driver")):
         return st, "degraded"
     return st, "up"
+
+
+ID_BASE = 1 << 20          # host ids below this are the host's own users
+ID_SPAN = 1 << 16          # each domain maps 65536 ids
+IDS = os.path.join(RUN, "ids.json")
+
+
+def reserve_ids(name: str, count: int) -> list[int]:
+    """Host id ranges for a pair's domains, different from every other
+    pair's: the first host id of each range. Kept in /run/drb/ids.json,
+    under a lock, until release_ids."""
+    import fcntl
+    if not os.path.isdir(RUN):
+        os.mkdir(RUN, 0o711)
+    with private_file(os.path.join(RUN, ".ids.lock")) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(IDS) as f:
+                taken = json.load(f)
+        except (OSError, ValueError):
+            taken = {}
+        used = {i for ranges in taken.values() for i in ranges}
+        mine = []
+        k = 0
+        while len(mine) < count:
+            if k not in used:
+                mine.append(k)
+            k += 1
+        taken[name] = taken.get(name, []) + mine
+        tmp = IDS + ".tmp"
+        with private_file(tmp) as f:
+            json.dump(taken, f)
+        os.replace(tmp, IDS)
+    return [ID_BASE + k * ID_SPAN for k in mine]
+
+
+def release_ids(name: str) -> None:
+    import fcntl
+    if not os.path.exists(IDS):
+        return
+    with private_file(os.path.join(RUN, ".ids.lock")) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(IDS) as f:
+                taken = json.load(f)
+        except (OSError, ValueError):
+            return
+        taken.pop(name, None)
+        if taken:
+            tmp = IDS + ".tmp"
+            with private_file(tmp) as f:
+                json.dump(taken, f)
+            os.replace(tmp, IDS)
+        else:
+            os.unlink(IDS)
+            os.unlink(os.path.join(RUN, ".ids.lock"))

@@ -18,7 +18,7 @@ from drb_uring.spec import Spec
 SERVICE_SOCK = "/run/drb-ebpfd.sock"
 SERVICE_LOCK = "/run/lock/drb-ebpfd.lock"
 SERVICE_LOG = "/var/log/drb-ebpfd.log"
-OPS = {op: (0,) for op in ("hello", "grant", "failed", "ungrant", "hist", "watch",
+OPS = {op: (0,) for op in ("hello", "grant", "worker", "failed", "ungrant", "hist", "watch",
                            "unwatch", "counters", "count", "error")}
 OPS["ok"] = (0, 1)
 
@@ -78,6 +78,11 @@ class EnforceClient:
 
     def failed(self, gid: int) -> str | None:
         return self._call("failed", channel=gid)[0].get("reason")
+
+    def worker(self, gid: int, pid: int) -> None:
+        """The process that serves channel `gid`: the service kills it if
+        this broker goes away, so that no channel outlives its monitor."""
+        self._call("worker", channel=gid, pid=pid)
 
     def ungrant(self, gid: int) -> None:
         self._call("ungrant", channel=gid)

@@ -35,6 +35,7 @@ class Client:
         self.tgid = tgid
         self.registered = False
         self.gids: set[int] = set()
+        self.workers: dict[int, int] = {}      # channel -> pidfd of its worker
         self.watched: set[str] = set()
         self.counting = False
 
@@ -71,7 +72,25 @@ class Service:
         self.sel.register(c.peer, selectors.EVENT_READ, c)
         self.served += 1
 
+    def _forget_worker(self, c: Client, gid: int, kill: bool) -> None:
+        fd = c.workers.pop(gid, None)
+        if fd is None:
+            return
+        if kill:
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os.close(fd)
+
     def _drop(self, c: Client) -> None:
+        # Its workers go with it: a channel whose broker is gone is not
+        # enforced any more, and must not run.
+        for gid in list(c.workers):
+            if gid in c.gids:
+                log.warning("broker %d went away: killing the worker of channel %d",
+                            c.tgid, gid)
+            self._forget_worker(c, gid, kill=True)
         for gid in c.gids:
             self.enforcer.ungrant(gid)
         for path in c.watched:
@@ -114,9 +133,17 @@ class Service:
         if op == "failed":
             gid = protocol.int_field(msg, "channel", 1, 1 << 31)
             return {"reason": self.enforcer.failed(gid) if gid_ok(gid) else None}, []
+        if op == "worker":
+            gid = protocol.int_field(msg, "channel", 1, 1 << 31)
+            if not gid_ok(gid):
+                raise protocol.ProtocolError(f"channel {gid} is not this broker's")
+            self._forget_worker(c, gid, kill=False)
+            c.workers[gid] = os.pidfd_open(protocol.int_field(msg, "pid", 1, 1 << 22))
+            return {}, []
         if op == "ungrant":
             gid = protocol.int_field(msg, "channel", 1, 1 << 31)
             if gid_ok(gid):
+                self._forget_worker(c, gid, kill=False)
                 self.enforcer.ungrant(gid)
                 c.gids.discard(gid)
             return {}, []

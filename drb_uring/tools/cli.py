@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -87,7 +88,13 @@ def _config(a: argparse.Namespace):
     return PairConfig(name=a.name, backing=a.backing, size=parse_size(a.size),
                       blockdev=a.blockdev, o_direct=a.o_direct, attach_user=a.attach_user,
                       attach_driver=a.attach_driver, deny=deny, no_monitor=a.no_monitor,
-                      max_channels=a.max_channels, max_pinned=parse_size(a.max_pinned))
+                      max_channels=a.max_channels, max_pinned=parse_size(a.max_pinned),
+                      user_rootfs=_abs(a.user_rootfs), driver_rootfs=_abs(a.driver_rootfs),
+                      domain_pids=a.domain_pids, domain_memory=parse_size(a.domain_memory))
+
+
+def _abs(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
 
 
 def cmd_up(a: argparse.Namespace) -> int:
@@ -271,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="channels a user domain may open at once (default 64)")
     u.add_argument("--max-pinned", default="512m",
                    help="user memory a user domain may pin in channel pools (default 512m)")
+    u.add_argument("--user-rootfs", metavar="DIR",
+                   help="an unpacked image as the user domain's root (default: the host's "
+                        "/usr, read-only, and nothing else)")
+    u.add_argument("--driver-rootfs", metavar="DIR",
+                   help="an unpacked image as the driver domain's root")
+    u.add_argument("--domain-pids", type=_positive, default=512,
+                   help="processes each domain may have (default 512)")
+    u.add_argument("--domain-memory", default="4g",
+                   help="memory each domain may use (default 4g)")
     u.add_argument("--no-monitor", action="store_true",
                    help="run WITHOUT the eBPF monitor: no I/O task table is enforced "
                         "(an explicit, loudly logged opt-out)")

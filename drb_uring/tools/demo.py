@@ -19,8 +19,7 @@ import sys
 import tempfile
 import time
 
-from drb_uring import procs
-from drb_uring.domains import control, state
+from drb_uring.domains import control, runtime, state
 from drb_uring.domains.config import PairConfig
 from drb_uring.tools import hist
 from drb_uring.tools.workload import WorkloadSpec
@@ -68,7 +67,7 @@ def run(seconds: float) -> int:
         _say(f"running the workload inside the user domain (a file-like pass, then "
              f"{2 * seconds:g} s of random reads)")
         spec = WorkloadSpec(socket=st["socket"], size=CHANNEL_SIZE, seconds=seconds)
-        proc = control.exec_in(name, "user", procs.argv("drb_uring.tools.workload", spec),
+        proc = control.exec_in(name, "user", runtime.python_argv("drb_uring.tools.workload", spec),
                                stdout=subprocess.PIPE)
         out, _ = proc.communicate()
         if proc.returncode != 0:

@@ -20,9 +20,8 @@ ROGUE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rogue_worker.p
 def main() -> int:
     mode = sys.argv[1]
 
-    def spawn(argv, fds):
-        # argv is [python, -m, drb_uring.channel.worker, SPEC]: keep the spec.
-        proc = subprocess.Popen([sys.executable, ROGUE, mode, argv[-1]], pass_fds=fds,
+    def spawn(spec, fds):
+        proc = subprocess.Popen([sys.executable, ROGUE, mode, spec.to_json()], pass_fds=fds,
                                 env=procs.module_env())
         return proc, proc.pid
 

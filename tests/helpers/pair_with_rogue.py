@@ -7,7 +7,7 @@ Otherwise exactly the daemon `drb up` starts; `drb down` stops it.
 """
 
 import os
-import sys
+import sys  # noqa: F401
 
 from drb_uring.domains import daemon, state
 from drb_uring.domains.config import PairConfig
@@ -18,15 +18,16 @@ ROGUE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rogue_worker.p
 class RoguePair(daemon.Pair):
     mode = ""
 
-    def _spawn_worker(self, argv, fds):
-        # argv is [python, -m, drb_uring.channel.worker, SPEC]: keep the spec.
-        return super()._spawn_worker([sys.executable, ROGUE, self.mode, argv[-1]], fds)
+    def worker_argv(self, spec):
+        # Inside the driver domain: the rogue's own source, as a -c program.
+        with open(ROGUE) as f:
+            return ["python3", "-c", f.read(), self.mode, spec.to_json()]
 
 
 def main() -> int:
     RoguePair.mode = sys.argv[1]
     cfg = PairConfig.from_json(sys.argv[2])
-    os.makedirs(state.state_dir(cfg.name), mode=0o700)
+    state.make_state_dir(cfg.name)
     state.record_daemon(cfg.name, os.getpid())
     daemon.Pair = RoguePair
     return daemon.run(cfg, int(sys.argv[3]))
