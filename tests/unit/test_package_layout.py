@@ -8,7 +8,7 @@ import drb_uring
 ROOT = os.path.dirname(drb_uring.__file__)
 # Lower layers first. A module may import its own layer and those before it.
 LAYERS = [
-    {"errors", "spec", "linux", "procs", "protocol", "bpf"},
+    {"", "errors", "spec", "linux", "procs", "protocol", "bpf"},
     {"enforce"},
     {"ring"},
     {"channel"},
