@@ -17,7 +17,7 @@ def drb(*args, check=True, timeout=120, **kw):
 
 def in_domain(name, role, code, check=True, timeout=60):
     # Inside a domain: the domain's python3 (the host's /usr, read-only),
-    # with drb_uring at /opt/drb/lib; nothing of the host's virtualenv.
+    # with drb_uring at /run/drb-lib; nothing of the host's virtualenv.
     return drb("exec", name, role, "--", "python3", "-c", code, check=check,
                timeout=timeout)
 

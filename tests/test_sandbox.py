@@ -110,7 +110,7 @@ def test_read_only_root_and_nothing_of_the_host(one, role):
     out = attempts(one["name"], role, f"""
         attempt("write_root", lambda: open("/evil", "w"))
         attempt("write_usr", lambda: open("/usr/lib/evil", "w"))
-        attempt("write_pkg", lambda: open("/opt/drb/lib/drb_uring/evil.py", "w"))
+        attempt("write_pkg", lambda: open("/run/drb-lib/drb_uring/evil.py", "w"))
         attempt("host_pkg", lambda: os.stat({pkg!r}))
         attempt("shadow", lambda: open("/etc/shadow"))
         attempt("backing", lambda: open({one['device']!r}, "r+b"))

@@ -1,10 +1,11 @@
 """Containers another runtime started (runc, podman, ...), paired by drb.
 
 drb does to them only what the pair needs, and undoes it at `drb down`:
-the user container gets its broker's socket directory at /run/drb/PAIR, the
-driver container drb's package, read-only, at /opt/drb/lib/drb_uring (the
-worker imports it from there; the container provides python3 and
-liburing). A mount point drb had to make inside is removed again.
+the user container gets its broker's socket directory at /run/drb/PAIR, and
+both get drb's package, read-only, at /run/drb-lib/drb_uring (the worker
+runs from it, the user side's programs import the client from it; the
+containers provide python3 and liburing). A mount point drb had to make
+inside is removed again.
 
 Processes drb starts in such a container (workers, `drb exec`) join all of
 its namespaces, its user namespace first, and then confine themselves as
@@ -121,6 +122,8 @@ def bind_into(pid: int, src: str, dst: str, readonly: bool) -> list[str]:
     """Mount the host's directory `src` at `dst` in pid's mount namespace
     (open_tree clones it here, move_mount places it there). Returns the
     directories that had to be made for it, to be removed by unbind()."""
+    owner = root_host_id(pid)
+
     def action():
         tree = linux.syscall(SYS_OPEN_TREE, AT_FDCWD, src.encode(),
                              OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC,
@@ -128,12 +131,18 @@ def bind_into(pid: int, src: str, dst: str, readonly: bool) -> list[str]:
         fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         linux.setns(fd, CLONE_NEWNS, f"setns(mnt) into {pid}")
         os.chdir("/")
+        # What is made inside belongs to the container's root: a file
+        # system of its user namespace takes no owner it cannot map.
+        linux.libc.setfsgid(owner)
+        linux.libc.setfsuid(owner)
         made, path = [], "/"
         for part in dst.strip("/").split("/"):
             path = os.path.join(path, part)
             if not os.path.isdir(path):
                 os.mkdir(path, 0o755)
                 made.append(path)
+        linux.libc.setfsuid(0)
+        linux.libc.setfsgid(0)
         linux.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, dst.encode(),
                       MOVE_MOUNT_F_EMPTY_PATH, what=f"move_mount to {dst}")
         if readonly:

@@ -22,6 +22,7 @@ import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
 
 from drb_uring import linux, procs
@@ -196,9 +197,26 @@ class Pair:
         a = self.cfg
         dev_path, block = self._device_path()
         os.makedirs(self.sock_dir, mode=0o700)
-        self.broker = Broker(self.sock, control=self.control, spawn=self._spawn_worker,
-                             enforce=not a.no_monitor,
-                             limits=Limits(channels=a.max_channels, pinned=a.max_pinned))
+        # Two slow starts side by side: the policies compile (clang) in a
+        # thread while the broker connects to (or starts) the host's
+        # enforcement service, which compiles the monitor's programs.
+        errors: list[BaseException] = []
+
+        def prepare():
+            try:
+                self.policies.prepare(tuple(a.deny))
+            except BaseException as e:       # reported below, in this thread
+                errors.append(e)
+        compiling = threading.Thread(target=prepare, name="policies")
+        compiling.start()
+        try:
+            self.broker = Broker(self.sock, control=self.control, spawn=self._spawn_worker,
+                                 enforce=not a.no_monitor,
+                                 limits=Limits(channels=a.max_channels, pinned=a.max_pinned))
+        finally:
+            compiling.join()
+        if errors:
+            raise errors[0]
         # The device, opened here on the host: the driver domain reaches it
         # only through the grant rings.
         self.broker.open_device(dev_path, a.o_direct)

@@ -42,9 +42,19 @@ def family_mask(deny: tuple[str, ...]) -> int:
 class Policies:
     def __init__(self):
         self.objs = []
+        self.loaded: dict[tuple, object] = {}                # one program per text and flags
         self.attached: list[tuple[object, int, int]] = []   # (fn, cgroup fd, type)
 
+    def prepare(self, deny: tuple[str, ...]) -> None:
+        """Compile what device() and sockets() will attach, ahead of time
+        (clang runs outside the GIL: this may run in a thread)."""
+        self._device_fn(None)
+        self._sockets_fn(deny)
+
     def _load(self, src: str, fn: str, prog_type_name: str, cflags: list[str]):
+        key = (src, fn, tuple(cflags))
+        if key in self.loaded:
+            return self.loaded[key]
         BPF, _ = _bcc()
         try:
             b = BPF(src_file=str(bpf.DIR / src), cflags=cflags)
@@ -52,6 +62,7 @@ class Policies:
         except Exception as e:
             raise PolicyError(f"bcc could not compile or load bpf/{src}: {e}") from None
         self.objs.append(b)
+        self.loaded[key] = f
         return f
 
     def _attach(self, fn, group: str, attach_type_name: str) -> None:
@@ -64,17 +75,21 @@ class Policies:
             raise PolicyError(f"attaching {fn.name.decode()} to {group}: {e}") from None
         self.attached.append((fn, fd, getattr(T, attach_type_name)))
 
-    def device(self, group: str, block: tuple[int, int] | None) -> None:
+    def _device_fn(self, block: tuple[int, int] | None):
         major, minor = block or (-1, -1)
-        fn = self._load("policy_device.c", "drb_dev_policy", "CGROUP_DEVICE",
-                        [f"-DALLOW_BLOCK_MAJOR={major}", f"-DALLOW_BLOCK_MINOR={minor}"])
-        self._attach(fn, group, "CGROUP_DEVICE")
+        return self._load("policy_device.c", "drb_dev_policy", "CGROUP_DEVICE",
+                          [f"-DALLOW_BLOCK_MAJOR={major}", f"-DALLOW_BLOCK_MINOR={minor}"])
+
+    def _sockets_fn(self, deny: tuple[str, ...]):
+        mask = family_mask(tuple(d for d in deny if d != "packet"))
+        return self._load("policy_sock.c", "drb_sock_policy", "CGROUP_SOCK",
+                          [f"-DDENY_MASK={mask}ULL"])
+
+    def device(self, group: str, block: tuple[int, int] | None) -> None:
+        self._attach(self._device_fn(block), group, "CGROUP_DEVICE")
 
     def sockets(self, group: str, deny: tuple[str, ...]) -> None:
-        mask = family_mask(tuple(d for d in deny if d != "packet"))
-        fn = self._load("policy_sock.c", "drb_sock_policy", "CGROUP_SOCK",
-                        [f"-DDENY_MASK={mask}ULL"])
-        self._attach(fn, group, "CGROUP_INET_SOCK_CREATE")
+        self._attach(self._sockets_fn(deny), group, "CGROUP_INET_SOCK_CREATE")
 
     def close(self) -> None:
         """Detach everything attached here and free the programs. Idempotent."""
@@ -89,3 +104,4 @@ class Policies:
         for b in self.objs:
             b.cleanup()
         self.objs.clear()
+        self.loaded.clear()

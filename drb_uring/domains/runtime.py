@@ -9,7 +9,7 @@ each domain is:
 - its own mount, pid, ipc, uts, net and cgroup namespaces;
 - a read-only root: read-only binds of the host's /usr (the merged-/usr
   links make /bin and /lib) and of the drb_uring package at
-  /opt/drb/lib/drb_uring; a fresh /proc with runc's masked and read-only
+  /run/drb-lib/drb_uring; a fresh /proc with runc's masked and read-only
   paths; a read-only /sys; tmpfs /tmp and /run; runc's minimal /dev. The
   user domain also sees its broker's socket directory, and nothing else of
   /run/drb; nothing of other pairs, of the checkout or of cgroupfs;
@@ -36,7 +36,10 @@ from drb_uring.domains.state import private_file
 from drb_uring.errors import DrbError
 
 ID_SIZE = 65536
-PACKAGE_AT = "/opt/drb/lib"          # PYTHONPATH inside a domain
+# PYTHONPATH inside a domain. Under /run, which is a tmpfs in a domain (and
+# writable in most containers), so that a mount point can be made there
+# even when the root is read-only.
+PACKAGE_AT = "/run/drb-lib"
 PYTHON = "/usr/bin/python3"
 # runc 1.1's `runc spec` defaults.
 MASKED = ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
@@ -102,10 +105,10 @@ class Domain:
         os.makedirs(rootfs, mode=0o755, exist_ok=True)
         for link in ("bin", "sbin", "lib", "lib64"):
             os.symlink(f"usr/{link}", os.path.join(rootfs, link))
-        # Every mount point exists beforehand: the root is host root's, and
-        # runc init, the domain's root already, may not make them.
-        for d in ("usr", "proc", "sys", "dev", "tmp", "run", "etc",
-                  f"{PACKAGE_AT.lstrip('/')}/drb_uring"):
+        # Every mount point on the root exists beforehand: the root is host
+        # root's, and runc init, the domain's root already, may not make
+        # them (those under /run it makes in the tmpfs).
+        for d in ("usr", "proc", "sys", "dev", "tmp", "run", "etc"):
             os.makedirs(os.path.join(rootfs, d), exist_ok=True)
         etc = {"passwd": "root:x:0:0:root:/tmp:/bin/sh\n"
                          "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
