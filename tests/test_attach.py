@@ -5,11 +5,12 @@ cgroups, its own bundle, no drb code inside), then paired with `drb up
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import textwrap
 
 import pytest
-from channel_env import dead
+from channel_env import PRIVATE_NS, dead
 from pair_env import drb, in_domain, leftovers, wait_gone
 
 from drb_uring.domains import runtime
@@ -20,9 +21,12 @@ BUNDLES = "/run/tatt-bundles"    # traversable: their runc init is their unprivi
 
 
 def _run(*args):
-    # Never a pipe: a detached container keeps runc's stdio.
+    # Never a pipe: a detached container keeps runc's stdio. Started from a
+    # private mount namespace re-rooted as drb's daemon is: a chrooted
+    # process (a fresh-machine root) may not make a user namespace.
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.run(["runc", "--root", ROOT, *args], stdin=subprocess.DEVNULL,
+        proc = subprocess.run([sys.executable, PRIVATE_NS, "runc", "--root", ROOT, *args],
+                              stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=err, timeout=30)
         err.seek(0)
         assert proc.returncode == 0, err.read().decode()
