@@ -23,11 +23,12 @@ MODULES = [
     "drb_uring.channel._worker",  # the worker's loop on its grant ring
     "drb_uring.channel._grant",   # building a grant ring
     "drb_uring.enforce._task",    # the task table contract as Python values
-    "drb_uring.tools._load",      # the channel load generator
+    "drb_uring.tools._load",      # the load generator, one loop for every transport
+    "drb_uring.tools._baselines", # the mechanisms drb is measured against
 ]
 
 # The worker's hot loop drives its grant ring with liburing.
-LIBRARIES = {"drb_uring.channel._worker": ["uring"]}
+LIBRARIES = {"drb_uring.channel._worker": ["uring"], "drb_uring.tools._baselines": ["uring"]}
 
 # drb_atomic.h, and the contract headers shared with the eBPF programs.
 INCLUDE_DIRS = [os.path.join(EXT, "drb_uring", "includes"), os.path.join(HERE, "bpf")]

@@ -56,6 +56,10 @@ class PairConfig(Spec):
     driver_rootfs: str | None = None
     domain_pids: int = 512              # processes per domain
     domain_memory: int = 4 << 30        # bytes of memory per domain
+    worker_spin_ns: int | None = None   # how long an idle worker polls before it sleeps
+    # The user domain may drive an io_uring it is handed: only for drb
+    # bench's `direct` baseline (the ceiling without isolation), never drb up.
+    user_io_uring: bool = False
 
     def check(self) -> None:
         check_name(self.name)
@@ -81,6 +85,10 @@ class PairConfig(Spec):
                                 "have their roots")
             if path is not None and not path.startswith("/"):
                 raise SpecError(f"{opt} must be an absolute path, got {path!r}")
+        if self.worker_spin_ns is not None and not 0 <= self.worker_spin_ns <= 3_600 * 10**9:
+            raise SpecError(f"worker spin must be in [0, 1h], got {self.worker_spin_ns} ns")
+        if self.user_io_uring and self.attached:
+            raise SpecError("user_io_uring is for pairs drb makes, not attached containers")
         bad = [f for f in self.deny if f not in FAMILIES]
         if bad:
             raise SpecError(f"unknown address family {bad[0]!r}; choose from "

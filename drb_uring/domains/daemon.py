@@ -120,7 +120,8 @@ class Pair:
                 deny=tuple(a.deny) if role == "user" else (),
                 socket_dir=self.sock_dir if role == "user" else None,
                 rootfs=a.user_rootfs if role == "user" else a.driver_rootfs,
-                pids=a.domain_pids, memory=a.domain_memory)
+                pids=a.domain_pids, memory=a.domain_memory,
+                io_uring=a.user_io_uring and role == "user")
             dom = runtime.Domain(self.dir, spec)
             # The group first, with its policies, then what runs in it.
             os.makedirs(dom.group, exist_ok=False)
@@ -212,6 +213,8 @@ class Pair:
         try:
             self.broker = Broker(self.sock, control=self.control, spawn=self._spawn_worker,
                                  enforce=not a.no_monitor,
+                                 **({"worker_spin_ns": a.worker_spin_ns}
+                                    if a.worker_spin_ns is not None else {}),
                                  limits=Limits(channels=a.max_channels, pinned=a.max_pinned))
         finally:
             compiling.join()

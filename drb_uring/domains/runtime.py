@@ -83,6 +83,7 @@ class DomainSpec:
     rootfs: str | None = None         # an unpacked image to use as root
     pids: int = 512
     memory: int = 4 << 30
+    io_uring: bool = False            # may drive a handed io_uring (drb bench's direct)
 
 
 class Domain:
@@ -181,7 +182,7 @@ class Domain:
                               "pids": {"limit": s.pids}, "memory": {"limit": s.memory}},
                 "maskedPaths": MASKED,
                 "readonlyPaths": READ_ONLY,
-                "seccomp": seccomp.domain_profile(s.role, s.deny),
+                "seccomp": seccomp.domain_profile(s.role, s.deny, io_uring=s.io_uring),
             },
         }
 

@@ -72,8 +72,11 @@ def _applies(rule: dict, goarch: str) -> bool:
     return True
 
 
-def domain_profile(role: str, deny_families: tuple[str, ...] = ()) -> dict:
-    """The OCI seccomp profile of a user (role "user") or driver domain."""
+def domain_profile(role: str, deny_families: tuple[str, ...] = (),
+                   io_uring: bool = False) -> dict:
+    """The OCI seccomp profile of a user (role "user") or driver domain.
+    `io_uring`: a user domain may use a ring it is handed, as a driver
+    domain may (for drb bench's direct baseline only)."""
     try:
         with open(CONTAINERS_COMMON) as f:
             base = json.load(f)
@@ -109,7 +112,7 @@ def domain_profile(role: str, deny_families: tuple[str, ...] = ()) -> dict:
                       "action": "SCMP_ACT_ERRNO" if fam in denied else "SCMP_ACT_ALLOW",
                       **({"errnoRet": errno.EPERM} if fam in denied else {}),
                       "args": [{"index": 0, "value": fam, "valueTwo": 0, "op": "SCMP_CMP_EQ"}]})
-    if role == "driver":
+    if role == "driver" or io_uring:
         # Using a ring the worker inherited; creating or changing one stays refused.
         rules.append({"names": ["io_uring_enter"], "action": "SCMP_ACT_ALLOW"})
     return {"defaultAction": base.get("defaultAction", "SCMP_ACT_ERRNO"),

@@ -1,36 +1,61 @@
-"""``drb bench``: I/O through a channel, per transport, op, block size and
-queue depth, all in one run on one machine.
+"""``drb bench``: the paper's comparison on one host, in real domains.
 
-Each transport gets its own monitor process and backing file; every cell
-opens a fresh channel, runs the Cython workload loop for the given time and
-records IOPS, MB/s, latency percentiles and system calls per I/O.
+Every transport runs between a user domain and a driver domain made the
+way ``drb up`` makes them (runc containers, the sandboxes, the monitor),
+on the same device and with the same workload loop in C:
+
+- ``drb``, ``drb-poll``: the double ring through the monitor (the worker
+  sleeping when idle, or polling);
+- ``grant-map``: the original split-driver mechanism, with a grant mapped
+  and unmapped per request and an event per publish;
+- ``socket``: request and data over a Unix socket;
+- ``direct``: the user domain driving an io_uring on the device itself,
+  the ceiling without isolation;
+
+and fio's io_uring engine on the same file, as a reference others can
+reproduce. Each cell runs in a fresh process on a fresh channel; the
+counted pass that follows the timed one gives the per-I/O costs from the
+monitor's counters of each domain.
 """
 
 from __future__ import annotations
 
-import array
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import tempfile
+import time
 
 from drb_uring import procs
-from drb_uring.channel.broker import BrokerSpec
-from drb_uring.channel.client import Channel
-from drb_uring.domains import cgroup
+from drb_uring.domains import control, runtime
+from drb_uring.domains.config import PairConfig
 from drb_uring.enforce.tasks import OP_READ_FIXED, OP_WRITE_FIXED
 from drb_uring.errors import DrbError
 from drb_uring.ring import layout as L
-from drb_uring.tools import _load, ringbench
+from drb_uring.tools import baselines, ringbench
+from drb_uring.tools.benchcell import CellSpec
 
-TRANSPORTS = ("drb", "drb-poll")
+TRANSPORTS = ("drb", "drb-poll", "grant-map", "socket", "direct")
 OPS = {"randread": (OP_READ_FIXED, True), "randwrite": (OP_WRITE_FIXED, True),
        "read": (OP_READ_FIXED, False), "write": (OP_WRITE_FIXED, False)}
 POLL_NS = 3_600 * 10**9
-MAX_SAMPLES = 2_000_000
 EXTENT = 256 << 20
+DATA_DIR = "/var/tmp/drb-bench"
+COUNTED_MIN_S = 0.2
+CELL_TIMEOUT_S = 120
+USERS_MISSING = ("one driver domain serving many user domains is not built yet: "
+                 "--users above 1 cannot run")
+PAGE_CACHE = ("warm by design: the device file is read through once before the first "
+              "cell (the warm-up step), and fio runs with invalidate=0")
+
+
+class BenchError(DrbError):
+    pass
 
 
 def parse_list(text: str, allowed=None, conv=str) -> list:
@@ -47,200 +72,363 @@ def parse_list(text: str, allowed=None, conv=str) -> list:
         raise BenchError(str(e)) from None
 
 
-class BenchError(DrbError):
-    pass
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    transport: str
+    op: str
+    bs: int
+    qd: int
+    users: int = 1
+    monitor: bool = True
+
+    def label(self) -> str:
+        mon = "" if self.monitor else " monitor=off"
+        users = f" users={self.users}" if self.users > 1 else ""
+        return f"{self.transport}{mon} {self.op} bs={self.bs} qd={self.qd}{users}"
 
 
-class Domains:
-    """Two cgroups standing in for the user and driver domains, so the
-    eBPF counters can split mode switches by side: the benchmark loop runs
-    in `user`, each monitor (and so its workers) in `driver`."""
+def matrix(transports, ops, sizes, depths, users=(1,), monitor=(True,)) -> list[Cell]:
+    """Every combination; the monitor setting innermost, so that the two
+    sides of an on/off comparison run back to back. The monitor setting
+    applies to the double ring only (the baselines do not go through it)."""
+    cells = []
+    for t, op, bs, qd, u in itertools.product(transports, ops, sizes, depths, users):
+        for m in (monitor if t.startswith("drb") else (True,)):
+            cells.append(Cell(t, op, bs, qd, u, m))
+    return cells
 
-    def __init__(self):
-        from drb_uring.enforce.client import EnforceClient
-        self.root = os.path.join(cgroup.cgroup2_root(), "drb", f"bench-{os.getpid()}")
-        self.home = cgroup.path_of(os.getpid())
-        self.enforcer = None
-        os.makedirs(self.root)
+
+def quick_cells() -> list[Cell]:
+    """What the README shows, in under three minutes on a 2-core machine."""
+    cells = [Cell(t, "randread", 4096, qd) for t in TRANSPORTS for qd in (1, 32)]
+    cells += [Cell("drb", "randread", 4096, qd, monitor=False) for qd in (1, 32)]
+    cells += [Cell(t, "randread", 65536, 1) for t in ("drb", "grant-map", "direct")]
+    cells += [Cell(t, "read", 1 << 20, 8) for t in ("drb", "direct")]
+    cells += [Cell("drb", "randread", 4096, 32, users=16)]
+    return cells
+
+
+def full_cells() -> list[Cell]:
+    return matrix(TRANSPORTS, list(OPS), [512, 4096, 65536, 1 << 20], [1, 8, 32, 128],
+                  [1, 4, 16], (True, False))
+
+
+# ---- the device -------------------------------------------------------------------
+
+def data_file(size: int, progress) -> str:
+    """Random bytes, written once and kept between runs of the same size."""
+    os.makedirs(DATA_DIR, mode=0o700, exist_ok=True)
+    path = os.path.join(DATA_DIR, f"random-{size >> 20}m.img")
+    if os.path.exists(path) and os.path.getsize(path) == size:
+        return path
+    progress(f"writing {size >> 20} MiB of random data to {path} (kept for later runs)")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(os.urandom(1 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def warm(path: str) -> None:
+    """The warm-up step: every page of the device in the page cache."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(4 << 20):
+            pass
+
+
+# ---- the domains -------------------------------------------------------------------
+
+def _pair_key(cell: Cell) -> tuple[str, bool]:
+    if cell.transport in ("grant-map", "socket"):
+        return ("drb", True)          # the same domains as drb: made by drb up, monitored
+    return (cell.transport, cell.monitor)
+
+
+class BenchPair:
+    """A pair made as ``drb up`` makes it, for the cells of one kind:
+    the daemon and its workers on the driver's CPU."""
+
+    def __init__(self, key: tuple[str, bool], device: str, enforcer, driver_cpu):
+        kind, monitor = key
+        self.name = f"bench-{os.getpid()}-{kind}{'' if monitor else '-nomon'}"[:31]
+        cfg = PairConfig(name=self.name, backing=device, no_monitor=not monitor,
+                         worker_spin_ns=POLL_NS if kind == "drb-poll" else None,
+                         user_io_uring=kind == "direct")
+        saved = os.sched_getaffinity(0)
         try:
-            self.user = os.path.join(self.root, "user")
-            self.driver = os.path.join(self.root, "driver")
-            os.mkdir(self.user)
-            os.mkdir(self.driver)
-            self.enforcer = EnforceClient()
-            self.enforcer.watch(self.user)
-            self.enforcer.watch(self.driver)
+            if driver_cpu is not None:
+                os.sched_setaffinity(0, {driver_cpu})      # the daemon inherits it
+            self.state = control.start_pair(cfg)
+        finally:
+            os.sched_setaffinity(0, saved)
+        self.groups = {r: self.state["domains"][r]["cgroup"] for r in ("user", "driver")}
+        self.enforcer = enforcer
+        try:
+            for g in self.groups.values():
+                enforcer.watch(g)
         except BaseException:
-            self.close()         # a failed start leaves no group behind
+            self.close()
             raise
 
+    def exec_argv(self, role: str, module: str, spec, nfds: int) -> list[str]:
+        dm = self.state["domains"][role]
+        argv = [runtime.runc(), "--root", self.state["runc_root"], "exec"]
+        if nfds:
+            argv += ["--preserve-fds", str(nfds)]
+        return argv + ["--cwd", "/", dm["runc_id"], *runtime.python_argv(module, spec)]
+
     def counters(self) -> dict:
-        return {"user": self.enforcer.counters(self.user),
-                "driver": self.enforcer.counters(self.driver)}
+        return {r: self.enforcer.counters(g) for r, g in self.groups.items()}
 
     def close(self) -> None:
-        cgroup.join(self.home)
-        if self.enforcer is not None:
-            self.enforcer.close()
-        cgroup.kill_and_remove(self.root)
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(self.root))
+        for g in self.groups.values():
+            with contextlib.suppress(Exception):
+                self.enforcer.unwatch(g)
+        control.stop_pair(self.name)
 
 
-@contextlib.contextmanager
-def _broker(transport: str, workdir: str, enforce: bool = True,
-            domains: Domains | None = None):
-    tag = f"{transport}-{'mon' if enforce else 'nomon'}"
-    backing = os.path.join(workdir, f"{tag}.img")
-    with open(backing, "wb") as f:
-        # Real data, not a hole: reads must come from the page cache.
-        chunk = os.urandom(1 << 20)
-        for _ in range(EXTENT >> 20):
-            f.write(chunk)
-    spec = BrokerSpec(socket=os.path.join(workdir, f"{tag}.sock"), enforce=enforce,
-                      device=backing)
-    if transport == "drb-poll":
-        spec = spec.replace(worker_spin_ns=POLL_NS)
-    log = open(os.path.join(workdir, f"{tag}.log"), "w")
-    _, driver_cpu = ringbench.cpus()
+# ---- one cell -----------------------------------------------------------------------
 
-    def enter():
-        # The broker and its workers on one CPU, the benchmark loop on the
-        # other, as in drb bench-ring: the same placement for every cell.
-        if domains:
-            cgroup.join(domains.driver)
-        if driver_cpu is not None:
-            os.sched_setaffinity(0, {driver_cpu})
-
-    proc = procs.spawn("drb_uring.channel.broker", spec, stdout=subprocess.PIPE, stderr=log,
-                       preexec_fn=enter)
-    try:
-        if proc.stdout.readline().strip() != b"ready":
-            raise BenchError(f"broker for {transport} did not start; see {log.name}")
-        yield spec.socket
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        proc.stdout.close()
-        log.close()
+def _geometry(bs: int, qd: int) -> tuple[int, int, int]:
+    pow2 = lambda n: max(2, 1 << (n - 1).bit_length())   # noqa: E731
+    return pow2(qd), max(1, 1 << (qd - 1).bit_length()), 1 << (max(bs, L.PAGE) - 1).bit_length()
 
 
-def _counted_pass(ch, domains: Domains, opcode, bs, qd, seconds, rand, samples):
-    """The same loop with the counters attached; returns (deltas, I/Os).
-    Only the C loop runs in the user domain's group, and it allocates
-    nothing, so what the counters see there is the I/O path's own."""
-    domains.enforcer.count(True)
-    try:
-        c0 = domains.counters()
-        cgroup.join(domains.user)
+def _read_line(f, proc, what: str) -> dict:
+    line = f.readline()
+    if not line:
+        raise BenchError(f"{what} ended without a result (exit {proc.wait()})")
+    out = json.loads(line)
+    if out.get("error") and "done" not in out:
+        raise BenchError(f"{what}: {out['error']}")
+    return out
+
+
+def run_cell(pair: BenchPair, cell: Cell, device: str, seconds: float, log: int,
+             cpus=(None, None)) -> dict:
+    opcode, rand = OPS[cell.op]
+    entries, slot_count, slot_size = _geometry(cell.bs, cell.qd)
+    user_cpu, driver_cpu = cpus
+    kw = dict(transport=cell.transport, opcode=opcode, rand=rand, bs=cell.bs, qd=cell.qd,
+              seconds=seconds, counted_seconds=max(COUNTED_MIN_S, seconds / 4), extent=EXTENT,
+              slot_count=slot_count, slot_size=slot_size, entries=entries, cpu=user_cpu)
+    with contextlib.ExitStack() as stack:
+        fds: list[int] = []
+        if cell.transport.startswith("drb"):
+            kw.update(socket=pair.state["socket"],
+                      spin_ns=POLL_NS if cell.transport == "drb-poll" else None)
+        else:
+            dev = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+            stack.callback(os.close, dev)
+            p = baselines.plumb(cell.transport, dev, slot_count, slot_size, cell.qd)
+            stack.callback(p.close)
+            if p.server is not None:
+                argv = pair.exec_argv("driver", "drb_uring.tools.baselines", p.server,
+                                      len(p.driver_fds))
+                pin = (lambda: os.sched_setaffinity(0, {driver_cpu})) if driver_cpu is not None \
+                    else None
+                driver = baselines.DriverSide(p, argv, before_exec=pin, stderr=log)
+                stack.callback(driver.stop)
+            fds = p.user_fds
+            kw.update(nfds=len(fds), args=p.user_args)
+        spec = CellSpec(**kw)
+        # The cell's stdin and stdout are pipes to us.
+        cin_r, cin_w = os.pipe()
+        cout_r, cout_w = os.pipe()
         try:
-            res = _load.run(ch.end, opcode, bs, qd, seconds, EXTENT, rand, 7,
-                                              len(samples), samples)
+            proc = procs.spawn_at(pair.exec_argv("user", "drb_uring.tools.benchcell", spec,
+                                                 len(fds)),
+                                  fds, stdin=cin_r, stdout=cout_w, stderr=log)
         finally:
-            cgroup.join(domains.home)
-        c1 = domains.counters()
-    finally:
-        domains.enforcer.count(False)
-    if res["error"] or not res["done"]:
-        raise BenchError(f"counted pass failed: {res['error']}")
-    return ({side: {k: c1[side][k] - c0[side][k] for k in c0[side]} for side in c0},
-            res["done"])
+            os.close(cin_r)
+            os.close(cout_w)
+        to_cell = os.fdopen(cin_w, "w")
+        from_cell = os.fdopen(cout_r, "r")
+        try:
+            check_bytes(device, _read_line(from_cell, proc, cell.label())["verify"],
+                        cell.label())
+            to_cell.write("go\n")
+            to_cell.flush()
+            timed = _read_line(from_cell, proc, cell.label())
+            pair.enforcer.count(True)
+            try:
+                c0 = pair.counters()
+                to_cell.write("count\n")
+                to_cell.flush()
+                counted = _read_line(from_cell, proc, f"{cell.label()} (counted pass)")
+                c1 = pair.counters()
+            finally:
+                pair.enforcer.count(False)
+            to_cell.write("end\n")
+            to_cell.close()
+            rc = proc.wait(30)
+        finally:
+            with contextlib.suppress(OSError):
+                to_cell.close()
+            from_cell.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if rc != 0:
+            raise BenchError(f"{cell.label()}: the cell exited with {rc}")
+    for res in (timed, counted):
+        if res["error"]:
+            raise BenchError(f"{cell.label()}: {res['error']}")
+        if res["errors"]:
+            raise BenchError(f"{cell.label()}: {res['errors']} failed I/Os")
+    if cell.transport.startswith("drb") and timed["monitored"] != cell.monitor:
+        raise BenchError(f"{cell.label()}: channel monitored={timed['monitored']}")
+    delta = {r: {k: c1[r][k] - c0[r][k] for k in c0[r]} for r in c0}
+    return _row(cell, timed, counted["done"], delta)
 
 
-def run_cell(sock: str, transport: str, op: str, bs: int, qd: int, seconds: float,
-             monitor: bool = True, domains: Domains | None = None) -> dict:
-    slot = max(bs, L.PAGE)
-    geo = L.Geometry(sq_entries=max(2, 1 << (qd - 1).bit_length()),
-                     cq_entries=max(2, 1 << (qd - 1).bit_length()),
-                     slot_size=1 << (slot - 1).bit_length(),
-                     slot_count=max(1, 1 << (qd - 1).bit_length()))
-    spin = POLL_NS if transport == "drb-poll" else None
-    kw = {"spin_ns": spin} if spin else {}
-    opcode, rand = OPS[op]
-    with Channel(sock, EXTENT, geometry=geo, **kw) as ch:
-        if ch.monitored != monitor:
-            raise BenchError(f"channel monitored={ch.monitored}, expected {monitor}")
-        ch.pread(0, 1)     # the worker is up and serving before anything is timed
-        samples = array.array("Q", bytes(8 * MAX_SAMPLES))
-        before = dict(ch.end.stats)
-        with ringbench.Pinned(ringbench.cpus()[0]):
-            res = _load.run(ch.end, opcode, bs, qd, seconds, EXTENT, rand,
-                                              42, MAX_SAMPLES, samples)
-        after = ch.end.stats
-        res["latencies_ns"] = samples[:res["nsamples"]]
-        # Mode switches come from a second, shorter pass with the counters'
-        # hooks attached: they run on every system call of the host and
-        # would slow the timed pass above.
-        counted = _counted_pass(ch, domains, opcode, bs, qd, max(0.2, seconds / 4), rand,
-                                samples) if domains else None
-    if res["error"]:
-        raise BenchError(f"{transport} {op} bs={bs} qd={qd}: {res['error']}")
-    if res["errors"]:
-        raise BenchError(f"{transport} {op} bs={bs} qd={qd}: {res['errors']} failed I/Os")
-    ios, secs = res["done"], res["seconds"]
-    lat = sorted(res["latencies_ns"])
-    if counted is not None:
-        d, n = counted
-        per_io = {"syscalls_user": round(d["user"]["syscalls"] / n, 4),
-                  "syscalls_driver": round(d["driver"]["syscalls"] / n, 4),
-                  "ctx_switches": round((d["user"]["ctx_switches"]
-                                         + d["driver"]["ctx_switches"]) / n, 4),
-                  "map_ops": round(sum(d[s][k] for s in d for k in ("mmap", "munmap",
-                                                                     "mprotect")) / n, 4)}
-    else:
-        # Without the counters: the user side's own wake-up calls only.
-        user_calls = ((after["notifies"] - before["notifies"])
-                      + (after["sleeps"] - before["sleeps"]))
-        per_io = {"syscalls_user": round(user_calls / ios, 4), "syscalls_driver": None,
-                  "ctx_switches": None, "map_ops": None}
+def check_bytes(device: str, v: dict, label: str) -> None:
+    """What the cell read and wrote through its transport, against the
+    device file as the host sees it."""
+    import hashlib
+    bs = v["bs"]
+    with open(device, "rb") as f:
+        for what, offs, sums in (("read", v["read_offsets"], v["read_sha256"]),
+                                 ("write", v["write_offsets"], v["write_sha256"])):
+            for off, want in zip(offs, sums, strict=True):
+                f.seek(off)
+                if hashlib.sha256(f.read(bs)).hexdigest() != want:
+                    raise BenchError(f"{label}: integrity check failed: the {what} at offset "
+                                     f"{off} does not match the device file")
+    if not v["read_back_ok"]:
+        raise BenchError(f"{label}: integrity check failed: written blocks read back wrong")
+
+
+def _row(cell: Cell, timed: dict, counted_ios: int, delta: dict) -> dict:
+    ios, secs = timed["done"], timed["seconds"]
+    n = counted_ios
+    per = lambda v: round(v / n, 4)     # noqa: E731
+    both = lambda k: delta["user"][k] + delta["driver"][k]   # noqa: E731
+    per_io = {"syscalls_user": per(delta["user"]["syscalls"]),
+              "syscalls_driver": per(delta["driver"]["syscalls"]),
+              "ctx_switches": per(both("ctx_switches")),
+              "mmap": per(both("mmap")), "munmap": per(both("munmap")),
+              "map_ops": per(both("mmap") + both("munmap"))}
     return {
-        "transport": transport, "op": op, "bs": bs, "qd": qd, "pairs": 1, "monitor": monitor,
+        "transport": cell.transport, "op": cell.op, "bs": cell.bs, "qd": cell.qd,
+        "users": cell.users, "pairs": 1, "monitor": cell.monitor,
         "seconds": round(secs, 3), "ios": ios, "iops": round(ios / secs),
-        "mb_s": round(ios * bs / secs / 1e6, 1),
-        "lat_us": {"mean": round(sum(lat) / len(lat) / 1e3, 2),
-                   "p50": ringbench.percentile(lat, 50) / 1e3,
-                   "p99": ringbench.percentile(lat, 99) / 1e3,
-                   "p999": ringbench.percentile(lat, 99.9) / 1e3},
-        # Counted by the eBPF monitor per domain (cgroup), during the loop only.
+        "mb_s": round(ios * cell.bs / secs / 1e6, 1),
+        "lat_us": timed["lat_us"], "hist_us": timed["hist_us"],
+        # Counted by the eBPF monitor per domain (cgroup), in the counted pass.
         "per_io": per_io,
-        "violations": 0 if monitor else None,
+        "counted": {"ios": n, **delta},
+        "violations": 0 if cell.monitor and cell.transport.startswith("drb") else None,
+        "verified": True,          # the integrity check passed before the timed pass
     }
 
 
-def run(transports, ops, sizes, depths, seconds, progress=print,
-        monitor=(True,), repeat: int = 1) -> dict:
-    """Every cell, for each transport and monitor setting, `repeat` times.
-    The settings of one cell run back to back, alternating, so that drift
-    on a shared machine falls on both sides of a comparison."""
+# ---- fio, the reference -----------------------------------------------------------------
+
+def fio_cell(device: str, op: str, bs: int, qd: int, seconds: float, cpu) -> dict | None:
+    """fio's io_uring engine on the same file, on the user domain's CPU."""
+    fio = shutil.which("fio")
+    if fio is None:
+        return None
+    rw = {"randread": "randread", "randwrite": "randwrite", "read": "read",
+          "write": "write"}[op]
+    argv = [fio, "--name=ref", f"--filename={device}", "--ioengine=io_uring", f"--rw={rw}",
+            f"--bs={bs}", f"--iodepth={qd}", f"--size={EXTENT}", "--time_based",
+            f"--runtime={max(1, round(seconds))}", "--invalidate=0", "--direct=0",
+            "--fixedbufs", "--registerfiles", "--norandommap", "--randrepeat=0",
+            "--lat_percentiles=1", "--output-format=json"]
+    if cpu is not None:
+        argv.append(f"--cpus_allowed={cpu}")
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    if proc.returncode != 0:
+        raise BenchError(f"fio failed: {proc.stderr.strip().splitlines()[-1:]}")
+    job = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]
+    side = job["read" if "read" in rw else "write"]
+    # Submission to completion, as the loop measures (clat alone misses
+    # the reads that complete inside the submitting call).
+    pct = side["lat_ns"].get("percentile", {})
+    return {"op": op, "bs": bs, "qd": qd, "iops": round(side["iops"]),
+            "mb_s": round(side["bw_bytes"] / 1e6, 1),
+            "lat_us": {"p50": pct.get("50.000000", 0) / 1e3, "p99": pct.get("99.000000", 0) / 1e3},
+            "command": " ".join(argv[1:])}
+
+
+# ---- the run ---------------------------------------------------------------------------
+
+def run(cells: list[Cell], seconds: float, progress=print, repeat: int = 1,
+        fio: bool = True) -> dict:
+    """Every cell `repeat` times, then fio on the 4k random-read cells."""
+    from drb_uring.enforce.client import EnforceClient
+    runnable = [c for c in cells if c.users == 1]
+    skipped = [{"cell": dataclasses.asdict(c), "reason": USERS_MISSING}
+               for c in cells if c.users != 1]
+    for s in skipped:
+        progress(f"skipping {Cell(**s['cell']).label()}: {USERS_MISSING}")
+    if not runnable:
+        raise BenchError(f"nothing to run: {USERS_MISSING}")
+    cpus = ringbench.cpus()
+    device = data_file(EXTENT, progress)
+    progress("warming the page cache with the device's data")
+    warm(device)
     runs = []
-    cells = list(itertools.product(ops, sizes, depths))
-    domains = Domains()
+    pairs: dict = {}
+    enforcer = EnforceClient()
+    work = tempfile.mkdtemp(prefix="drb-bench-")
+    log = os.open(os.path.join(work, "cells.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    total = len(runnable) * repeat
+    t0 = time.monotonic()
     try:
-        with tempfile.TemporaryDirectory(prefix="drb-bench-") as work, \
-                contextlib.ExitStack() as stack:
-            socks = {(t, m): stack.enter_context(_broker(t, work, m, domains))
-                     for t in transports for m in monitor}
-            total = len(cells) * len(socks) * repeat
-            n = 0
-            for t in transports:
-                for op, bs, qd in cells:
-                    for rep in range(repeat):
-                        for mon in monitor:
-                            n += 1
-                            progress(f"[{n}/{total}] {t} monitor={'on' if mon else 'off'} "
-                                     f"{op} bs={bs} qd={qd} for {seconds}s")
-                            r = run_cell(socks[(t, mon)], t, op, bs, qd, seconds, mon, domains)
-                            r["repeat"] = rep
-                            runs.append(r)
+        k = 0
+        for cell in runnable:
+            for rep in range(repeat):
+                k += 1
+                key = _pair_key(cell)
+                if key not in pairs:
+                    progress(f"bringing up the domains for {key[0]}"
+                             f"{'' if key[1] else ' (monitor off)'}")
+                    pairs[key] = BenchPair(key, device, enforcer, cpus[1])
+                left = ""
+                if k > 1:
+                    per = (time.monotonic() - t0) / (k - 1)
+                    left = f", about {per * (total - k + 1):.0f} s left"
+                progress(f"cell {k} of {total}: {cell.label()} for {seconds:g} s{left}")
+                try:
+                    r = run_cell(pairs[key], cell, device, seconds, log, cpus)
+                except BenchError as e:
+                    with open(os.path.join(work, "cells.log"), errors="replace") as f:
+                        tail = f.read().strip().splitlines()[-3:]
+                    raise BenchError(f"{e}" + (f"; log: {' | '.join(tail)}" if tail else "")) \
+                        from None
+                r["repeat"] = rep
+                runs.append(r)
+        references = []
+        if fio:
+            for cell in {(c.op, c.bs, c.qd) for c in runnable if c.transport == "direct"
+                         or (c.op, c.bs) == ("randread", 4096)}:
+                progress(f"fio reference: {cell[0]} bs={cell[1]} qd={cell[2]}")
+                ref = fio_cell(device, *cell, seconds, cpus[0])
+                if ref:
+                    references.append(ref)
     finally:
-        domains.close()
+        for p in pairs.values():
+            p.close()
+        enforcer.close()
+        os.close(log)
+        shutil.rmtree(work, ignore_errors=True)
     return {"schema": 1, "machine": ringbench.machine(), "runs": runs,
+            "skipped": skipped,
+            "fio": sorted(references, key=lambda r: (r["op"], r["bs"], r["qd"])),
+            "page_cache": PAGE_CACHE,
+            "domains": "runc containers made as drb up makes them; a fresh cell process and "
+                       "a fresh channel (or baseline plumbing) per cell",
             "monitor_ratio": monitor_ratios(runs)}
 
 
 def monitor_ratios(runs) -> list[dict]:
     """Median IOPS with the monitor over median IOPS without, per cell."""
-    import statistics
     by: dict = {}
     for r in runs:
         cell = (r["transport"], r["op"], r["bs"], r["qd"])
@@ -256,18 +444,25 @@ def monitor_ratios(runs) -> list[dict]:
 
 def table(rep: dict) -> str:
     head = (f"{'transport':<10}{'mon':<5}{'op':<10}{'bs':>8}{'qd':>4}{'IOPS':>11}{'MB/s':>9}"
-            f"{'p50 us':>9}{'p99 us':>9}{'p99.9 us':>10}{'sys/io U':>10}")
+            f"{'p50 us':>9}{'p99 us':>9}{'p99.9 us':>10}{'sys/io U':>10}{'sys/io D':>10}"
+            f"{'map/io':>8}")
     rows = [head]
     for r in rep["runs"]:
-        lat = r["lat_us"]
+        lat, c = r["lat_us"], r["per_io"]
         rows.append(f"{r['transport']:<10}{'on' if r['monitor'] else 'off':<5}"
                     f"{r['op']:<10}{r['bs']:>8}{r['qd']:>4}"
                     f"{r['iops']:>11}{r['mb_s']:>9}{lat['p50']:>9.2f}{lat['p99']:>9.2f}"
-                    f"{lat['p999']:>10.2f}{r['per_io']['syscalls_user']:>10.3f}")
+                    f"{lat['p999']:>10.2f}{c['syscalls_user']:>10.3f}"
+                    f"{c['syscalls_driver']:>10.3f}{c['map_ops']:>8.2f}")
+    for f in rep.get("fio", []):
+        rows.append(f"{'fio':<10}{'-':<5}{f['op']:<10}{f['bs']:>8}{f['qd']:>4}{f['iops']:>11}"
+                    f"{f['mb_s']:>9}{f['lat_us']['p50']:>9.2f}{f['lat_us']['p99']:>9.2f}")
     for m in rep.get("monitor_ratio", []):
         rows.append(f"monitor on/off median IOPS ({m['runs']} runs each), {m['transport']} "
                     f"{m['op']} bs={m['bs']} qd={m['qd']}: {m['iops_on_over_off']:.3f}"
                     "   (target >= 0.9)")
+    for s in rep.get("skipped", []):
+        rows.append(f"skipped {Cell(**s['cell']).label()}: {s['reason']}")
     return "\n".join(rows)
 
 

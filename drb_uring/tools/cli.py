@@ -23,8 +23,9 @@ EXAMPLES = """examples:
   drb exec db user -- python3 app.py  # run inside the user domain
   drb status db --json
   drb down db
-  drb bench --transport drb,drb-poll --op randread --bs 4k --qd 1,32 --seconds 3
-  drb bench --op randread,randwrite,read,write --bs 4k,64k,1m --json io.json
+  drb bench --quick --json io.json   # drb against the baselines, ~3 minutes
+  drb report io.json --out report/   # the table and plots from it
+  drb bench --transport drb,grant-map --op randread --bs 4k --qd 1,32 --seconds 3
   drb bench-ring                      # ring round trip vs raw cache line, stream rates
   drb bench-ring --json ring.json     # also write the figures as JSON
   drb bench-ring --iters 50000 --count 2000000   # a quicker run
@@ -62,23 +63,51 @@ def cmd_bench_ring(a: argparse.Namespace) -> int:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from drb_uring.domains.config import parse_size
+    from drb_uring.domains.state import require_root
     from drb_uring.tools import bench
+    if a.quick and a.full:
+        raise CliError("--quick and --full exclude each other")
     transports = bench.parse_list(a.transport, bench.TRANSPORTS)
     ops = bench.parse_list(a.op, list(bench.OPS))
     sizes = bench.parse_list(a.bs, conv=parse_size)
     depths = bench.parse_list(a.qd, conv=int)
+    users = bench.parse_list(a.users, conv=int)
     if any(q < 1 or q > 1024 for q in depths):
         raise CliError("queue depths must be in [1, 1024]")
     if any(b > 16 << 20 for b in sizes):
         raise CliError("block sizes must be at most 16m")
-    print("Benchmarking I/O through a channel (Ctrl-C to stop).")
+    if any(u < 1 or u > 64 for u in users):
+        raise CliError("--users must be in [1, 64]")
+    if a.seconds <= 0 or a.seconds > 3600:
+        raise CliError("--seconds must be in (0, 3600]")
     mons = bench.parse_list(a.monitor, ["on", "off"])
-    rep = bench.run(transports, ops, sizes, depths, a.seconds, progress=_progress,
-                    monitor=tuple(m == "on" for m in mons), repeat=a.repeat)
+    if a.quick:
+        cells = bench.quick_cells()
+    elif a.full:
+        cells = bench.full_cells()
+    else:
+        cells = bench.matrix(transports, ops, sizes, depths, users,
+                             tuple(m == "on" for m in mons))
+    require_root()
+    print(f"Benchmarking {len(cells)} cells in real domains, {a.seconds:g} s each "
+          "(Ctrl-C to stop).")
+    rep = bench.run(cells, a.seconds, progress=_progress, repeat=a.repeat, fio=not a.no_fio)
     print(bench.table(rep))
     if a.json:
         bench.write_json(rep, a.json)
         print(f"wrote {a.json}")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from drb_uring.tools import report
+    rep = report.load(a.file)
+    paths = report.write(rep, a.out)
+    for t in report.targets(rep):
+        met = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        print(f"  {t['target']}: {t['measured'] if t['measured'] is not None else '-'} "
+              f"(goal {t['goal']}, {met})")
+    print(f"wrote {', '.join(paths)}")
     return 0
 
 
@@ -243,11 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="entries streamed at batch 32; batch 1 streams a tenth (default 20000000)")
     b.set_defaults(func=cmd_bench_ring)
 
-    c = command("bench", "I/O through a channel: IOPS, MB/s, latency, syscalls")
-    c.add_argument("--transport", default="drb,drb-poll", help="drb, drb-poll (default both)")
+    c = command("bench", "drb against the original mechanism and today's ways, in real "
+                         "domains: IOPS, MB/s, latency, system calls and mappings per I/O")
+    c.add_argument("--transport", default="drb,drb-poll,grant-map,socket,direct",
+                   help="drb, drb-poll, grant-map, socket, direct (default all)")
     c.add_argument("--op", default="randread", help="randread, randwrite, read, write")
     c.add_argument("--bs", default="4k", help="block sizes, e.g. 4k,64k,1m")
     c.add_argument("--qd", default="1,32", help="queue depths, e.g. 1,32")
+    c.add_argument("--users", default="1",
+                   help="user domains served by one driver domain, e.g. 1,4,16 (default 1)")
+    c.add_argument("--quick", action="store_true",
+                   help="the README's matrix: 4k random reads at depth 1 and 32 for every "
+                        "transport, 1 MiB sequential reads for drb and direct (~3 min)")
+    c.add_argument("--full", action="store_true",
+                   help="every transport, op, block size (512..1m), depth (1..128), "
+                        "user count and monitor setting (hours)")
+    c.add_argument("--no-fio", action="store_true", help="skip fio's reference runs")
     c.add_argument("--seconds", type=float, default=3.0, help="per cell (default 3)")
     c.add_argument("--repeat", type=_positive, default=1,
                    help="run every cell this many times, alternating monitor settings")
@@ -255,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on, off or on,off: with and without the eBPF monitor (default on)")
     c.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     c.set_defaults(func=cmd_bench)
+
+    r = command("report", "a drb bench --json file as a table, targets and plots")
+    r.add_argument("file", help="the JSON that drb bench --json wrote")
+    r.add_argument("--out", default="report", help="directory for report.md and the PNG plots "
+                                                   "(default ./report)")
+    r.set_defaults(func=cmd_report)
 
     u = command("up", "create a user domain and a driver domain with a monitor")
     u.add_argument("name", help="the pair's name: 1-31 of a-z, 0-9, '-', '_'")

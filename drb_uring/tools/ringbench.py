@@ -116,8 +116,17 @@ def stream_eps(count: int, batch: int) -> float:
 
 
 def machine() -> dict:
-    return {"kernel": platform.release(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "host": platform.node()}
+    cpu = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "host": platform.node(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def run(iters: int = 200_000, count: int = 20_000_000, progress=print) -> dict:

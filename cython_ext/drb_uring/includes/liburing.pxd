@@ -36,6 +36,7 @@ cdef extern from "<liburing.h>" nogil:
     struct io_uring:
         io_uring_sq sq
         int ring_fd
+        unsigned features
 
     int io_uring_queue_mmap(int fd, io_uring_params *p, io_uring *ring)
     void io_uring_queue_exit(io_uring *ring)
@@ -45,3 +46,15 @@ cdef extern from "<liburing.h>" nogil:
     void io_uring_cq_advance(io_uring *ring, unsigned nr)
     unsigned io_uring_cq_ready(const io_uring *ring)
     unsigned io_uring_sq_space_left(const io_uring *ring)
+
+# Waiting with a timeout, for the `direct` baseline (the user side driving
+# an io_uring on the device itself).
+cdef extern from "<liburing.h>" nogil:
+    struct __kernel_timespec:
+        long long tv_sec
+        long long tv_nsec
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    int io_uring_submit_and_wait(io_uring *ring, unsigned wait_nr)
+    int io_uring_wait_cqe_timeout(io_uring *ring, io_uring_cqe **cqe_ptr, __kernel_timespec *ts)
