@@ -1,43 +1,71 @@
-"""`drb bench` end to end: real monitor, worker, channel and file."""
+"""`drb bench` end to end: real pairs, monitor, workers, baselines and file."""
 import json
 import os
 import subprocess
 import sys
+
+from pair_env import leftovers, wait_gone
 
 DRB = os.path.join(os.path.dirname(sys.executable), "drb")
 
 
 def test_bench_json_shape(tmp_path):
     out = tmp_path / "io.json"
-    proc = subprocess.run([DRB, "bench", "--transport", "drb,drb-poll", "--op",
-                           "randread,write", "--bs", "4k,64k", "--qd", "1,8",
-                           "--seconds", "0.2", "--monitor", "on,off", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run([DRB, "bench", "--transport", "drb,grant-map", "--op",
+                           "randread,write", "--bs", "4k,64k", "--qd", "1,8", "--users", "1,4",
+                           "--seconds", "0.2", "--monitor", "on,off", "--no-fio",
+                           "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(out.read_text())
-    assert rep["schema"] == 1 and "kernel" in rep["machine"]
+    assert rep["schema"] == 1 and "kernel" in rep["machine"] and rep["machine"]["cpus"] >= 1
     cells = {(r["transport"], r["op"], r["bs"], r["qd"], r["monitor"]) for r in rep["runs"]}
-    assert cells == {(t, o, b, q, m) for t in ("drb", "drb-poll") for o in ("randread", "write")
-                     for b in (4096, 65536) for q in (1, 8) for m in (True, False)}
-    assert len(rep["monitor_ratio"]) == 16
-    assert all(m["iops_on_over_off"] > 0 for m in rep["monitor_ratio"])
+    # The monitor setting is the double ring's: the baseline runs once per cell.
+    assert cells == ({("drb", o, b, q, m) for o in ("randread", "write") for b in (4096, 65536)
+                      for q in (1, 8) for m in (True, False)}
+                     | {("grant-map", o, b, q, True) for o in ("randread", "write")
+                        for b in (4096, 65536) for q in (1, 8)})
+    assert len(rep["monitor_ratio"]) == 8
+    assert all(m["iops_on_over_off"] > 0 and m["transport"] == "drb"
+               for m in rep["monitor_ratio"])
+    # --users 4 needs a driver domain serving many user domains: said, not run.
+    assert len(rep["skipped"]) == 24 and all(s["cell"]["users"] == 4 for s in rep["skipped"])
+    assert "not built yet" in proc.stderr
     for r in rep["runs"]:
-        assert r["ios"] > 0 and r["iops"] > 0 and r["pairs"] == 1
+        assert r["ios"] > 0 and r["iops"] > 0 and r["users"] == 1
         assert abs(r["mb_s"] - r["iops"] * r["bs"] / 1e6) <= 0.01 * r["mb_s"] + 0.1
         lat = r["lat_us"]
         assert 0 < lat["p50"] <= lat["p99"] <= lat["p999"]
-        assert set(r["per_io"]) == {"syscalls_user", "syscalls_driver", "ctx_switches",
-                                    "map_ops"}
-        # Counted per domain by the eBPF counters: the driver enters the
-        # kernel to submit; nobody maps memory per request.
-        assert r["per_io"]["syscalls_driver"] > 0
-        assert r["per_io"]["map_ops"] < 0.01
-        assert r["violations"] == (0 if r["monitor"] else None)
+        assert {"syscalls_user", "syscalls_driver", "ctx_switches", "mmap", "munmap",
+                "map_ops"} <= set(r["per_io"])
+        if r["transport"] == "drb":
+            # The driver enters the kernel to submit; nobody maps per request.
+            assert r["per_io"]["syscalls_driver"] > 0
+            assert r["per_io"]["map_ops"] == 0
+            assert r["violations"] == (0 if r["monitor"] else None)
+        else:
+            assert r["per_io"]["mmap"] == 1 and r["per_io"]["munmap"] == 1
     assert "randread" in proc.stdout and "IOPS" in proc.stdout
+    prefix = "bench-"
+    assert wait_gone(lambda: not [x for x in leftovers(prefix) if "state" in x
+                                  or "cgroup" in x]), leftovers(prefix)
 
 
 def test_bench_rejects_unknown_transport(tmp_path):
     proc = subprocess.run([DRB, "bench", "--transport", "carrier-pigeon"],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 1
-    assert "unknown carrier-pigeon; choose from drb, drb-poll" in proc.stderr
+    assert ("unknown carrier-pigeon; choose from drb, drb-poll, grant-map, socket, direct"
+            in proc.stderr)
+
+
+def test_bench_bad_combinations(tmp_path):
+    for args, said in ((["--quick", "--full"], "--quick and --full exclude each other"),
+                       (["--users", "4"], "nothing to run: one driver domain serving many"),
+                       (["--users", "0"], "--users must be in [1, 64]"),
+                       (["--seconds", "0"], "--seconds must be in (0, 3600]")):
+        proc = subprocess.run([DRB, "bench", *args, "--no-fio"], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)
+        assert proc.returncode == 1, args
+        assert said in proc.stderr, (args, proc.stderr)
+        assert proc.stderr.count("\n") <= 2, proc.stderr     # one clear line, no traceback

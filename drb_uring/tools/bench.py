@@ -248,8 +248,8 @@ def run_cell(pair: BenchPair, cell: Cell, device: str, seconds: float, log: int,
         to_cell = os.fdopen(cin_w, "w")
         from_cell = os.fdopen(cout_r, "r")
         try:
-            check_bytes(device, _read_line(from_cell, proc, cell.label())["verify"],
-                        cell.label())
+            integrity = _read_line(from_cell, proc, cell.label())["verify"]
+            check_bytes(device, integrity, cell.label())
             to_cell.write("go\n")
             to_cell.flush()
             timed = _read_line(from_cell, proc, cell.label())
@@ -282,7 +282,9 @@ def run_cell(pair: BenchPair, cell: Cell, device: str, seconds: float, log: int,
     if cell.transport.startswith("drb") and timed["monitored"] != cell.monitor:
         raise BenchError(f"{cell.label()}: channel monitored={timed['monitored']}")
     delta = {r: {k: c1[r][k] - c0[r][k] for k in c0[r]} for r in c0}
-    return _row(cell, timed, counted["done"], delta)
+    row = _row(cell, timed, counted["done"], delta)
+    row["integrity"] = integrity       # checked against the device file above
+    return row
 
 
 def check_bytes(device: str, v: dict, label: str) -> None:
@@ -322,7 +324,6 @@ def _row(cell: Cell, timed: dict, counted_ios: int, delta: dict) -> dict:
         "per_io": per_io,
         "counted": {"ios": n, **delta},
         "violations": 0 if cell.monitor and cell.transport.startswith("drb") else None,
-        "verified": True,          # the integrity check passed before the timed pass
     }
 
 
@@ -365,10 +366,11 @@ def run(cells: list[Cell], seconds: float, progress=print, repeat: int = 1,
     runnable = [c for c in cells if c.users == 1]
     skipped = [{"cell": dataclasses.asdict(c), "reason": USERS_MISSING}
                for c in cells if c.users != 1]
-    for s in skipped:
-        progress(f"skipping {Cell(**s['cell']).label()}: {USERS_MISSING}")
     if not runnable:
         raise BenchError(f"nothing to run: {USERS_MISSING}")
+    if skipped:
+        progress(f"skipping {len(skipped)} cell(s) with more than one user domain: "
+                 f"{USERS_MISSING}")
     cpus = ringbench.cpus()
     device = data_file(EXTENT, progress)
     progress("warming the page cache with the device's data")
