@@ -10,7 +10,7 @@ SRC    := $(shell find cython_ext drb_uring bpf -name '*.pyx' -o -name '*.pxd' -
                    -o -name '*.py') $(wildcard bpf/*.c) setup.py setup.cfg pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: all setup system build demo test bench-ring annotate debug clean
+.PHONY: all setup system build demo test bench bench-ring annotate debug clean
 
 all: setup
 
@@ -37,6 +37,12 @@ build: $(VENV)/.stamp-build
 
 demo: setup
 	$(VENV)/bin/drb demo
+
+# The paper's comparison in real domains (~3 minutes), then its report.
+bench: setup
+	@mkdir -p bench/results
+	$(VENV)/bin/drb bench --quick --json bench/results/quick.json
+	$(VENV)/bin/drb report bench/results/quick.json --out bench/results/quick
 
 bench-ring: setup
 	@mkdir -p bench/results
