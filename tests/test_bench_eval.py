@@ -152,3 +152,27 @@ def test_fio_reference_runs_on_the_same_file(device):
     assert r["iops"] > 0 and "--ioengine=io_uring" in r["command"]
     assert "--invalidate=0" in r["command"] and f"--filename={device}" in r["command"]
     assert 0 < r["lat_us"]["p50"] <= r["lat_us"]["p99"]
+
+
+IO_URING_ENTER = r"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+r = libc.syscall(426, -1, 0, 0, 0, 0, 0)          # io_uring_enter on no ring
+print(r, os.strerror(ctypes.get_errno()))
+"""
+
+
+def test_only_the_direct_pair_lets_the_user_domain_enter_a_ring(pairs):
+    made, _ = pairs
+    out = {}
+    for key in (("drb", True), ("direct", True)):
+        st = made[key].state
+        proc = subprocess.run([DRB, "exec", made[key].name, "user", "--", "python3", "-c",
+                               IO_URING_ENTER], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        out[key[0]] = proc.stdout.strip()
+        assert st["domains"]["user"]["pid"] > 0
+    # A pair drb up makes: the call never reaches the kernel's io_uring.
+    assert out["drb"] == f"-1 {os.strerror(38)}"          # ENOSYS, the profile's default
+    # The direct baseline's pair: it does (and finds no ring).
+    assert out["direct"] == f"-1 {os.strerror(9)}"        # EBADF

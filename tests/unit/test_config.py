@@ -75,3 +75,30 @@ def test_nested_types_are_checked():
         S.from_dict({"xs": [1, "2"]})
     with pytest.raises(SpecError):
         S.from_dict({"xs": [], "m": {"a": True}})
+
+
+def test_bench_only_settings_are_checked():
+    assert PairConfig(name="b", user_io_uring=True).user_io_uring
+    with pytest.raises(SpecError, match="not attached containers"):
+        PairConfig(name="b", user_io_uring=True, attach_user=5, attach_driver=6)
+    assert PairConfig(name="b", worker_spin_ns=0).worker_spin_ns == 0
+    with pytest.raises(SpecError, match="worker spin"):
+        PairConfig(name="b", worker_spin_ns=-1)
+    with pytest.raises(SpecError, match="worker spin"):
+        PairConfig(name="b", worker_spin_ns=3_601 * 10**9)
+
+
+def test_bench_cell_and_server_specs():
+    from drb_uring.tools.baselines import ServerSpec
+    from drb_uring.tools.benchcell import CellSpec
+    base = dict(transport="drb", opcode=4, rand=True, bs=4096, qd=1, seconds=1.0,
+                counted_seconds=0.2, extent=1 << 20, slot_count=1, slot_size=4096, entries=2)
+    with pytest.raises(SpecError, match="needs the monitor's socket"):
+        CellSpec.from_dict(base)
+    assert CellSpec.from_dict({**base, "socket": "/run/x"}).qd == 1
+    with pytest.raises(SpecError, match="transport"):
+        CellSpec.from_dict({**base, "transport": "pigeon", "socket": "/x"})
+    with pytest.raises(SpecError, match="no driver side"):
+        ServerSpec(kind="direct", slot_count=1, slot_size=4096)
+    with pytest.raises(SpecError, match="power of two"):
+        ServerSpec(kind="grant-map", slot_count=1, slot_size=4096, entries=3)
