@@ -1,4 +1,6 @@
 """Helpers for tests that bring pairs up with the real CLI."""
+import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +15,23 @@ def drb(*args, check=True, timeout=120, **kw):
         raise AssertionError(f"drb {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@contextlib.contextmanager
+def pairs_made():
+    """A function that brings a pair up with the CLI and returns its
+    status; every pair it made is taken down at the end."""
+    names = []
+
+    def up(name, *args):
+        names.append(name)
+        drb("up", name, *args)
+        return json.loads(drb("status", name, "--json").stdout)
+    try:
+        yield up
+    finally:
+        for n in names:
+            drb("down", n, check=False)
 
 
 def in_domain(name, role, code, check=True, timeout=60):

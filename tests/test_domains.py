@@ -11,7 +11,7 @@ import time
 
 import pytest
 from channel_env import HELPERS, PRIVATE_NS, dead
-from pair_env import DRB, bpf_prog_ids, drb, in_domain, leftovers, wait_gone
+from pair_env import DRB, bpf_prog_ids, drb, in_domain, leftovers, pairs_made, wait_gone
 
 from drb_uring import procs
 from drb_uring.domains.config import PairConfig
@@ -31,18 +31,8 @@ def clean():
 
 @pytest.fixture
 def pair(clean):
-    names = []
-
-    def up(name, *args):
-        names.append(name)
-        drb("up", name, *args)
-        return json.loads(drb("status", name, "--json").stdout)
-
-    try:
+    with pairs_made() as up:
         yield up
-    finally:
-        for n in names:
-            drb("down", n, check=False)
 
 
 def test_domains_see_neither_the_device_nor_device_nodes(pair):

@@ -2,14 +2,13 @@
 them: each must be refused with the exact errno, and leave the host's files,
 the other domain's memory and the monitor's maps as they were."""
 import hashlib
-import json
 import os
 import re
 import subprocess
 import textwrap
 
 import pytest
-from pair_env import drb, in_domain, leftovers, wait_gone
+from pair_env import in_domain, leftovers, pairs_made, wait_gone
 
 PREFIX = "tsbx"
 
@@ -51,18 +50,9 @@ def bpf_ids(kind: str) -> set[int]:
 
 @pytest.fixture(scope="module")
 def pair():
-    names = []
-
-    def up(name, *args):
-        names.append(name)
-        drb("up", name, *args)
-        return json.loads(drb("status", name, "--json").stdout)
-    try:
+    with pairs_made() as up:
         yield up
-    finally:
-        for n in names:
-            drb("down", n, check=False)
-        assert wait_gone(lambda: not leftovers(PREFIX), 10), leftovers(PREFIX)
+    assert wait_gone(lambda: not leftovers(PREFIX), 10), leftovers(PREFIX)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ broker's socket) and <cgroup2>/drb/NAME/ (its domains' groups).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -147,10 +148,10 @@ ID_SPAN = 1 << 16          # each domain maps 65536 ids
 IDS = os.path.join(RUN, "ids.json")
 
 
-def reserve_ids(name: str, count: int) -> list[int]:
-    """Host id ranges for a pair's domains, different from every other
-    pair's: the first host id of each range. Kept in /run/drb/ids.json,
-    under a lock, until release_ids."""
+@contextlib.contextmanager
+def _id_registry():
+    """The id registry, read under its lock; what the caller leaves in the
+    dict is written back (the file and the lock go when it is empty)."""
     import fcntl
     if not os.path.isdir(RUN):
         os.mkdir(RUN, 0o711)
@@ -161,6 +162,23 @@ def reserve_ids(name: str, count: int) -> list[int]:
                 taken = json.load(f)
         except (OSError, ValueError):
             taken = {}
+        yield taken
+        if taken:
+            tmp = IDS + ".tmp"
+            with private_file(tmp) as f:
+                json.dump(taken, f)
+            os.replace(tmp, IDS)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(IDS)
+            os.unlink(os.path.join(RUN, ".ids.lock"))
+
+
+def reserve_ids(name: str, count: int) -> list[int]:
+    """Host id ranges for a pair's domains, different from every other
+    pair's: the first host id of each range. Kept in /run/drb/ids.json,
+    under a lock, until release_ids."""
+    with _id_registry() as taken:
         used = {i for ranges in taken.values() for i in ranges}
         mine = []
         k = 0
@@ -169,30 +187,11 @@ def reserve_ids(name: str, count: int) -> list[int]:
                 mine.append(k)
             k += 1
         taken[name] = taken.get(name, []) + mine
-        tmp = IDS + ".tmp"
-        with private_file(tmp) as f:
-            json.dump(taken, f)
-        os.replace(tmp, IDS)
     return [ID_BASE + k * ID_SPAN for k in mine]
 
 
 def release_ids(name: str) -> None:
-    import fcntl
     if not os.path.exists(IDS):
         return
-    with private_file(os.path.join(RUN, ".ids.lock")) as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            with open(IDS) as f:
-                taken = json.load(f)
-        except (OSError, ValueError):
-            return
+    with _id_registry() as taken:
         taken.pop(name, None)
-        if taken:
-            tmp = IDS + ".tmp"
-            with private_file(tmp) as f:
-                json.dump(taken, f)
-            os.replace(tmp, IDS)
-        else:
-            os.unlink(IDS)
-            os.unlink(os.path.join(RUN, ".ids.lock"))

@@ -200,6 +200,14 @@ def _plots(rep: dict, out: str) -> list[str]:
         plt.close(fig)
         written.append(path)
 
+    def finish(ax, xlabel, ylabel, title, name, **legend):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3, **({"axis": "y"} if name == PLOTS[2] else {}))
+        ax.legend(**legend)
+        save(ax.figure, name)
+
     def most_common(key):
         counts: dict = {}
         for r in runs:
@@ -216,12 +224,8 @@ def _plots(rep: dict, out: str) -> list[str]:
             ax.plot([p[0] for p in pts], [p[1] / 1e3 for p in pts], marker="o", label=t)
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_xlabel("queue depth (requests in flight)")
-    ax.set_ylabel("thousand I/Os per second")
-    ax.set_title(f"IOPS against queue depth, {op} {_size(bs)}")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    save(fig, PLOTS[0])
+    finish(ax, "queue depth (requests in flight)", "thousand I/Os per second",
+           f"IOPS against queue depth, {op} {_size(bs)}", PLOTS[0])
 
     # Latency percentiles against block size, at the smallest queue depth.
     qd = min(r["qd"] for r in runs)
@@ -238,12 +242,9 @@ def _plots(rep: dict, out: str) -> list[str]:
     ax.set_yscale("log")
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _size(int(v)) if v >= 1
                                                       else ""))
-    ax.set_xlabel("block size (bytes; k = 1024)")
-    ax.set_ylabel("latency (microseconds)")
-    ax.set_title(f"Latency percentiles against block size, queue depth {qd}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    save(fig, PLOTS[1])
+    finish(ax, "block size (bytes; k = 1024)", "latency (microseconds)",
+           f"Latency percentiles against block size, queue depth {qd}", PLOTS[1],
+           fontsize=7, ncol=2)
 
     # Per-I/O costs as bars, at 4k random reads and the deepest queue.
     deep = max((r["qd"] for r in runs if (r["op"], r["bs"]) == ("randread", 4096)), default=None)
@@ -259,12 +260,9 @@ def _plots(rep: dict, out: str) -> list[str]:
                [r["per_io"][k] for r in costs], width, label=label)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(costs))])
     ax.set_xticklabels([r["transport"] for r in costs])
-    ax.set_ylabel("per I/O (count)")
-    ax.set_title(f"Per-I/O costs, 4k random reads at queue depth {deep}" if deep
-                 else "Per-I/O costs")
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    save(fig, PLOTS[2])
+    finish(ax, "transport", "per I/O (count)",
+           f"Per-I/O costs, 4k random reads at queue depth {deep}" if deep else "Per-I/O costs",
+           PLOTS[2], fontsize=8)
 
     # IOPS against the number of user domains on one driver domain.
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -277,12 +275,8 @@ def _plots(rep: dict, out: str) -> list[str]:
     if missing:
         ax.text(0.02, 0.04, "users > 1 not measured:\n" + missing[0]["reason"],
                 transform=ax.transAxes, fontsize=7, wrap=True)
-    ax.set_xlabel("user domains served by one driver domain")
-    ax.set_ylabel("aggregate thousand I/Os per second")
-    ax.set_title(f"IOPS against user domains, randread 4k queue depth {deep}")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    save(fig, PLOTS[3])
+    finish(ax, "user domains served by one driver domain", "aggregate thousand I/Os per second",
+           f"IOPS against user domains, randread 4k queue depth {deep}", PLOTS[3])
     return written
 
 
