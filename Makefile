@@ -10,7 +10,7 @@ SRC    := $(shell find cython_ext drb_uring bpf -name '*.pyx' -o -name '*.pxd' -
                    -o -name '*.py') $(wildcard bpf/*.c) setup.py setup.cfg pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: all setup system build demo test bench bench-ring annotate debug clean
+.PHONY: all setup system build demo test fuzz bench bench-ring annotate debug clean
 
 all: setup
 
@@ -52,6 +52,10 @@ bench-ring: setup
 test: setup
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	 if [ $$rc -eq 5 ]; then echo "make test: no tests ran" >&2; exit 1; fi; exit $$rc
+
+# The parsers' fuzzing properties for longer than the default run gives them.
+fuzz: setup
+	DRB_FUZZ_EXAMPLES=$${DRB_FUZZ_EXAMPLES:-50000} $(PY) -m pytest -q tests/unit/test_fuzz_parsers.py
 
 # Annotated build: open cython_ext/drb_uring/*/*.html and look for yellow
 # lines in the per-entry loops.

@@ -70,13 +70,17 @@ enum drb_reason {
 
 /* One entry. The user side writes the first six fields with a sequence
  * lock: seq is odd while they change, so the program never acts on a
- * half-written entry. The program alone writes the last two.
+ * half-written entry. The program alone writes the last three.
  *
  * `inflight` is the kernel's word on the slot: the program adds one when a
  * request on the slot is submitted on the grant ring (before it reads the
  * entry) and takes one away when the request completes. The user side
  * clears the entry, fences, then reads it: zero means no request on the
- * slot can still move data, whatever the worker says. */
+ * slot can still move data, whatever the worker says.
+ *
+ * `completions` only grows: the user side reads it before it posts and
+ * again when the response comes. A success answered while it stayed the
+ * same is a request the kernel never ran: the worker made the answer up. */
 struct drb_task {
     drb_u32 seq;
     drb_u32 state;        /* DRB_TASK_ACTIVE, or 0 */
@@ -86,7 +90,8 @@ struct drb_task {
     drb_u64 post_ns;      /* CLOCK_MONOTONIC, as bpf_ktime_get_ns() reads it */
     drb_u64 submit_ns;    /* written by the program: when the worker submitted */
     drb_u32 inflight;     /* written by the program: requests on the slot in the kernel */
-    drb_u32 pad;
+    drb_u32 completions;  /* written by the program: requests on the slot it saw complete,
+                           * ever (wraps) */
 };
 
 /* bpftrace's hist() numbering: 1 for 0, 2 for 1, k + 2 for [2^k, 2^(k+1)).

@@ -234,6 +234,7 @@ RAW_TRACEPOINT_PROBE(io_uring_complete)
     if (!t)
         return 0;
     __sync_fetch_and_add(&t->inflight, -1);
+    __sync_fetch_and_add(&t->completions, 1);
     if (tracing() && t->submit_ns) {
         hist_add(g->row, 1, bpf_ktime_get_ns() - t->submit_ns);
         t->submit_ns = 0;

@@ -175,3 +175,25 @@ def test_write_beyond_the_extent(rogue, mode):
         # user's own slot.
         assert disk[EXTENT:EXTENT + 4096] in (b"E" * 4096, b"W" * 4096)
         assert disk[EXTENT + 4096:] == b"E" * (EXTENT - 4096)
+
+
+@pytest.mark.parametrize("lie, said", [
+    ("answer-unrun", "a request the kernel never ran"),
+    ("answer-unknown", "a request that is not in flight"),
+    ("answer-twice", "a request that is not in flight"),
+    ("answer-too-much", "answered 4097 bytes for a request of 4096")])
+def test_a_worker_that_lies_to_the_user_side(rogue, lie, said):
+    """Garbage in the response ring: a made-up success, an unknown tag, a
+    duplicate, more bytes than asked. The channel fails with the reason;
+    a read never returns anything but the device's bytes."""
+    m = rogue(lie, "buffered")
+    with Channel(m.sock_path, EXTENT, geometry=GEO) as ch:
+        ch.pool[:] = b"P" * len(ch.pool)          # what a made-up answer would hand back
+        got = []
+        with pytest.raises(ChannelFailed, match=said):
+            for _ in range(3):
+                got.append(ch.pread(0, 4096))
+        assert all(g == b"D" * 4096 for g in got), [g[:4] for g in got]
+        assert len(got) <= (1 if lie == "answer-twice" else 0)
+        with pytest.raises(ChannelFailed):
+            ch.pread(0, 1)                           # and it stays failed

@@ -19,6 +19,13 @@ hostile driver domain would try:
   probe:FILE      record what the ring refuses (nop, a non-fixed file, a
                   register call) to FILE, then wait to be stopped
 
+and, lying to the user side instead of the kernel:
+
+  answer-unrun    a success for the request, which it never submitted
+  answer-unknown  a response to a request nobody made
+  answer-twice    the request, done right, then its response twice
+  answer-too-much the request, done right, answered with one byte more
+
 A rogue the monitor failed to stop exits with status 3 after 5 s.
 Self-contained (no import beyond drb_uring), so that it also runs inside a
 driver domain as `python3 -c SOURCE MODE SPEC`.
@@ -163,6 +170,20 @@ def main() -> int:
     elif mode == "early-answer":
         g.submit(**sqe)
         _end.push(CQE.pack(req["user_data"], req["len"], 0))
+        time.sleep(5)
+        return 3
+    elif mode.startswith("answer-"):
+        if mode == "answer-unrun":
+            answers = [(req["user_data"], req["len"])]
+        elif mode == "answer-unknown":
+            answers = [(req["user_data"] ^ (1 << 40), req["len"])]
+        else:
+            g.submit(**sqe)
+            _tag, res = g.reap()
+            answers = [(req["user_data"], res)] * 2 if mode == "answer-twice" else \
+                [(req["user_data"], res + 1)]
+        for tag, res in answers:
+            _end.push(CQE.pack(tag, res, 0))
         time.sleep(5)
         return 3
     elif mode == "register":

@@ -284,3 +284,23 @@ cdef class WorkerLoop:
     def stats(self):
         return {"served": self.served, "refused": self.refused, "submits": self.submits,
                 "sleeps": self.sleeps, "notifies": self.end.waiter.notifies}
+
+
+def check_request(bytes sqe, uint64_t pool_base, uint32_t slot_size, uint32_t slot_count,
+                  uint64_t extent_base, uint64_t extent_size, uint32_t align=0):
+    """The worker's own check of one request (64 bytes, as the user wrote
+    it), for the tests that fuzz it: (0, the grant ring's opcode, addr,
+    len, off, buf_index) for a request it would pass on, or (errno, ...)
+    with zeros."""
+    cdef io_uring_sqe r, g
+    cdef limits lim
+    if len(sqe) != sizeof(io_uring_sqe):
+        raise ValueError(f"an SQE is {sizeof(io_uring_sqe)} bytes")
+    memcpy(&r, <const char *>sqe, sizeof(r))
+    lim.pool_base, lim.slot_size, lim.slot_count = pool_base, slot_size, slot_count
+    lim.extent_base, lim.extent_size, lim.align = extent_base, extent_size, align
+    cdef int err = validate(&r, &lim)
+    if err:
+        return err, 0, 0, 0, 0, 0
+    to_grant(&g, &r, &lim)
+    return 0, g.opcode, g.addr, g.len, g.off, g.buf_index

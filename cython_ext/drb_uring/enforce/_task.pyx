@@ -46,7 +46,7 @@ FIELD_OFFSETS = {
     "op": <size_t>&(<drb_task *>0).op, "len": <size_t>&(<drb_task *>0).len,
     "offset": <size_t>&(<drb_task *>0).offset, "post_ns": <size_t>&(<drb_task *>0).post_ns,
     "submit_ns": <size_t>&(<drb_task *>0).submit_ns,
-    "inflight": <size_t>&(<drb_task *>0).inflight, "pad": <size_t>&(<drb_task *>0).pad,
+    "inflight": <size_t>&(<drb_task *>0).inflight, "completions": <size_t>&(<drb_task *>0).completions,
 }
 
 

@@ -44,7 +44,7 @@ cdef extern from "drb_task.h" nogil:
         uint64_t post_ns
         uint64_t submit_ns
         uint32_t inflight
-        uint32_t pad
+        uint32_t completions
 
     uint32_t drb_log2_bucket(uint64_t v)
 
@@ -92,6 +92,12 @@ cdef inline uint32_t task_release(drb_task *t) noexcept nogil:
     task_clear(t)
     drb_fence()
     return drb_load_relaxed(&t.inflight)
+
+
+cdef inline uint32_t task_completions(drb_task *t) noexcept nogil:
+    """How many requests on the slot the program has seen complete, ever."""
+    drb_fence()
+    return drb_load_relaxed(&t.completions)
 
 
 cdef inline uint32_t task_table_failed(drb_task *table) noexcept nogil:

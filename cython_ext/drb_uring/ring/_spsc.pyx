@@ -16,7 +16,8 @@ from libc.string cimport memcpy, memset
 
 from drb_uring.includes.atomic cimport drb_store_relaxed, drb_fence, drb_now_ns
 from drb_uring.enforce.tasks cimport (drb_task, task_post, task_release, task_reaped,
-                                      task_table_failed, DRB_HIST_BUCKETS, DRB_STATUS_ENTRY)
+                                      task_completions, task_table_failed, DRB_HIST_BUCKETS,
+                                      DRB_STATUS_ENTRY)
 from drb_uring.includes.io_uring cimport io_uring_sqe, IORING_OP_FSYNC
 from drb_uring.includes.sys cimport (mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED,
                            MAP_FAILED, errno, EINTR, EPROTO)
@@ -435,6 +436,13 @@ cdef class UserEnd(RingEnd):
             task_reaped(&self.tasks[slot], self.reap_hist, drb_now_ns())
             return task_release(&self.tasks[slot])
         return 0
+
+    def task_completions(self, unsigned short slot):
+        """Requests on the slot the monitor has seen complete, ever (a
+        counter that wraps), or -1 without a task table."""
+        if self.tasks != NULL and slot < self.ntasks:
+            return task_completions(&self.tasks[slot])
+        return -1
 
     def channel_failed(self):
         """The code of the monitor's first violation on this channel (see
