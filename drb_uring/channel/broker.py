@@ -148,6 +148,7 @@ class Broker:
         # Without enforcement no task table exists and nothing checks what a
         # worker submits. Turning it off is loud on purpose.
         self.enforcer = None
+        self.enforce = enforce
         self.domains: dict[str, str] = {}
         if enforce:
             from drb_uring.enforce.client import EnforceClient
@@ -169,6 +170,10 @@ class Broker:
         if control:
             self.listeners.append(protocol.listen(control))
             self.sel.register(self.listeners[1], selectors.EVENT_READ, ("listen", "host"))
+        if self.enforcer:
+            # Between calls the service says nothing: its socket turns
+            # readable only when it goes away.
+            self.sel.register(self.enforcer.sock, selectors.EVENT_READ, ("service", None))
 
     def watch_domains(self, groups: dict[str, str]) -> None:
         """Count the mode switches of these domains (role -> cgroup) for
@@ -238,6 +243,8 @@ class Broker:
                     self._on_channel_message(obj)
                 elif kind == "worker":
                     self._on_worker_exit(obj)
+                elif kind == "service":
+                    self._service_gone()
             except Exception:   # one bad party must not take the broker down
                 log.exception("while handling %s", kind)
         now = time.monotonic()
@@ -247,6 +254,42 @@ class Broker:
                             ch.id, ch.worker_pid)
                 ch.worker.kill()
                 ch.kill_at = 0.0
+
+    def _service_gone(self) -> None:
+        """The eBPF service closed its connection: it died, and its programs
+        went with it. Nothing checks the grant rings any more, so no
+        monitored channel may go on: each worker is killed now and each user
+        side told why. The next open starts a new service."""
+        log.error("the eBPF monitor went away: stopping every monitored channel")
+        self.sel.unregister(self.enforcer.sock)
+        self.enforcer.close()
+        self.enforcer = None
+        for ch in list(self.channels.values()):
+            if not ch.gid:
+                continue
+            ch.gid = 0                      # the grant went with the service
+            try:
+                os.kill(ch.worker_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._finish(ch, "the eBPF monitor went away: the channel cannot run unmonitored")
+
+    def _monitor(self):
+        """The enforcement service, started again if it went away; never
+        None when this broker enforces (a channel is then refused)."""
+        if self.enforce and self.enforcer is None:
+            from drb_uring.enforce.client import EnforceClient
+            try:
+                self.enforcer = EnforceClient()
+                for group in self.domains.values():
+                    self.enforcer.watch(group)
+            except (DrbError, OSError) as e:
+                self.enforcer = None
+                raise BrokerError(f"the eBPF monitor is gone and could not be started "
+                                  f"again: {e}") from None
+            self.sel.register(self.enforcer.sock, selectors.EVENT_READ, ("service", None))
+            log.warning("the eBPF monitor was started again")
+        return self.enforcer
 
     def _settle(self, peer: protocol.Peer, data) -> None:
         if peer.dead:
@@ -358,6 +401,7 @@ class Broker:
         if self.device is None:
             raise BrokerError("the broker has no device")
         size = protocol.int_field(msg, "size", 1, self.device.size)
+        self._monitor()
         ring_fds = ring.PeerFds.from_list(fds)
         geo = ring.validate_peer_fds(ring_fds)
         self._check_limits(geo.pool_size)

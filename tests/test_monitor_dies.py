@@ -1,0 +1,65 @@
+"""The monitor's eBPF service dies (SIGKILL): no channel runs on
+unmonitored. Its workers are killed at once and the user side's calls
+fail with the reason; the next channel starts a new service, and the
+programs are there once, not twice, and not left behind."""
+import os
+import signal
+import subprocess
+
+import pytest
+from channel_env import BrokerProc, dead, wait_until
+
+from drb_uring.channel.client import Channel, ChannelFailed
+from drb_uring.ring import layout as L
+
+GEO = L.Geometry(sq_entries=8, cq_entries=8, slot_size=4096, slot_count=2)
+
+
+def _service_pids() -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if b"drb_uring.enforce.service" in f.read():
+                        out.append(int(d))
+            except OSError:
+                pass
+    return out
+
+
+def _monitor_progs() -> int:
+    out = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True).stdout
+    return sum(1 for line in out.splitlines() if " name raw_tracepoint" in line)
+
+
+@pytest.fixture
+def broker(tmp_path, no_fd_leak):
+    m = BrokerProc(tmp_path, size=16 << 20)
+    yield m
+    m.stop()
+
+
+def test_channels_stop_when_the_monitor_dies(broker):
+    with Channel(broker.sock_path, 1 << 20, geometry=GEO) as a, \
+            Channel(broker.sock_path, 1 << 20, geometry=GEO) as b:
+        a.pwrite(0, b"before")
+        assert a.monitored and b.monitored
+        workers = [a.worker_pid, b.worker_pid]
+        progs = _monitor_progs()
+        (service,) = _service_pids()
+        os.kill(service, signal.SIGKILL)
+        # Every worker goes at once; every call fails with the reason.
+        assert wait_until(lambda: all(dead(w) for w in workers), 2), workers
+        for ch in (a, b):
+            with pytest.raises(ChannelFailed, match="the eBPF monitor went away"):
+                ch.pread(0, 6)
+        assert wait_until(lambda: _monitor_progs() == 0, 5)
+        # The next channel gets a new service, monitored, with one set of programs.
+        with Channel(broker.sock_path, 1 << 20, geometry=GEO) as c:
+            assert c.monitored
+            c.pwrite(0, b"after")
+            assert c.pread(0, 5) == b"after"
+            assert len(_service_pids()) == 1 and _service_pids() != [service]
+            assert _monitor_progs() == progs
+    assert broker.proc.poll() is None
