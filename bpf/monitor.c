@@ -62,6 +62,8 @@ BPF_F_TABLE("array", u32, struct drb_task, task_tmpl, DRB_MAX_SLOTS + DRB_TASK_E
  * cheaper than a hash one, and this is on every request's path. */
 BPF_ARRAY_OF_MAPS(task_tables, "task_tmpl", MAX_CHANNELS);
 BPF_HASH(grants, u64, struct grant, MAX_CHANNELS);
+/* The brokers' processes (tgid), registered by the service: trusted. */
+BPF_HASH(brokers, u32, u32, 256);
 /* Latency histograms: row (hist * 2 + stage), 64 log2 buckets per row. An
  * array, not a hash: this is on every request's path. */
 BPF_ARRAY(lat, u64, MAX_CHANNELS * 2 * DRB_HIST_BUCKETS);
@@ -271,6 +273,10 @@ RAW_TRACEPOINT_PROBE(io_uring_cqe_overflow)
 
 RAW_TRACEPOINT_PROBE(io_uring_register)
 {
+    /* A broker builds its rings with register calls; it is trusted. */
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (brokers.lookup(&tgid))
+        return 0;
     u64 ring = ctx->args[0];
     struct grant *g = grants.lookup(&ring);
     if (!g)
@@ -287,15 +293,19 @@ struct ckey {
     s32 fd;
 };
 BPF_HASH(created, struct ckey, u64, 1024);
-BPF_HASH(brokers, u32, u32, 256);
 
 RAW_TRACEPOINT_PROBE(io_uring_create)
 {
+    u64 c = ctx->args[1];
+    /* A ring made at this address means the ring that had it is gone: a
+     * grant still keyed by it is stale (its worker died a moment ago and
+     * the broker has not ungranted yet). Left in place, it would check the
+     * new ring, whoever made it, against a dead channel's task table. */
+    grants.delete(&c);
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (!brokers.lookup(&tgid))
         return 0;
     struct ckey k = {.tgid = tgid, .fd = (s32)ctx->args[0]};
-    u64 c = ctx->args[1];
     created.update(&k, &c);
     return 0;
 }

@@ -393,7 +393,7 @@ class Broker:
         if pinned + pool_size > self.limits.pinned:
             raise BrokerError(f"limit reached: a pool of {pool_size >> 10} KiB on top of "
                               f"{pinned >> 10} KiB would pin more than "
-                              f"{self.limits.pinned >> 20} MiB per user domain "
+                              f"{self.limits.pinned >> 10} KiB per user domain "
                               "(drb up --max-pinned)")
 
     def _open(self, peer: protocol.Peer, msg: dict,

@@ -166,22 +166,42 @@ class Enforcer:
                 lat[lat.Key(base + i)] = lat.Leaf(0)
 
     def failed(self, gid: int) -> str | None:
+        """The channel's violation, from its task table's status word (the
+        program writes it there and in the grant; the grant may be gone)."""
         self.poll()
-        ctx = self.tables.get(gid, (0,))[0]
-        try:
-            code = self.b["grants"][self.b["grants"].Key(ctx)].failed
-        except KeyError:
-            return None
+        mm = self.tables.get(gid, (0, -1, None, -1))[2]
+        code = 0
+        if mm is not None:
+            code = int.from_bytes(mm[tasks.STATUS_OFFSET:tasks.STATUS_OFFSET + 4], "little")
+        if not code:
+            leaf = self._grant_of(gid)
+            code = leaf.failed if leaf is not None else 0
         return tasks.REASONS.get(code, str(code)) if code else None
 
+    def _grant_of(self, gid: int):
+        """The channel's entry in `grants`, if it is still the channel's: the
+        kernel may have reused its ring's address for a new ring."""
+        ctx = self.tables.get(gid, (0,))[0]
+        g = self.b["grants"]
+        try:
+            leaf = g[g.Key(ctx)]
+        except KeyError:
+            return None
+        return leaf if leaf.channel == gid else None
+
     def ungrant(self, gid: int) -> None:
-        ctx, fd, mm, row = self.tables.pop(gid, (0, -1, None, -1))
-        for name, key in (("grants", ctx), ("task_tables", row)):
-            t = self.b[name]
+        if self._grant_of(gid) is not None:
+            g = self.b["grants"]
             try:
-                del t[t.Key(key)]
+                del g[g.Key(self.tables[gid][0])]
             except KeyError:
                 pass
+        ctx, fd, mm, row = self.tables.pop(gid, (0, -1, None, -1))
+        t = self.b["task_tables"]
+        try:
+            del t[t.Key(row)]
+        except KeyError:
+            pass
         if mm is not None:
             mm.close()
             os.close(fd)

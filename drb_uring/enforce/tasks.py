@@ -24,6 +24,8 @@ ENTRIES = MAX_SLOTS + _task.EXTRA_ENTRIES
 REAP_HIST_OFFSET = MAX_SLOTS * ENTRY_SIZE
 TABLE_BYTES = (ENTRIES * ENTRY_SIZE + 4095) & ~4095
 STATUS_ENTRY = _task.STATUS_ENTRY
+# Where the program writes the channel's violation code: the status entry's state.
+STATUS_OFFSET = STATUS_ENTRY * ENTRY_SIZE + _task.FIELD_OFFSETS["state"]
 assert REAP_HIST_OFFSET + HIST_BUCKETS * 8 <= STATUS_ENTRY * ENTRY_SIZE
 
 _TEXT = {

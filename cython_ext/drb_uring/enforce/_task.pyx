@@ -46,7 +46,8 @@ FIELD_OFFSETS = {
     "op": <size_t>&(<drb_task *>0).op, "len": <size_t>&(<drb_task *>0).len,
     "offset": <size_t>&(<drb_task *>0).offset, "post_ns": <size_t>&(<drb_task *>0).post_ns,
     "submit_ns": <size_t>&(<drb_task *>0).submit_ns,
-    "inflight": <size_t>&(<drb_task *>0).inflight, "completions": <size_t>&(<drb_task *>0).completions,
+    "inflight": <size_t>&(<drb_task *>0).inflight,
+    "completions": <size_t>&(<drb_task *>0).completions,
 }
 
 
