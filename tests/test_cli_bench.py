@@ -69,3 +69,23 @@ def test_bench_bad_combinations(tmp_path):
         assert proc.returncode == 1, args
         assert said in proc.stderr, (args, proc.stderr)
         assert proc.stderr.count("\n") <= 2, proc.stderr     # one clear line, no traceback
+
+
+def test_ctrl_c_leaves_nothing(tmp_path):
+    import signal
+    import time
+    proc = subprocess.Popen([DRB, "bench", "--transport", "drb,grant-map", "--qd", "1",
+                             "--seconds", "2", "--no-fio"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    # Interrupted mid-run, twice: the second must not cut the tear-down short.
+    for line in proc.stderr:
+        if "cell 2 of 2" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "drb: interrupted" in err
+    prefix = f"bench-{proc.pid}-"
+    assert wait_gone(lambda: not leftovers(prefix), 10), leftovers(prefix)

@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -415,8 +416,15 @@ def run(cells: list[Cell], seconds: float, progress=print, repeat: int = 1,
                 if ref:
                     references.append(ref)
     finally:
-        for p in pairs.values():
-            p.close()
+        # A second Ctrl-C must not cut the tear-down short.
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            if pairs:
+                progress("taking the benchmark's domains down")
+            for p in pairs.values():
+                p.close()
+        finally:
+            signal.signal(signal.SIGINT, old)
         enforcer.close()
         os.close(log)
         shutil.rmtree(work, ignore_errors=True)
