@@ -65,7 +65,8 @@ enum drb_reason {
     DRB_R_REGISTER = 10,       /* io_uring_register on an enabled grant ring */
     DRB_R_REFUSED = 11,        /* a request the ring refused before submitting it */
     DRB_R_OVERFLOW = 12,       /* a completion the grant ring could not post */
-    DRB_R_COUNT = 13,
+    DRB_R_FLAGS = 13,          /* read/write flags (RWF_*) a task never asks for */
+    DRB_R_COUNT = 14,
 };
 
 /* One entry. The user side writes the first six fields with a sequence
@@ -78,9 +79,11 @@ enum drb_reason {
  * clears the entry, fences, then reads it: zero means no request on the
  * slot can still move data, whatever the worker says.
  *
- * `completions` only grows: the user side reads it before it posts and
- * again when the response comes. A success answered while it stayed the
- * same is a request the kernel never ran: the worker made the answer up. */
+ * `moved` only grows: the user side reads it before it posts and again
+ * when the response comes. An answer of n bytes is true only if it grew by
+ * exactly n: otherwise the worker made it up (a request it never ran, one
+ * that failed, or one it changed). The status entry's `moved` counts the
+ * flushes (fsync) the kernel completed with success, for the same check. */
 struct drb_task {
     drb_u32 seq;
     drb_u32 state;        /* DRB_TASK_ACTIVE, or 0 */
@@ -90,8 +93,8 @@ struct drb_task {
     drb_u64 post_ns;      /* CLOCK_MONOTONIC, as bpf_ktime_get_ns() reads it */
     drb_u64 submit_ns;    /* written by the program: when the worker submitted */
     drb_u32 inflight;     /* written by the program: requests on the slot in the kernel */
-    drb_u32 completions;  /* written by the program: requests on the slot it saw complete,
-                           * ever (wraps) */
+    drb_u32 moved;        /* written by the program: bytes the kernel's successful
+                           * completions on the slot moved, ever (wraps) */
 };
 
 /* bpftrace's hist() numbering: 1 for 0, 2 for 1, k + 2 for [2^k, 2^(k+1)).

@@ -149,6 +149,7 @@ RAW_TRACEPOINT_PROBE(io_uring_submit_req)
     u64 addr = *(u64 *)(head + OFF_REQ_CMD + OFF_RW_ADDR);
     u32 len = *(u32 *)(head + OFF_REQ_CMD + OFF_RW_LEN);
     u64 pos = *(u64 *)(head + OFF_REQ_CMD + OFF_RW_POS);
+    u32 rwf = *(u32 *)(head + OFF_REQ_CMD + OFF_RW_FLAGS);
     if (op != DRB_OP_READ_FIXED && op != DRB_OP_WRITE_FIXED)
         return violation(g, DRB_R_OPCODE, slot, user_data, addr, len, pos, op, 0);
     if (slot >= g->slot_count)
@@ -180,10 +181,16 @@ RAW_TRACEPOINT_PROBE(io_uring_submit_req)
         return violation(g, DRB_R_TASK_INACTIVE, slot, user_data, addr, len, pos, op, state);
     if (top != op)
         return violation(g, DRB_R_OP_MISMATCH, slot, user_data, addr, len, pos, op, state);
-    /* Bounds without overflow: every sum could wrap in 64 bits. */
+    /* A request starts at its slot's start (the client never asks for
+     * anything else, and the user side reads its data from there), and
+     * fits the slot. */
     u64 base = g->pool_base + (u64)slot * g->slot_size;
-    if (addr < base || addr - base > g->slot_size || len > g->slot_size - (addr - base))
+    if (addr != base || len > g->slot_size)
         return violation(g, DRB_R_BUF_RANGE, slot, user_data, addr, len, pos, op, state);
+    /* RWF_APPEND would write at the file's end, RWF_NOWAIT fail a read the
+     * worker could then call a success: a task asks for no flag. */
+    if (rwf)
+        return violation(g, DRB_R_FLAGS, slot, user_data, addr, len, pos, op, state);
     if (len != tlen)
         return violation(g, DRB_R_LEN_MISMATCH, slot, user_data, addr, len, pos, op, state);
     /* A negative position (-1: "the file's current position") is no place
@@ -226,6 +233,22 @@ RAW_TRACEPOINT_PROBE(io_uring_complete)
         return 0;
     u8 op = *(u8 *)(f + OFF_REQ_OPCODE - OFF_REQ_OP_FIRST);
     u16 slot = *(u16 *)(f + OFF_REQ_BUF_INDEX - OFF_REQ_OP_FIRST);
+    /* What the kernel says the request did: the user side holds the
+     * worker's answer against it. */
+    s32 res = -1;
+    char *cqe = (char *)ctx->args[2];
+    if (cqe)
+        bpf_probe_read_kernel(&res, sizeof(res), cqe + OFF_CQE_RES);
+    if (op == DRB_OP_FSYNC) {
+        /* A flush moves no bytes of a slot: its successes are counted in
+         * the status entry, so a flush the kernel never ran shows. */
+        u32 frow = g->row, fkey = DRB_STATUS_ENTRY;
+        void *ftt = task_tables.lookup(&frow);
+        struct drb_task *st = ftt ? bpf_map_lookup_elem(ftt, &fkey) : 0;
+        if (st && res == 0)
+            __sync_fetch_and_add(&st->moved, 1);
+        return 0;
+    }
     if ((op != DRB_OP_READ_FIXED && op != DRB_OP_WRITE_FIXED) || slot >= g->slot_count)
         return 0;
     u32 row = g->row, key = slot;
@@ -236,7 +259,8 @@ RAW_TRACEPOINT_PROBE(io_uring_complete)
     if (!t)
         return 0;
     __sync_fetch_and_add(&t->inflight, -1);
-    __sync_fetch_and_add(&t->completions, 1);
+    if (res > 0)
+        __sync_fetch_and_add(&t->moved, (u32)res);
     if (tracing() && t->submit_ns) {
         hist_add(g->row, 1, bpf_ktime_get_ns() - t->submit_ns);
         t->submit_ns = 0;

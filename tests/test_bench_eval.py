@@ -176,3 +176,28 @@ def test_only_the_direct_pair_lets_the_user_domain_enter_a_ring(pairs):
     assert out["drb"] == f"-1 {os.strerror(38)}"          # ENOSYS, the profile's default
     # The direct baseline's pair: it does (and finds no ring).
     assert out["direct"] == f"-1 {os.strerror(9)}"        # EBADF
+
+
+def test_the_direct_ring_does_only_fixed_io(device):
+    """The ring handed to the direct pair's user domain is restricted as a
+    grant ring is: through it the domain gets no socket and no open file
+    that its seccomp profile refuses it."""
+    import errno
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
+    import rogue_worker as R
+
+    from drb_uring.tools import baselines
+    dev = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    p = baselines.plumb("direct", dev, 2, 4096, 2)
+    try:
+        ring = R.RawRing(p.user_fds[0], bytes.fromhex(p.user_args["params"]))
+        for op, fields in ((45, dict(fd=2, off=1)),                      # IORING_OP_SOCKET
+                           (18, dict(fd=-100, addr=0)),                   # IORING_OP_OPENAT
+                           (22, dict(fd=0, flags=R.IOSQE_FIXED_FILE, len=1))):   # READ
+            ring.submit(opcode=op, user_data=op, **fields)
+            assert ring.reap() == (op, -errno.EACCES), op
+        ring.close()
+    finally:
+        p.close()
+        os.close(dev)

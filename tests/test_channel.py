@@ -80,7 +80,8 @@ def _raw(ch, **f):
     ({"opcode": 1}, errno.EOPNOTSUPP),                        # READV
     ({"slot": 64}, errno.EFAULT),                             # no such slot
     ({"len": 64 * 1024 + 1}, errno.EFAULT),                   # longer than a slot
-    ({"addr": 64 * 1024 - 10, "len": 11}, errno.EFAULT),      # runs off the slot
+    ({"addr": 64 * 1024 - 10, "len": 11}, errno.EINVAL),      # not at the slot's start
+    ({"addr": 4096, "len": 4096}, errno.EINVAL),
     ({"off": EXTENT - 10, "len": 11}, errno.ERANGE),          # runs off the extent
     ({"off": 1 << 62}, errno.ERANGE),
     ({"len": 0}, errno.EINVAL),

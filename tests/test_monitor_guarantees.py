@@ -178,7 +178,8 @@ def test_write_beyond_the_extent(rogue, mode):
 
 
 @pytest.mark.parametrize("lie, said", [
-    ("answer-unrun", "a request the kernel never ran"),
+    ("answer-unrun", "answered 4096 bytes for slot 0; the kernel moved 0"),
+    ("answer-short", "answered 4095 bytes for slot 0; the kernel moved 4096"),
     ("answer-unknown", "a request that is not in flight"),
     ("answer-twice", "a request that is not in flight"),
     ("answer-too-much", "answered 4097 bytes for a request of 4096")])
@@ -197,3 +198,50 @@ def test_a_worker_that_lies_to_the_user_side(rogue, lie, said):
         assert len(got) <= (1 if lie == "answer-twice" else 0)
         with pytest.raises(ChannelFailed):
             ch.pread(0, 1)                           # and it stays failed
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("attack, said, op", [
+    ("shifted", "buffer outside the task's slot", "read"),
+    ("nowait", "read/write flags a task never asks for", "read"),
+    ("append", "read/write flags a task never asks for", "write")])
+def test_what_the_task_does_not_name(rogue, mode, attack, said, op):
+    """The request as the user posted it, but 4 KiB into the slot, or with
+    RWF_NOWAIT (a read that may fail, then called a success) or RWF_APPEND
+    (a write the file system puts at the file's end, past the extent)."""
+    m = rogue(attack, mode)
+    size = os.path.getsize(m.backing)
+    with Channel(m.sock_path, EXTENT, geometry=GEO) as ch:
+        ch.pool[:] = b"P" * len(ch.pool)
+        got = []
+        call = (lambda: got.append(ch.pread(0, 4096))) if op == "read" else \
+            (lambda: got.append(ch.pwrite(0, b"W" * 4096)))
+        _killed(m, ch, call, said)
+        assert got == []
+        _settled(ch, 0)
+    with open(m.backing, "rb") as f:
+        disk = f.read()
+    assert disk[:EXTENT] == b"D" * EXTENT         # nothing written in the extent
+    if mode == "buffered":
+        assert len(disk) == size                  # nor appended
+    # With O_DIRECT the kill may come after the kernel issued the write
+    # (the limit the README states): an appended block may land, unacked.
+
+
+def test_a_flush_the_kernel_never_ran(rogue):
+    m = rogue("flush-unrun", "buffered")
+    with Channel(m.sock_path, EXTENT, geometry=GEO) as ch:
+        with pytest.raises(ChannelFailed, match="answered a flush the kernel never ran"):
+            ch.flush()
+
+
+def test_an_honest_flush_passes(tmp_path, no_fd_leak):
+    m = BrokerProc(tmp_path, size=4 << 20)
+    try:
+        with Channel(m.sock_path, 1 << 20, geometry=GEO) as ch:
+            for _ in range(3):
+                ch.pwrite(0, b"durable")
+                ch.flush()
+            assert ch.end.flushes_done() == 3
+    finally:
+        m.stop()

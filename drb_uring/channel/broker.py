@@ -264,15 +264,19 @@ class Broker:
         self.sel.unregister(self.enforcer.sock)
         self.enforcer.close()
         self.enforcer = None
-        for ch in list(self.channels.values()):
-            if not ch.gid:
-                continue
+        gone = [ch for ch in self.channels.values() if ch.gid]
+        for ch in gone:                     # all of them first, at once
             ch.gid = 0                      # the grant went with the service
             try:
                 os.kill(ch.worker_pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            self._finish(ch, "the eBPF monitor went away: the channel cannot run unmonitored")
+        for ch in gone:
+            try:
+                self._finish(ch, "the eBPF monitor went away: the channel cannot run "
+                                 "unmonitored")
+            except Exception:
+                log.exception("channel %d: finishing after the monitor went away", ch.id)
 
     def _monitor(self):
         """The enforcement service, started again if it went away; never
@@ -440,10 +444,24 @@ class Broker:
         finally:
             ring_fds.close()       # the worker has its own copies; never the pool
         self.next_id += 1
-        ch.pidfd = os.pidfd_open(ch.worker.pid)
-        if self.enforcer:
-            # Should this broker die, the service kills the worker.
-            self.enforcer.worker(ch.gid, ch.worker_pid)
+        try:
+            ch.pidfd = os.pidfd_open(ch.worker.pid)
+            if self.enforcer:
+                # Should this broker die, the service kills the worker.
+                self.enforcer.worker(ch.gid, ch.worker_pid)
+        except BaseException:
+            # A worker nobody would stop: stop it now and give all back.
+            try:
+                os.kill(ch.worker_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            ch.peer = None                  # the caller answers the open with the error
+            if ch.pidfd >= 0:               # not watched yet
+                os.close(ch.pidfd)
+                ch.pidfd = -1
+            self._finish(ch, None)
+            protocol.close_fds([tt_fd] if tt_fd >= 0 else [])
+            raise
         self.channels[ch.id] = ch
         # From now on the connection is the channel's: it hears "failed".
         self.peers.pop(peer, None)

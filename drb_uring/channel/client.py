@@ -152,7 +152,7 @@ class Channel:
         self.gen = [0] * slots
         # slot -> (request, position in the request, piece length)
         self.inflight: dict[int, tuple[Request, int, int]] = {}
-        self.ran_before: dict[int, int] = {}    # slot -> the monitor's completions at post
+        self.moved_before: dict[int, int] = {}  # slot -> the monitor's bytes moved, at post
         self.closed = False
 
     @property
@@ -239,10 +239,16 @@ class Channel:
                                f"kernel still had {busy} request(s) on it")
         if res > want:
             raise self._broken(f"worker answered {res} bytes for a request of {want}")
-        before = self.ran_before.get(slot, -1)
-        if res >= 0 and before >= 0 and self.end.task_completions(slot) == before:
-            raise self._broken(f"worker {self.worker_pid} answered {res} for slot {slot}, a "
-                               "request the kernel never ran")
+        before = self.moved_before.get(slot, -1)
+        if req.op == OP_FSYNC:
+            if res >= 0 and before >= 0 and self.end.flushes_done() == before:
+                raise self._broken(f"worker {self.worker_pid} answered a flush the kernel "
+                                   "never ran")
+        elif res >= 0 and before >= 0:
+            moved = (self.end.task_moved(slot) - before) & 0xFFFFFFFF
+            if moved != res:
+                raise self._broken(f"worker {self.worker_pid} answered {res} bytes for slot "
+                                   f"{slot}; the kernel moved {moved}")
         if req.op == OP_READ_FIXED and res > 0 and req.buf is None:
             req.lent_slot = slot        # zero copy: the slot stays lent out
         else:
@@ -274,9 +280,10 @@ class Channel:
         # is recognised; a flush holds a slot only for its tag.
         self.gen[slot] = (self.gen[slot] + 1) & 0xFFFFFFFFFFFF
         tag = self.gen[slot] << SLOT_BITS | slot
-        # What the kernel has completed on the slot so far: a success that
-        # comes back with this unchanged was never run (see _take).
-        self.ran_before[slot] = self.end.task_completions(slot) if op != OP_FSYNC else -1
+        # What the kernel has moved on the slot so far: an answer of n bytes
+        # must come back with this grown by n (see _take).
+        self.moved_before[slot] = (self.end.task_moved(slot) if op != OP_FSYNC
+                                   else self.end.flushes_done())
         while not self.end.post(op, slot if op != OP_FSYNC else 0, 0, n, off, tag):
             self._check()
             if not wait:

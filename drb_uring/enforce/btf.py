@@ -121,6 +121,8 @@ NEEDED = (
     ("OFF_RW_ADDR", "io_rw", "addr"),
     ("OFF_RW_LEN", "io_rw", "len"),
     ("OFF_RW_POS", "io_rw", "kiocb.ki_pos"),
+    ("OFF_RW_FLAGS", "io_rw", "flags"),
+    ("OFF_CQE_RES", "io_uring_cqe", "res"),
 )
 
 

@@ -62,7 +62,8 @@ def monitor_cflags() -> list[str]:
     head = max(v + 8 for k, v in offsets.items() if k.startswith("OFF_REQ_")
                and k != "OFF_REQ_CMD")
     head = max(head, offsets["OFF_REQ_CMD"] + max(offsets[k] + 8 for k in
-                                                  ("OFF_RW_ADDR", "OFF_RW_LEN", "OFF_RW_POS")))
+                                                  ("OFF_RW_ADDR", "OFF_RW_LEN", "OFF_RW_POS",
+                                                   "OFF_RW_FLAGS")))
     if head > 256:
         raise EnforceError(f"eBPF monitor cannot start: the io_kiocb fields it reads span "
                         f"{head} bytes, more than its 256-byte read")

@@ -25,7 +25,8 @@ import sys
 import threading
 
 from drb_uring import procs
-from drb_uring.channel import _grant
+from drb_uring.channel import _grant, _worker
+from drb_uring.enforce.tasks import OP_READ_FIXED, OP_WRITE_FIXED
 from drb_uring.errors import DrbError
 from drb_uring.spec import Spec, SpecError
 from drb_uring.tools import _baselines
@@ -133,6 +134,11 @@ def plumb(kind: str, dev_fd: int, slot_count: int, slot_size: int, depth: int) -
             own(ring)
             base = _grant.register_pool(ring, pool, slot_size, slot_count)
             _grant.register_device(ring, dev_fd)
+            # Restricted as a grant ring is: otherwise the ring would let
+            # the user domain do what its seccomp profile refuses
+            # (IORING_OP_SOCKET, OPENAT, ...).
+            _grant.restrict(ring, [OP_READ_FIXED, OP_WRITE_FIXED], _worker.FLAG_FIXED_FILE,
+                            _worker.FLAG_FIXED_FILE)
             _grant.enable(ring)
             args.update(params=params.hex(), base=base)
             return Plumbing(kind, None, [], [ring, pool], args, owned)

@@ -421,8 +421,14 @@ def run(cells: list[Cell], seconds: float, progress=print, repeat: int = 1,
         try:
             if pairs:
                 progress("taking the benchmark's domains down")
+            failures = []
             for p in pairs.values():
-                p.close()
+                try:
+                    p.close()
+                except Exception as e:          # the others must still come down
+                    failures.append(f"{p.name}: {e}")
+            if failures:
+                progress(f"could not take down {'; '.join(failures)}; run drb down NAME")
         finally:
             signal.signal(signal.SIGINT, old)
         enforcer.close()

@@ -25,6 +25,11 @@ and, lying to the user side instead of the kernel:
   answer-unknown  a response to a request nobody made
   answer-twice    the request, done right, then its response twice
   answer-too-much the request, done right, answered with one byte more
+  answer-short    the request, done right, answered with fewer bytes
+  flush-unrun     a success for the user's first request, a flush, never run
+  shifted         the request into its own slot but 4 KiB past the slot's start
+  append          the request with RWF_APPEND (a write lands at the file's end)
+  nowait          the request with RWF_NOWAIT, then "success" whatever it got
 
 A rogue the monitor failed to stop exits with status 3 after 5 s.
 Self-contained (no import beyond drb_uring), so that it also runs inside a
@@ -82,6 +87,9 @@ class RawRing:
                                offset=IORING_OFF_SQ_RING)
         self.sqes = mmap.mmap(fd, 64 * self.sq_entries, mmap.MAP_SHARED,
                               mmap.PROT_READ | mmap.PROT_WRITE, offset=IORING_OFF_SQES)
+        # The params give where the masks are; the masks are in the ring.
+        self.sq_mask = self._u32(self.sq_mask)
+        self.cq_mask = self._u32(self.cq_mask)
 
     def _u32(self, off: int) -> int:
         return struct.unpack_from("<I", self.rings, off)[0]
@@ -172,6 +180,20 @@ def main() -> int:
         _end.push(CQE.pack(req["user_data"], req["len"], 0))
         time.sleep(5)
         return 3
+    elif mode == "flush-unrun":
+        _end.push(CQE.pack(req["user_data"], 0, 0))
+        time.sleep(5)
+        return 3
+    elif mode in ("shifted", "append", "nowait"):
+        if mode == "shifted":
+            sqe["addr"] += 4096
+        else:
+            sqe["rw_flags"] = 0x10 if mode == "append" else 0x8    # RWF_APPEND, RWF_NOWAIT
+        g.submit(**sqe)
+        g.reap()
+        _end.push(CQE.pack(req["user_data"], req["len"], 0))
+        time.sleep(5)
+        return 3
     elif mode.startswith("answer-"):
         if mode == "answer-unrun":
             answers = [(req["user_data"], req["len"])]
@@ -180,8 +202,9 @@ def main() -> int:
         else:
             g.submit(**sqe)
             _tag, res = g.reap()
-            answers = [(req["user_data"], res)] * 2 if mode == "answer-twice" else \
-                [(req["user_data"], res + 1)]
+            answers = {"answer-twice": [(req["user_data"], res)] * 2,
+                       "answer-short": [(req["user_data"], res - 1)]}.get(
+                mode, [(req["user_data"], res + 1)])
         for tag, res in answers:
             _end.push(CQE.pack(tag, res, 0))
         time.sleep(5)

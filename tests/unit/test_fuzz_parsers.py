@@ -73,7 +73,7 @@ def _assert_contained(raw, align=0):
     # channel's extent, whatever the user wrote.
     assert idx == fields["buf_index"] < SLOTS
     lo = POOL_BASE + idx * SLOT
-    assert lo <= addr and addr + n <= lo + SLOT and n > 0
+    assert addr == lo and n <= SLOT and n > 0     # at the slot's start, inside it
     assert EXTENT_BASE <= off and off + n <= EXTENT_BASE + EXTENT
     if align:
         assert (addr - POOL_BASE) % align == 0 and n % align == 0 and off % align == 0

@@ -78,6 +78,8 @@ cdef inline int validate(const io_uring_sqe *r, const limits *lim) noexcept nogi
         return EINVAL
     if r.buf_index >= lim.slot_count:
         return EFAULT
+    if r.addr:
+        return EINVAL             # a request starts at its slot's start
     if r.addr > lim.slot_size or r.len > lim.slot_size - r.addr:
         return EFAULT
     if r.off > lim.extent_size or r.len > lim.extent_size - r.off:

@@ -33,6 +33,7 @@ cdef extern from "drb_task.h" nogil:
         DRB_R_REGISTER
         DRB_R_REFUSED
         DRB_R_OVERFLOW
+        DRB_R_FLAGS
         DRB_R_COUNT
 
     struct drb_task:
@@ -44,7 +45,7 @@ cdef extern from "drb_task.h" nogil:
         uint64_t post_ns
         uint64_t submit_ns
         uint32_t inflight
-        uint32_t completions
+        uint32_t moved
 
     uint32_t drb_log2_bucket(uint64_t v)
 
@@ -94,10 +95,11 @@ cdef inline uint32_t task_release(drb_task *t) noexcept nogil:
     return drb_load_relaxed(&t.inflight)
 
 
-cdef inline uint32_t task_completions(drb_task *t) noexcept nogil:
-    """How many requests on the slot the program has seen complete, ever."""
+cdef inline uint32_t task_moved(drb_task *t) noexcept nogil:
+    """Bytes the kernel's successful completions on the slot moved, ever
+    (wraps), as the program counted them."""
     drb_fence()
-    return drb_load_relaxed(&t.completions)
+    return drb_load_relaxed(&t.moved)
 
 
 cdef inline uint32_t task_table_failed(drb_task *table) noexcept nogil:

@@ -16,7 +16,7 @@ from libc.string cimport memcpy, memset
 
 from drb_uring.includes.atomic cimport drb_store_relaxed, drb_fence, drb_now_ns
 from drb_uring.enforce.tasks cimport (drb_task, task_post, task_release, task_reaped,
-                                      task_completions, task_table_failed, DRB_HIST_BUCKETS,
+                                      task_moved, task_table_failed, DRB_HIST_BUCKETS,
                                       DRB_STATUS_ENTRY)
 from drb_uring.includes.io_uring cimport io_uring_sqe, IORING_OP_FSYNC
 from drb_uring.includes.sys cimport (mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED,
@@ -437,12 +437,21 @@ cdef class UserEnd(RingEnd):
             return task_release(&self.tasks[slot])
         return 0
 
-    def task_completions(self, unsigned short slot):
-        """Requests on the slot the monitor has seen complete, ever (a
-        counter that wraps), or -1 without a task table."""
+    def task_moved(self, unsigned short slot):
+        """Bytes the kernel's successful completions on the slot moved, as
+        the monitor counted them (a counter that wraps), or -1 without a
+        task table."""
         if self.tasks != NULL and slot < self.ntasks:
-            return task_completions(&self.tasks[slot])
+            return task_moved(&self.tasks[slot])
         return -1
+
+    def flushes_done(self):
+        """Flushes the kernel completed with success on this channel, as the
+        monitor counted them in the status entry (wraps), or -1 without a
+        task table."""
+        if self.tasks == NULL:
+            return -1
+        return task_moved(&self.tasks[DRB_STATUS_ENTRY])
 
     def channel_failed(self):
         """The code of the monitor's first violation on this channel (see
