@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from pair_env import leftovers, wait_gone
 
 DRB = os.path.join(os.path.dirname(sys.executable), "drb")
@@ -71,9 +72,11 @@ def test_bench_bad_combinations(tmp_path):
         assert proc.stderr.count("\n") <= 2, proc.stderr     # one clear line, no traceback
 
 
-def test_ctrl_c_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_leaves_nothing(tmp_path, sig):
     import signal
     import time
+    sig = getattr(signal, sig)
     proc = subprocess.Popen([DRB, "bench", "--transport", "drb,grant-map", "--qd", "1",
                              "--seconds", "2", "--no-fio"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path)
@@ -81,9 +84,9 @@ def test_ctrl_c_leaves_nothing(tmp_path):
     for line in proc.stderr:
         if "cell 2 of 2" in line:
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "drb: interrupted" in err

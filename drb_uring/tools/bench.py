@@ -360,9 +360,23 @@ def fio_cell(device: str, op: str, bs: int, qd: int, seconds: float, cpu) -> dic
 
 # ---- the run ---------------------------------------------------------------------------
 
+def _interrupted(*_):
+    raise KeyboardInterrupt
+
+
 def run(cells: list[Cell], seconds: float, progress=print, repeat: int = 1,
         fio: bool = True) -> dict:
-    """Every cell `repeat` times, then fio on the 4k random-read cells."""
+    """Every cell `repeat` times, then fio on the 4k random-read cells.
+    Ctrl-C or SIGTERM stops it, and every domain it made comes down."""
+    old = {s: signal.signal(s, _interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run(cells, seconds, progress, repeat, fio)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _run(cells, seconds, progress, repeat, fio) -> dict:
     from drb_uring.enforce.client import EnforceClient
     runnable = [c for c in cells if c.users == 1]
     skipped = [{"cell": dataclasses.asdict(c), "reason": USERS_MISSING}
