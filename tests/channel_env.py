@@ -1,4 +1,5 @@
 """A real broker process with a registered backing file, for channel tests."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -97,3 +98,36 @@ def settled(read, pause=0.05, tries=100):
         prev = cur
         time.sleep(pause)
     return prev
+
+
+@contextlib.contextmanager
+def brokers_made(tmp_path, **defaults):
+    """A function that starts a broker (BrokerProc with `defaults`, then its
+    own arguments); each is stopped at the end, with every worker gone."""
+    made = []
+
+    def start(**kw) -> BrokerProc:
+        m = BrokerProc(tmp_path, **{**defaults, **kw})
+        made.append(m)
+        return m
+    try:
+        yield start
+    finally:
+        for m in made:
+            m.stop()
+            assert wait_until(lambda m=m: not m.workers()), m.workers()
+
+
+@contextlib.contextmanager
+def hang_guard(seconds: float = 30.0, what: str = "the call"):
+    """Fail the test, rather than hang it, if the body blocks: a bound on a
+    wait that would otherwise never end, not a speed check."""
+    def expired(*_):
+        raise TimeoutError(f"{what} still blocked after {seconds:g} s")
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from channel_env import BrokerProc, dead, wait_until
+from channel_env import BrokerProc, brokers_made, dead, wait_until
 
 from drb_uring.channel.client import Channel, ChannelFailed
 from drb_uring.enforce import _task, btf, tasks
@@ -63,16 +63,8 @@ def test_histogram_matches_bpftrace_line_for_line():
 
 @pytest.fixture
 def misbehaving(tmp_path, no_fd_leak):
-    made = []
-
-    def start(mode: str) -> BrokerProc:
-        m = BrokerProc(tmp_path, rogue=mode)
-        made.append(m)
-        return m
-    yield start
-    for m in made:
-        m.stop()
-        assert wait_until(lambda m=m: not m.workers())
+    with brokers_made(tmp_path) as started:
+        yield lambda mode: started(rogue=mode)
 
 
 def _expect_kill(m, ch, call, reason):

@@ -14,7 +14,7 @@ import struct
 import time
 
 import pytest
-from channel_env import BrokerProc, dead, wait_until
+from channel_env import BrokerProc, brokers_made, dead, wait_until
 
 from drb_uring.channel.client import Channel, ChannelFailed
 from drb_uring.enforce import _task, tasks
@@ -29,23 +29,18 @@ MODES = ["buffered", "o_direct"]
 
 @pytest.fixture
 def rogue(tmp_path, no_fd_leak):
-    made = []
-
-    def start(attack: str, mode: str, geometry=GEO) -> BrokerProc:
-        m = BrokerProc(tmp_path, rogue=attack, o_direct=mode == "o_direct", size=4 * EXTENT)
-        made.append(m)
-        # The device holds known bytes, 'D' in the first extent, 'E' after it.
-        fd = os.open(m.backing, os.O_WRONLY)
-        try:
-            os.pwrite(fd, b"D" * EXTENT + b"E" * EXTENT, 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return m
-    yield start
-    for m in made:
-        m.stop()
-        assert wait_until(lambda m=m: not m.workers())
+    with brokers_made(tmp_path, size=4 * EXTENT) as started:
+        def start(attack: str, mode: str) -> BrokerProc:
+            m = started(rogue=attack, o_direct=mode == "o_direct")
+            # The device holds known bytes, 'D' in the first extent, 'E' after it.
+            fd = os.open(m.backing, os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"D" * EXTENT + b"E" * EXTENT, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return m
+        yield start
 
 
 def _inflight(ch, slot: int) -> int:
@@ -134,7 +129,7 @@ def test_answer_before_the_kernel_is_done(rogue, mode):
     geo = L.Geometry(sq_entries=8, cq_entries=8, slot_size=1 << 20, slot_count=2)
     outcomes = []
     for _ in range(3):
-        m = rogue("early-answer", mode, geo)
+        m = rogue("early-answer", mode)
         with Channel(m.sock_path, 1 << 20, geometry=geo) as ch:
             try:
                 data = ch.pread(0, 1 << 20)

@@ -6,7 +6,6 @@ properties for longer (DRB_FUZZ_EXAMPLES)."""
 import array
 import os
 import socket
-import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -157,8 +156,3 @@ def test_message_parser_takes_any_message(obj, nfds):
 def test_message_parser_refuses_deep_nesting_and_size():
     out, leaked = _through_a_socket(b"[" * 100_000 + b"]" * 100_000)
     assert isinstance(out, protocol.ProtocolError) and not leaked
-
-
-def test_cqe_layout_for_the_frontend():
-    # The frontend unpacks responses with this struct; 16 bytes each.
-    assert struct.calcsize("<QiI") == L.CQE_SIZE == 16
