@@ -239,25 +239,24 @@ RAW_TRACEPOINT_PROBE(io_uring_complete)
     char *cqe = (char *)ctx->args[2];
     if (cqe)
         bpf_probe_read_kernel(&res, sizeof(res), cqe + OFF_CQE_RES);
-    if (op == DRB_OP_FSYNC) {
-        /* A flush moves no bytes of a slot: its successes are counted in
-         * the status entry, so a flush the kernel never ran shows. */
-        u32 frow = g->row, fkey = DRB_STATUS_ENTRY;
-        void *ftt = task_tables.lookup(&frow);
-        struct drb_task *st = ftt ? bpf_map_lookup_elem(ftt, &fkey) : 0;
-        if (st && res == 0)
-            __sync_fetch_and_add(&st->moved, 1);
+    /* A flush moves no bytes of a slot: its successes are counted in the
+     * status entry, so a flush the kernel never ran shows. */
+    u32 key = op == DRB_OP_FSYNC ? DRB_STATUS_ENTRY : slot;
+    if (op != DRB_OP_FSYNC &&
+        ((op != DRB_OP_READ_FIXED && op != DRB_OP_WRITE_FIXED) || slot >= g->slot_count))
         return 0;
-    }
-    if ((op != DRB_OP_READ_FIXED && op != DRB_OP_WRITE_FIXED) || slot >= g->slot_count)
-        return 0;
-    u32 row = g->row, key = slot;
+    u32 row = g->row;
     void *tt = task_tables.lookup(&row);
     if (!tt)
         return 0;
     struct drb_task *t = bpf_map_lookup_elem(tt, &key);
     if (!t)
         return 0;
+    if (op == DRB_OP_FSYNC) {
+        if (res == 0)
+            __sync_fetch_and_add(&t->moved, 1);
+        return 0;
+    }
     __sync_fetch_and_add(&t->inflight, -1);
     if (res > 0)
         __sync_fetch_and_add(&t->moved, (u32)res);

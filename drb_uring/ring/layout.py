@@ -77,6 +77,11 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def next_pow2(n: int, least: int = 1) -> int:
+    """The smallest power of two that is at least n and at least `least`."""
+    return max(least, 1 << max(0, n - 1).bit_length())
+
+
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """Sizes of one double ring. All counts and the slot size are powers of two."""

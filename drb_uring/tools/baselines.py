@@ -28,6 +28,7 @@ from drb_uring import procs
 from drb_uring.channel import _grant, _worker
 from drb_uring.enforce.tasks import OP_READ_FIXED, OP_WRITE_FIXED
 from drb_uring.errors import DrbError
+from drb_uring.ring import layout as L
 from drb_uring.spec import Spec, SpecError
 from drb_uring.tools import _baselines
 
@@ -70,10 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"drb baseline {spec.kind}: {err} after {served} requests", file=sys.stderr)
         return 1
     return 0
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(1, (n - 1).bit_length())
 
 
 @dataclasses.dataclass
@@ -128,7 +125,7 @@ def plumb(kind: str, dev_fd: int, slot_count: int, slot_size: int, depth: int) -
                             [dev_fd, d], [u], args, owned)
         pool = own(os.memfd_create(f"drb-{kind}-pool", os.MFD_CLOEXEC))
         os.ftruncate(pool, slot_count * slot_size)
-        entries = _pow2(depth)
+        entries = L.next_pow2(depth, 2)
         if kind == "direct":
             ring, params = _grant.setup_disabled(entries)
             own(ring)
@@ -197,32 +194,6 @@ class DriverSide:
             self.proc.kill()
             self.reaper.join()
         return self.proc.returncode
-
-
-@contextlib.contextmanager
-def open_baseline(kind: str, device: str, slot_count: int, slot_size: int, depth: int,
-                  before_exec=None, stderr: int = procs.NULL):
-    """Both sides of baseline `kind` on `device` in this host's processes
-    (the driver side as a helper): yields the user end. On exit both ends
-    are closed and the driver side has exited."""
-    dev = os.open(device, os.O_RDWR | os.O_CLOEXEC)
-    p = driver = end = None
-    try:
-        p = plumb(kind, dev, slot_count, slot_size, depth)
-        if p.server is not None:
-            driver = DriverSide(p, procs.argv("drb_uring.tools.baselines", p.server),
-                                before_exec, stderr)
-        end = user_end(kind, p.user_fds, p.user_args)
-        yield end
-    finally:
-        if end is not None:
-            end.close()
-        rc = driver.stop() if driver is not None else 0
-        if p is not None:
-            p.close()
-        os.close(dev)
-    if rc != 0:
-        raise BaselineError(f"the {kind} driver side exited with {rc}")
 
 
 if __name__ == "__main__":

@@ -194,8 +194,8 @@ class BenchPair:
 # ---- one cell -----------------------------------------------------------------------
 
 def _geometry(bs: int, qd: int) -> tuple[int, int, int]:
-    pow2 = lambda n: max(2, 1 << (n - 1).bit_length())   # noqa: E731
-    return pow2(qd), max(1, 1 << (qd - 1).bit_length()), 1 << (max(bs, L.PAGE) - 1).bit_length()
+    """(ring entries, slots, slot size) for `qd` requests of `bs` bytes."""
+    return L.next_pow2(qd, 2), L.next_pow2(qd), L.next_pow2(max(bs, L.PAGE))
 
 
 def _read_line(f, proc, what: str) -> dict:

@@ -79,7 +79,6 @@ def _transport(a: CellSpec, stack):
                          slot_count=a.slot_count)
         kw = {"spin_ns": a.spin_ns} if a.spin_ns is not None else {}
         ch = stack.enter_context(Channel(a.socket, a.extent, geometry=geo, **kw))
-        stack.callback(lambda: None)
         return ch, _load.RingTransport(ch.end)
     from drb_uring.tools import baselines
     end = baselines.user_end(a.transport, list(range(3, 3 + a.nfds)), a.args)

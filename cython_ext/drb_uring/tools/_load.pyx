@@ -51,13 +51,6 @@ cdef class Transport:
     def stats(self):
         return {}
 
-    def io(self, int opcode, uint64_t off, data, uint32_t slot=0, double timeout=5.0):
-        """One request: a read of `data` bytes (an int) returns them; a
-        write of `data` (bytes) returns the count."""
-        if opcode == DRB_OP_WRITE_FIXED:
-            return self.batch(opcode, [off], len(data), [data], slot, timeout)[0]
-        return self.batch(opcode, [off], data, None, slot, timeout)[0]
-
     def batch(self, int opcode, offsets, uint32_t bs, datas=None, uint32_t first_slot=0,
               double timeout=5.0):
         """Requests at `offsets` (bs bytes each, slots first_slot...),
