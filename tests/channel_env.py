@@ -131,3 +131,17 @@ def hang_guard(seconds: float = 30.0, what: str = "the call"):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+def expect_killed(ch, call, reason: str):
+    """`call` fails because the monitor killed the channel's worker for
+    `reason`, and that worker is dead. Returns the ChannelFailed."""
+    import pytest
+
+    from drb_uring.channel.client import ChannelFailed
+    pid = ch.worker_pid
+    with pytest.raises(ChannelFailed) as e:
+        call()
+    assert f"monitor killed backend worker {pid}: {reason}" in str(e.value)
+    assert wait_until(lambda: dead(pid))
+    return e.value

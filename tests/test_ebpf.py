@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from channel_env import BrokerProc, brokers_made, dead, wait_until
+from channel_env import BrokerProc, brokers_made, expect_killed, wait_until
 
-from drb_uring.channel.client import Channel, ChannelFailed
+from drb_uring.channel.client import Channel
 from drb_uring.enforce import _task, btf, tasks
 from drb_uring.enforce.tasks import OP_READ_FIXED
 from drb_uring.ring import layout as L
@@ -68,11 +68,7 @@ def misbehaving(tmp_path, no_fd_leak):
 
 
 def _expect_kill(m, ch, call, reason):
-    pid = ch.worker_pid
-    with pytest.raises(ChannelFailed) as e:
-        call()
-    assert f"monitor killed backend worker {pid}: {reason}" in str(e.value)
-    assert wait_until(lambda: dead(pid))
+    expect_killed(ch, call, reason)
     assert wait_until(lambda: f"VIOLATION channel 1: {reason}" in m.log_text()), m.log_text()
 
 

@@ -14,7 +14,7 @@ import struct
 import time
 
 import pytest
-from channel_env import BrokerProc, brokers_made, dead, wait_until
+from channel_env import BrokerProc, brokers_made, expect_killed, wait_until
 
 from drb_uring.channel.client import Channel, ChannelFailed
 from drb_uring.enforce import _task, tasks
@@ -50,15 +50,11 @@ def _inflight(ch, slot: int) -> int:
 
 
 def _killed(m, ch, call, reason):
-    pid = ch.worker_pid
-    with pytest.raises(ChannelFailed) as e:
-        call()
-    assert f"monitor killed backend worker {pid}: {reason}" in str(e.value)
-    assert wait_until(lambda: dead(pid))
+    e = expect_killed(ch, call, reason)
     # The channel stays failed: nothing more comes out of its pool.
     with pytest.raises(ChannelFailed):
         ch.pread(0, 512)
-    return e.value
+    return e
 
 
 def _settled(ch, slot):
