@@ -16,6 +16,10 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,30}$")
 FAMILIES = {"unix": 1, "inet": 2, "inet6": 10, "netlink": 16, "packet": 17}
 DEFAULT_DENY = ("inet", "inet6", "packet")
 MIN_SIZE = 1 << 20
+MAX_USERS = 64                     # user domains on one driver domain
+EXTENT_UNIT = 1 << 20              # a default split rounds each user domain's extent down to this
+EXTENT_ALIGN = 4096                # an --extent must be a multiple of this
+USER_RE = re.compile(r"^user(0|[1-9][0-9]?)$")
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -31,6 +35,70 @@ def parse_size(text: str) -> int:
     if n <= 0:
         raise SpecError(f"size must be positive: {text!r}")
     return n
+
+
+def user_index(name: str) -> int:
+    """K of user domain 'userK' ('user' is user0); -1 for anything else."""
+    if name == "user":
+        return 0
+    m = USER_RE.match(name)
+    return int(m.group(1)) if m else -1
+
+
+def user_name(name: str) -> str:
+    """'user' -> 'user0'; other names as they are."""
+    return "user0" if name == "user" else name
+
+
+def check_extent(extent: int) -> None:
+    if extent < MIN_SIZE or extent % EXTENT_ALIGN:
+        raise SpecError(f"--extent must be at least 1m and a multiple of 4k, got {extent}")
+
+
+def split_device(device_size: int, users: int, extent: int | None = None,
+                 align: int = 0) -> list[tuple[int, int]]:
+    """Each user domain's extent of the device, (base, size), user0 first:
+    `extent` bytes each, or by default the device split evenly, each part
+    rounded down to 1 MiB (a multiple of any O_DIRECT alignment up to it).
+    `align` is the device's O_DIRECT alignment (0: none)."""
+    if not 1 <= users <= MAX_USERS:
+        raise SpecError(f"--users must be in [1, {MAX_USERS}], got {users}")
+    if extent is None:
+        each = device_size // users // EXTENT_UNIT * EXTENT_UNIT
+        if each < MIN_SIZE:
+            raise SpecError(f"a device of {device_size} bytes split among {users} user "
+                            f"domains leaves less than 1 MiB each; use a larger device "
+                            f"or fewer --users")
+    else:
+        check_extent(extent)
+        each = extent
+        if users * each > device_size:
+            raise SpecError(f"{users} user domains of --extent {each} bytes need "
+                            f"{users * each} bytes; the device has {device_size}")
+    if align and each % align:
+        raise SpecError(f"--extent {each} is not a multiple of the device's O_DIRECT "
+                        f"alignment ({align})")
+    return [(k * each, each) for k in range(users)]
+
+
+def free_extent(device_size: int, taken: list[tuple[int, int]], size: int,
+                align: int = 0) -> tuple[int, int]:
+    """The first gap of `size` bytes among the extents `taken` (for a user
+    domain added to a running pair)."""
+    check_extent(size)
+    if align and size % align:
+        raise SpecError(f"--extent {size} is not a multiple of the device's O_DIRECT "
+                        f"alignment ({align})")
+    at = 0
+    for base, n in sorted(taken):
+        if base - at >= size:
+            break
+        at = max(at, base + n)
+    if at + size > device_size:
+        raise SpecError(f"no free extent of {size} bytes for another user domain: the device's "
+                        f"{device_size} bytes are taken by {len(taken)} user domain(s); remove "
+                        "one (drb user rm) or give a smaller --extent")
+    return at, size
 
 
 def check_name(name: str) -> None:
@@ -60,6 +128,8 @@ class PairConfig(Spec):
     # The user domain may drive an io_uring it is handed: only for drb
     # bench's `direct` baseline (the ceiling without isolation), never drb up.
     user_io_uring: bool = False
+    users: int = 1                      # user domains user0 .. user{N-1}
+    extent: int | None = None           # bytes of the device per user domain (default: split)
 
     def check(self) -> None:
         check_name(self.name)
@@ -89,6 +159,15 @@ class PairConfig(Spec):
             raise SpecError(f"worker spin must be in [0, 1h], got {self.worker_spin_ns} ns")
         if self.user_io_uring and self.attached:
             raise SpecError("user_io_uring is for pairs drb makes, not attached containers")
+        if not 1 <= self.users <= MAX_USERS:
+            raise SpecError(f"--users must be in [1, {MAX_USERS}], got {self.users}")
+        if self.attached and self.users != 1:
+            raise SpecError("--attach-user pairs one user domain; add more to the running "
+                            "pair with: drb user add NAME --attach PID")
+        if self.extent is not None:
+            check_extent(self.extent)
+        if self.backing is None and self.blockdev is None:
+            split_device(self.size, self.users, self.extent)    # a new file: its size is known
         bad = [f for f in self.deny if f not in FAMILIES]
         if bad:
             raise SpecError(f"unknown address family {bad[0]!r}; choose from "

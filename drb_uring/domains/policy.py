@@ -43,7 +43,7 @@ class Policies:
     def __init__(self):
         self.objs = []
         self.loaded: dict[tuple, object] = {}                # one program per text and flags
-        self.attached: list[tuple[object, int, int]] = []   # (fn, cgroup fd, type)
+        self.attached: list[tuple[object, int, int, str]] = []   # (fn, cgroup fd, type, path)
 
     def prepare(self, deny: tuple[str, ...]) -> None:
         """Compile what device() and sockets() will attach, ahead of time
@@ -73,7 +73,7 @@ class Policies:
         except Exception as e:
             os.close(fd)
             raise PolicyError(f"attaching {fn.name.decode()} to {group}: {e}") from None
-        self.attached.append((fn, fd, getattr(T, attach_type_name)))
+        self.attached.append((fn, fd, getattr(T, attach_type_name), group))
 
     def _device_fn(self, block: tuple[int, int] | None):
         major, minor = block or (-1, -1)
@@ -91,11 +91,26 @@ class Policies:
     def sockets(self, group: str, deny: tuple[str, ...]) -> None:
         self._attach(self._sockets_fn(deny), group, "CGROUP_INET_SOCK_CREATE")
 
+    def detach(self, group: str) -> None:
+        """Detach what is attached to one group (a user domain removed)."""
+        BPF, _ = _bcc()
+        keep = []
+        for fn, fd, kind, path in self.attached:
+            if path != group:
+                keep.append((fn, fd, kind, path))
+                continue
+            try:
+                BPF.detach_func(fn, fd, kind)
+            except Exception:
+                pass        # the group is already gone: nothing to detach
+            os.close(fd)
+        self.attached = keep
+
     def close(self) -> None:
         """Detach everything attached here and free the programs. Idempotent."""
         BPF, _ = _bcc()
         while self.attached:
-            fn, fd, kind = self.attached.pop()
+            fn, fd, kind, _path = self.attached.pop()
             try:
                 BPF.detach_func(fn, fd, kind)
             except Exception:

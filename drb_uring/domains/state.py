@@ -130,6 +130,13 @@ def domain_alive(st: dict, role: str) -> bool:
     return dm.get("started") is not None and start_time(dm["pid"]) == dm["started"]
 
 
+def domain_names(st: dict) -> list[str]:
+    """The pair's domains by their own names (user0, user1, ..., driver),
+    without the alias 'user' (user0, kept for older readers)."""
+    doms = st.get("domains", {})
+    return [r for r in doms if not (r == "user" and "user0" in doms)]
+
+
 def describe(name: str) -> tuple[dict, str] | None:
     """A pair's state and one word for it: up, degraded (a domain is gone)
     or down (its daemon is gone). None if there is no such pair."""
@@ -138,7 +145,7 @@ def describe(name: str) -> tuple[dict, str] | None:
         return None
     if not daemon_pid(name):
         return st, "down"
-    if not all(domain_alive(st, r) for r in ("user", "driver")):
+    if not all(domain_alive(st, r) for r in domain_names(st)):
         return st, "degraded"
     return st, "up"
 
@@ -188,6 +195,18 @@ def reserve_ids(name: str, count: int) -> list[int]:
             k += 1
         taken[name] = taken.get(name, []) + mine
     return [ID_BASE + k * ID_SPAN for k in mine]
+
+
+def release_id(name: str, host_id: int) -> None:
+    """Give back one range of `name`'s (a user domain removed)."""
+    if not os.path.exists(IDS):
+        return
+    with _id_registry() as taken:
+        left = [k for k in taken.get(name, []) if ID_BASE + k * ID_SPAN != host_id]
+        if left:
+            taken[name] = left
+        else:
+            taken.pop(name, None)
 
 
 def release_ids(name: str) -> None:

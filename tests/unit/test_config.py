@@ -102,3 +102,65 @@ def test_bench_cell_and_server_specs():
         ServerSpec(kind="direct", slot_count=1, slot_size=4096)
     with pytest.raises(SpecError, match="power of two"):
         ServerSpec(kind="grant-map", slot_count=1, slot_size=4096, entries=3)
+
+
+# ---- many user domains on one driver domain -----------------------------------------
+
+def test_users_and_extent_are_checked():
+    from drb_uring.domains.config import split_device
+    assert PairConfig(name="m", users=64, size=64 << 20).users == 64
+    with pytest.raises(SpecError, match=r"--users must be in \[1, 64\], got 65"):
+        PairConfig(name="m", users=65)
+    with pytest.raises(SpecError, match=r"--users must be in \[1, 64\], got 0"):
+        PairConfig(name="m", users=0)
+    with pytest.raises(SpecError, match="less than 1 MiB each"):
+        PairConfig(name="m", users=64, size=32 << 20)
+    with pytest.raises(SpecError, match=r"4 user domains of --extent 8388608 bytes need "
+                                        r"33554432 bytes; the device has 16777216"):
+        PairConfig(name="m", users=4, extent=8 << 20, size=16 << 20)
+    with pytest.raises(SpecError, match="multiple of 4k"):
+        PairConfig(name="m", extent=(1 << 20) + 512)
+    with pytest.raises(SpecError, match="at least 1m"):
+        PairConfig(name="m", extent=4096)
+    with pytest.raises(SpecError, match="drb user add NAME --attach PID"):
+        PairConfig(name="m", users=2, attach_user=5, attach_driver=6)
+    # A backing file's size is known only when it is opened: checked then.
+    assert PairConfig(name="m", users=64, backing="/x").users == 64
+    with pytest.raises(SpecError, match="the device has"):
+        split_device(16 << 20, 2, 9 << 20)
+
+
+def test_default_split_rounds_down_to_a_mebibyte():
+    from drb_uring.domains.config import split_device
+    assert split_device(64 << 20, 1) == [(0, 64 << 20)]
+    # 100 MiB + 5 bytes among 3: 33 MiB each, the rest unused.
+    got = split_device((100 << 20) + 5, 3)
+    assert got == [(0, 33 << 20), (33 << 20, 33 << 20), (66 << 20, 33 << 20)]
+    ext = split_device(256 << 20, 16)
+    assert len(ext) == 16 and all(n == 16 << 20 for _, n in ext)
+    assert [b for b, _ in ext] == [k * (16 << 20) for k in range(16)]
+    assert split_device(64 << 20, 2, 4 << 20) == [(0, 4 << 20), (4 << 20, 4 << 20)]
+    with pytest.raises(SpecError, match="O_DIRECT alignment"):
+        split_device(64 << 20, 2, (1 << 20) + 4096, align=8192)
+
+
+def test_free_extent_for_a_user_domain_added_later():
+    from drb_uring.domains.config import free_extent
+    mib = 1 << 20
+    assert free_extent(64 * mib, [(0, 16 * mib)], 16 * mib) == (16 * mib, 16 * mib)
+    # The gap a removed user domain left comes first.
+    assert free_extent(64 * mib, [(0, 16 * mib), (32 * mib, 16 * mib)], 16 * mib) == \
+        (16 * mib, 16 * mib)
+    assert free_extent(64 * mib, [], 64 * mib) == (0, 64 * mib)
+    with pytest.raises(SpecError, match="no free extent of 16777216 bytes"):
+        free_extent(32 * mib, [(0, 16 * mib), (16 * mib, 16 * mib)], 16 * mib)
+    with pytest.raises(SpecError, match="no free extent"):
+        free_extent(40 * mib, [(0, 16 * mib), (16 * mib, 16 * mib)], 16 * mib)
+
+
+def test_user_names():
+    from drb_uring.domains.config import user_index, user_name
+    assert [user_index(n) for n in ("user", "user0", "user7", "user63")] == [0, 0, 7, 63]
+    assert [user_index(n) for n in ("driver", "user00", "user07", "users", "user-1", "")] == \
+        [-1] * 6
+    assert user_name("user") == "user0" and user_name("user3") == "user3"
