@@ -34,7 +34,7 @@ from typing import Callable
 from drb_uring import linux, procs, protocol, ring
 from drb_uring.channel import _grant, _worker
 from drb_uring.channel.extents import ExtentError, Extents
-from drb_uring.channel.worker import WorkerSpec
+from drb_uring.channel.worker import ChannelSpec, WorkerSpec
 from drb_uring.enforce import tasks
 from drb_uring.errors import DrbError
 from drb_uring.spec import Spec, SpecError
@@ -43,6 +43,7 @@ log = logging.getLogger("drb.broker")
 
 BLKGETSIZE64 = 0x80081272
 WORKER_STOP_GRACE = 1.0    # seconds between SIGTERM and SIGKILL
+WORKER_START_GRACE = 30.0  # for a worker told to stop before it could hear it
 
 # spawn(spec, fds) -> (a process to watch, the pid of the worker itself): the
 # worker inherits `fds`, which the spec names.
@@ -111,20 +112,98 @@ class Device:
 
 
 class BrokerChannel:
-    """The broker's record of one open channel."""
+    """The broker's record of one open channel. The broker keeps the grant
+    ring and the ring descriptors (never the pool) for as long as the
+    channel is open: each new worker of its user domain inherits them."""
 
-    def __init__(self, cid: int, peer: protocol.Peer, extent: tuple[int, int], pinned: int):
+    def __init__(self, cid: int, tenant: "Tenant", peer: protocol.Peer,
+                 extent: tuple[int, int], pinned: int):
         self.id = cid
+        self.tenant = tenant
         self.peer: protocol.Peer | None = peer
         self.extent = extent
         self.pinned = pinned
-        self.worker: subprocess.Popen | None = None
-        self.worker_pid = 0
-        self.pidfd = -1
+        self.ring_fd = -1
+        self.params = b""
+        self.pool_base = 0
+        self.ring_fds: list[int] = []     # ctl_user, ctl_driver, -1, user_efd, driver_efd
         self.gid = 0            # the channel's id in the host's eBPF maps
         self.closing = False
-        self.kill_at = 0.0      # when a worker told to stop gets SIGKILL
-        self.reply_close = False   # answer "close" once the worker is gone
+        self.reply_close = False   # answer "close" once the worker has let go
+        self.fail_reason: str | None = None
+
+    @property
+    def worker_pid(self) -> int:
+        w = self.tenant.worker
+        return w.pid if w else 0
+
+    def spec(self, align: int) -> ChannelSpec:
+        return ChannelSpec(id=self.id, ring_fd=self.ring_fd, params=self.params.hex(),
+                           pool_base=self.pool_base, ring_fds=list(self.ring_fds),
+                           extent_base=self.extent[0], extent_size=self.extent[1],
+                           align=align)
+
+    def close_fds(self) -> None:
+        protocol.close_fds([fd for fd in [self.ring_fd, *self.ring_fds] if fd >= 0])
+        self.ring_fd = -1
+        self.ring_fds = []
+
+
+class WorkerProc:
+    """One worker process of a user domain, and the broker's pipes to it."""
+
+    def __init__(self, proc: subprocess.Popen, pid: int, ctl_w: int, report_r: int,
+                 gate_r: int, cids: set[int]):
+        self.proc = proc
+        self.pid = pid
+        self.ctl_w = ctl_w          # ids of channels to drop
+        self.report_r = report_r    # report_t records: channels dropped
+        self.gate_r = gate_r        # ends when this worker is gone: the next one's gate
+        self.cids = cids            # the channels it was started with
+        self.pidfd = -1
+        self.kill_at = 0.0          # when a worker told to stop gets SIGKILL
+        self.retired = False        # told to stop: the next worker takes over
+        self.ready = False          # its SIGTERM handler is in (it said so)
+        self.termed = False
+
+    def ask_drop(self, cid: int) -> None:
+        try:
+            os.write(self.ctl_w, struct.pack("<I", cid))
+        except OSError:             # it is gone; its exit finishes the channel
+            pass
+
+    def close_fds(self) -> None:
+        protocol.close_fds([fd for fd in (self.ctl_w, self.report_r, self.gate_r, self.pidfd)
+                            if fd >= 0])
+        self.ctl_w = self.report_r = self.gate_r = self.pidfd = -1
+
+
+REPORT = struct.Struct("<Ii")      # the worker's report_t
+READY_ID = 0xFFFFFFFF              # its first report: it hears SIGTERM now
+
+
+class Tenant:
+    """One user domain: its socket, its share of the device, its limits,
+    its channels and the one worker that serves them all."""
+
+    def __init__(self, name: str, path: str, sock, extent: tuple[int, int] | None,
+                 limits: Limits):
+        self.name = name
+        self.path = path
+        self.sock = sock
+        self.extent = extent
+        self.extents: Extents | None = None
+        self.limits = limits
+        self.channels: dict[int, BrokerChannel] = {}
+        self.worker: WorkerProc | None = None
+        self.workers: list[WorkerProc] = []     # the current one and any retiring
+
+    def extents_of(self, device: "Device") -> Extents:
+        if self.extents is None:
+            if self.extent is None:
+                self.extent = (0, device.size)
+            self.extents = Extents(self.extent[1], device.align or 1)
+        return self.extents
 
 
 def spawn_plain(spec: WorkerSpec, fds: list[int]) -> tuple[subprocess.Popen, int]:
@@ -133,16 +212,18 @@ def spawn_plain(spec: WorkerSpec, fds: list[int]) -> tuple[subprocess.Popen, int
     return proc, proc.pid
 
 
-# Which operations each kind of peer may ask for. The user socket is the
-# only one a domain can reach; the control socket is the host's alone.
+# Which operations each kind of peer may ask for. The user sockets are the
+# only ones a domain can reach; the control socket is the host's alone.
 OPS_FOR = {"user": {"open"}, "host": {"trace"}}
+DEFAULT_TENANT = "user"
 
 
 class Broker:
-    def __init__(self, path: str, *, control: str | None = None,
+    def __init__(self, path: str | None = None, *, control: str | None = None,
                  worker_spin_ns: int = ring.DEFAULT_SPIN_NS, spawn: SpawnFn = spawn_plain,
-                 enforce: bool = True, limits: Limits | None = None):
-        self.path = path
+                 enforce: bool = True, limits: Limits | None = None,
+                 host_ops: dict[str, Callable[[dict], dict]] | None = None,
+                 worker_cpus: list[int] | None = None):
         self.control_path = control
         self.limits = limits or Limits()
         # Without enforcement no task table exists and nothing checks what a
@@ -159,21 +240,75 @@ class Broker:
                         "not checked against any I/O task table")
         self.spawn = spawn
         self.worker_spin_ns = worker_spin_ns
+        self.worker_cpus = worker_cpus
+        self.host_ops = dict(host_ops or {})
         self.sel = selectors.DefaultSelector()
         self.device: Device | None = None
+        self.tenants: dict[str, Tenant] = {}
         self.channels: dict[int, BrokerChannel] = {}
-        self.peers: dict[protocol.Peer, str] = {}      # waiting for a request: role
+        self.peers: dict[protocol.Peer, tuple[str, Tenant | None]] = {}   # waiting: role
         self.next_id = 1
         self.stopping = False
-        self.listeners = [protocol.listen(path)]
-        self.sel.register(self.listeners[0], selectors.EVENT_READ, ("listen", "user"))
+        self.control_sock = None
         if control:
-            self.listeners.append(protocol.listen(control))
-            self.sel.register(self.listeners[1], selectors.EVENT_READ, ("listen", "host"))
+            self.control_sock = protocol.listen(control)
+            self.sel.register(self.control_sock, selectors.EVENT_READ, ("listen", None))
+        if path:
+            self.add_tenant(DEFAULT_TENANT, path)
         if self.enforcer:
             # Between calls the service says nothing: its socket turns
             # readable only when it goes away.
             self.sel.register(self.enforcer.sock, selectors.EVENT_READ, ("service", None))
+
+    # ---- user domains ------------------------------------------------------
+
+    def add_tenant(self, name: str, socket_path: str, extent: tuple[int, int] | None = None,
+                   limits: Limits | None = None) -> None:
+        """Serve a user domain on its own socket. Its channels get parts of
+        `extent` (base, size) of the device; None: the whole device (one
+        user domain only)."""
+        if name in self.tenants:
+            raise BrokerError(f"user domain {name!r} is already served")
+        if extent is not None:
+            base, size = extent
+            if base < 0 or size <= 0 or (self.device and base + size > self.device.size):
+                raise BrokerError(f"extent {base}+{size} is not on the device")
+            for t in self.tenants.values():
+                if t.extent is None or (t.extent[0] < base + size and base < sum(t.extent)):
+                    raise BrokerError(f"extent {base}+{size} overlaps user domain {t.name}'s")
+        elif self.tenants:
+            raise BrokerError("a user domain beside others needs an extent of its own")
+        sock = protocol.listen(socket_path)
+        t = Tenant(name, socket_path, sock, extent, limits or self.limits)
+        self.tenants[name] = t
+        self.sel.register(sock, selectors.EVENT_READ, ("listen", t))
+
+    def remove_tenant(self, name: str) -> None:
+        """Stop serving a user domain: its socket goes, its workers are
+        stopped, and each of its channels' user sides hears why."""
+        t = self.tenants.pop(name, None)
+        if t is None:
+            raise BrokerError(f"no user domain {name!r}")
+        self._close_listener(t)
+        self._fail_tenant(t, "user domain removed")
+
+    def tenant_info(self) -> dict[str, dict]:
+        return {t.name: {"extent": list(t.extent) if t.extent else None,
+                         "channels": len(t.channels),
+                         "worker_pid": t.worker.pid if t.worker else 0}
+                for t in self.tenants.values()}
+
+    def _close_listener(self, t: Tenant) -> None:
+        if t.sock is None:
+            return
+        if t.sock in self.sel.get_map():
+            self.sel.unregister(t.sock)
+        t.sock.close()
+        t.sock = None
+        try:
+            os.unlink(t.path)
+        except FileNotFoundError:
+            pass
 
     def watch_domains(self, groups: dict[str, str]) -> None:
         """Count the mode switches of these domains (role -> cgroup) for
@@ -210,8 +345,11 @@ class Broker:
     def stop(self, *_) -> None:
         self.stopping = True
 
-    def _add(self, peer: protocol.Peer, role: str) -> None:
-        self.peers[peer] = role
+    def _all_workers(self) -> list[WorkerProc]:
+        return [w for t in self.tenants.values() for w in t.workers]
+
+    def _add(self, peer: protocol.Peer, role: str, tenant: Tenant | None) -> None:
+        self.peers[peer] = (role, tenant)
         self.sel.register(peer, selectors.EVENT_READ, ("conn", peer))
 
     def _events(self, peer: protocol.Peer, data) -> None:
@@ -224,14 +362,14 @@ class Broker:
     def _step(self, timeout: float) -> None:
         """One round of the loop: whatever is ready within `timeout`, then
         the workers whose grace period ran out."""
-        if any(ch.kill_at for ch in self.channels.values()):
+        if any(w.kill_at for w in self._all_workers()):
             timeout = min(timeout, 0.05)
         for key, events in self.sel.select(timeout=timeout):
             kind, obj = key.data
             try:
                 if kind == "listen":
                     conn, _ = key.fileobj.accept()
-                    self._add(protocol.Peer(conn), obj)
+                    self._add(protocol.Peer(conn), "user" if obj else "host", obj)
                 elif kind == "conn":
                     if events & selectors.EVENT_WRITE:
                         obj.flush()
@@ -241,19 +379,29 @@ class Broker:
                         self._settle(obj, key.data)
                 elif kind == "channel":
                     self._on_channel_message(obj)
+                elif kind == "report":
+                    self._on_report(*obj)
                 elif kind == "worker":
-                    self._on_worker_exit(obj)
+                    self._on_worker_exit(*obj)
                 elif kind == "service":
                     self._service_gone()
             except Exception:   # one bad party must not take the broker down
                 log.exception("while handling %s", kind)
         now = time.monotonic()
-        for ch in list(self.channels.values()):
-            if ch.kill_at and now >= ch.kill_at and ch.worker and ch.worker.poll() is None:
-                log.warning("channel %d: worker %d ignored SIGTERM; killing it",
-                            ch.id, ch.worker_pid)
-                ch.worker.kill()
-                ch.kill_at = 0.0
+        for w in self._all_workers():
+            if w.kill_at and now >= w.kill_at and w.proc.poll() is None:
+                log.warning("worker %d ignored SIGTERM; killing it", w.pid)
+                self._kill(w)
+                w.kill_at = 0.0
+
+    @staticmethod
+    def _kill(w: WorkerProc) -> None:
+        try:
+            os.kill(w.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if w.proc.poll() is None and w.proc.pid != w.pid:
+            w.proc.kill()       # the stand-in that started it in the domain
 
     def _service_gone(self) -> None:
         """The eBPF service closed its connection: it died, and its programs
@@ -264,19 +412,16 @@ class Broker:
         self.sel.unregister(self.enforcer.sock)
         self.enforcer.close()
         self.enforcer = None
-        gone = [ch for ch in self.channels.values() if ch.gid]
-        for ch in gone:                     # all of them first, at once
+        for ch in self.channels.values():
             ch.gid = 0                      # the grant went with the service
+        for w in self._all_workers():       # all of them first, at once
+            self._kill(w)
+        for t in list(self.tenants.values()):
             try:
-                os.kill(ch.worker_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for ch in gone:
-            try:
-                self._finish(ch, "the eBPF monitor went away: the channel cannot run "
-                                 "unmonitored")
+                self._fail_tenant(t, "the eBPF monitor went away: the channel cannot run "
+                                     "unmonitored")
             except Exception:
-                log.exception("channel %d: finishing after the monitor went away", ch.id)
+                log.exception("user domain %s: finishing after the monitor went away", t.name)
 
     def _monitor(self):
         """The enforcement service, started again if it went away; never
@@ -304,16 +449,10 @@ class Broker:
 
     def close(self) -> None:
         """Stop every worker and release everything. Idempotent."""
-        for ch in list(self.channels.values()):
-            self._stop_worker(ch)
-        end = time.monotonic() + WORKER_STOP_GRACE
-        for ch in list(self.channels.values()):
-            if ch.worker is not None:
-                try:
-                    ch.worker.wait(max(0.0, end - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    ch.worker.kill()
-            self._finish(ch, None)
+        for t in list(self.tenants.values()):
+            self._close_listener(t)
+            self._fail_tenant(t, None)
+        self.tenants.clear()
         if self.device:
             protocol.close_fds([self.device.fd])
             self.device = None
@@ -323,10 +462,11 @@ class Broker:
         if self.enforcer:
             self.enforcer.close()
             self.enforcer = None
-        for sock, path in zip(self.listeners, (self.path, self.control_path), strict=False):
-            sock.close()
+        if self.control_sock is not None:
+            self.control_sock.close()
+            self.control_sock = None
             try:
-                os.unlink(path)
+                os.unlink(self.control_path)
             except FileNotFoundError:
                 pass
 
@@ -357,15 +497,22 @@ class Broker:
         if msg is None:
             self._drop(peer)
             return
-        role = self.peers[peer]
+        role, tenant = self.peers[peer]
         out_fds: list[int] = []
         try:
-            if msg["op"] not in OPS_FOR[role]:
-                raise protocol.ProtocolError(f"operation {msg['op']!r} is not served here")
-            if msg["op"] == "open":
-                reply, out_fds = self._open(peer, msg, fds)
-            else:
+            op = msg["op"]
+            if op not in OPS_FOR[role] and not (role == "host" and op in self.host_ops):
+                raise protocol.ProtocolError(f"operation {op!r} is not served here")
+            if op == "open":
+                if tenant is None or self.tenants.get(tenant.name) is not tenant:
+                    raise BrokerError("this user domain is not served any more")
+                reply, out_fds = self._open(tenant, peer, msg, fds)
+            elif op == "trace":
                 reply = self._trace(msg)
+            else:
+                protocol.close_fds(fds)
+                fds = []
+                reply = self.host_ops[op](msg)
         except (DrbError, OSError) as e:
             protocol.close_fds(fds)
             self._reply_error(peer, e)
@@ -388,88 +535,77 @@ class Broker:
                 "counters": {role: self.enforcer.counters(path)
                              for role, path in self.domains.items()}}
 
-    def _check_limits(self, pool_size: int) -> None:
-        n = len(self.channels)
-        if n >= self.limits.channels:
-            raise BrokerError(f"limit reached: {self.limits.channels} channels per user domain "
+    @staticmethod
+    def _check_limits(t: Tenant, pool_size: int) -> None:
+        n = len(t.channels)
+        if n >= t.limits.channels:
+            raise BrokerError(f"limit reached: {t.limits.channels} channels per user domain "
                               "(drb up --max-channels)")
-        pinned = sum(ch.pinned for ch in self.channels.values())
-        if pinned + pool_size > self.limits.pinned:
+        pinned = sum(ch.pinned for ch in t.channels.values())
+        if pinned + pool_size > t.limits.pinned:
             raise BrokerError(f"limit reached: a pool of {pool_size >> 10} KiB on top of "
                               f"{pinned >> 10} KiB would pin more than "
-                              f"{self.limits.pinned >> 10} KiB per user domain "
+                              f"{t.limits.pinned >> 10} KiB per user domain "
                               "(drb up --max-pinned)")
 
-    def _open(self, peer: protocol.Peer, msg: dict,
+    def _open(self, t: Tenant, peer: protocol.Peer, msg: dict,
               fds: list[int]) -> tuple[dict, list[int]]:
         if self.device is None:
             raise BrokerError("the broker has no device")
-        size = protocol.int_field(msg, "size", 1, self.device.size)
+        extents = t.extents_of(self.device)
+        size = protocol.int_field(msg, "size", 1, extents.size)
         self._monitor()
         ring_fds = ring.PeerFds.from_list(fds)
-        geo = ring.validate_peer_fds(ring_fds)
-        self._check_limits(geo.pool_size)
-        if self.device.align and geo.slot_size % self.device.align:
-            raise BrokerError("slot size is not a multiple of the device alignment")
         try:
-            extent = self.device.extents.alloc(size)
-        except ExtentError as e:
-            raise BrokerError(str(e)) from None
-        ch = BrokerChannel(self.next_id, peer, extent, geo.pool_size)
+            geo = ring.validate_peer_fds(ring_fds)
+            self._check_limits(t, geo.pool_size)
+            if self.device.align and geo.slot_size % self.device.align:
+                raise BrokerError("slot size is not a multiple of the device alignment")
+            try:
+                rel = extents.alloc(size)
+            except ExtentError as e:
+                raise BrokerError(str(e)) from None
+        except BaseException:
+            ring_fds.close()
+            raise
+        extent = (t.extent[0] + rel[0], rel[1])
+        ch = BrokerChannel(self.next_id, t, peer, extent, geo.pool_size)
         tt_fd = -1
         try:
-            ring_fd, params = _grant.setup_disabled(geo.sq_entries)
-            try:
-                pool_base = _grant.register_pool(ring_fd, ring_fds.pool, geo.slot_size,
-                                                 geo.slot_count)
-                _grant.register_device(ring_fd, self.device.fd)
-                _grant.restrict(ring_fd, [tasks.OP_READ_FIXED, tasks.OP_WRITE_FIXED,
-                                          tasks.OP_FSYNC],
-                                _worker.FLAG_FIXED_FILE, _worker.FLAG_FIXED_FILE)
-                _grant.enable(ring_fd)
-                if self.enforcer:
-                    # Enforced from before the worker exists.
-                    ch.gid, tt_fd = self.enforcer.grant(ring_fd, pool_base, geo.slot_size,
-                                                        geo.slot_count, extent)
-                ch.worker, ch.worker_pid = self._spawn_worker(ring_fd, params, pool_base,
-                                                              ring_fds, extent)
-            finally:
-                os.close(ring_fd)
+            ch.ring_fd, ch.params = _grant.setup_disabled(geo.sq_entries)
+            ch.pool_base = _grant.register_pool(ch.ring_fd, ring_fds.pool, geo.slot_size,
+                                                geo.slot_count)
+            _grant.register_device(ch.ring_fd, self.device.fd)
+            _grant.restrict(ch.ring_fd, [tasks.OP_READ_FIXED, tasks.OP_WRITE_FIXED,
+                                         tasks.OP_FSYNC],
+                            _worker.FLAG_FIXED_FILE, _worker.FLAG_FIXED_FILE)
+            _grant.enable(ch.ring_fd)
+            if self.enforcer:
+                # Enforced from before any worker has it.
+                ch.gid, tt_fd = self.enforcer.grant(ch.ring_fd, ch.pool_base, geo.slot_size,
+                                                    geo.slot_count, extent)
+            os.close(ring_fds.pool)          # never kept: the registration holds the pages
+            ring_fds.pool = -1
+            ch.ring_fds = ring_fds.as_list()
+            self._start_worker(t, ch)
         except BaseException:
+            ring_fds.close()
+            ch.ring_fds = []
             if ch.gid:
                 self.enforcer.ungrant(ch.gid)
+            ch.close_fds()
             protocol.close_fds([tt_fd] if tt_fd >= 0 else [])
-            self.device.extents.release(*extent)
+            extents.release(*rel)
             raise
-        finally:
-            ring_fds.close()       # the worker has its own copies; never the pool
         self.next_id += 1
-        try:
-            ch.pidfd = os.pidfd_open(ch.worker.pid)
-            if self.enforcer:
-                # Should this broker die, the service kills the worker.
-                self.enforcer.worker(ch.gid, ch.worker_pid)
-        except BaseException:
-            # A worker nobody would stop: stop it now and give all back.
-            try:
-                os.kill(ch.worker_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            ch.peer = None                  # the caller answers the open with the error
-            if ch.pidfd >= 0:               # not watched yet
-                os.close(ch.pidfd)
-                ch.pidfd = -1
-            self._finish(ch, None)
-            protocol.close_fds([tt_fd] if tt_fd >= 0 else [])
-            raise
         self.channels[ch.id] = ch
+        t.channels[ch.id] = ch
         # From now on the connection is the channel's: it hears "failed".
         self.peers.pop(peer, None)
         self.sel.modify(peer, selectors.EVENT_READ, ("channel", ch))
-        self.sel.register(ch.pidfd, selectors.EVENT_READ, ("worker", ch))
-        log.info("channel %d open: extent %d+%d, worker pid %d%s", ch.id, extent[0], extent[1],
-                 ch.worker_pid, "" if self.enforcer else " (UNMONITORED)")
-        reply = {"channel": ch.id, "extent_size": extent[1], "worker_pid": ch.worker_pid,
+        log.info("channel %d open for %s: extent %d+%d, worker pid %d%s", ch.id, t.name,
+                 extent[0], extent[1], t.worker.pid, "" if self.enforcer else " (UNMONITORED)")
+        reply = {"channel": ch.id, "extent_size": extent[1], "worker_pid": t.worker.pid,
                  "align": self.device.align}
         if tt_fd >= 0:
             reply["task_table_version"] = tasks.VERSION
@@ -478,16 +614,174 @@ class Broker:
             return reply, [tt_fd]
         return reply, []
 
-    def _spawn_worker(self, ring_fd, params, pool_base, ring_fds,
-                      extent) -> tuple[subprocess.Popen, int]:
-        fds = [ring_fd, ring_fds.ctl_user, ring_fds.ctl_driver, ring_fds.user_efd,
-               ring_fds.driver_efd]
-        spec = WorkerSpec(ring_fd=ring_fd, params=params.hex(), pool_base=pool_base,
-                          ring_fds=[ring_fds.ctl_user, ring_fds.ctl_driver, -1,
-                                    ring_fds.user_efd, ring_fds.driver_efd],
-                          extent_base=extent[0], extent_size=extent[1],
-                          align=self.device.align, spin_ns=self.worker_spin_ns)
-        return self.spawn(spec, fds)
+    # ---- workers -------------------------------------------------------------
+
+    def _start_worker(self, t: Tenant, new: BrokerChannel | None = None) -> None:
+        """Start the user domain's next worker with all its channels (and
+        `new`); the current one is told to stop, finishes what it has in
+        flight, and the next takes the rings over once it is gone (the
+        gate). A worker cannot be handed a new grant ring while it runs:
+        io_uring descriptors do not pass over Unix sockets."""
+        chans = [ch for ch in t.channels.values() if not ch.closing]
+        if new is not None:
+            chans.append(new)
+        old = t.worker
+        ctl_r, ctl_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+        gate_r, hold_w = os.pipe()
+        align = self.device.align
+        spec = WorkerSpec(channels=[ch.spec(align).to_dict() for ch in chans],
+                          ctl_fd=ctl_r, report_fd=rep_w, gate_fd=old.gate_r if old else -1,
+                          hold_fd=hold_w, spin_ns=self.worker_spin_ns)
+        try:
+            proc, pid = self.spawn(spec, spec.fds())
+        except BaseException:
+            protocol.close_fds([ctl_w, rep_r, gate_r])
+            raise
+        finally:
+            protocol.close_fds([fd for fd in (ctl_r, rep_w, hold_w) if fd >= 0])
+        w = WorkerProc(proc, pid, ctl_w, rep_r, gate_r, {ch.id for ch in chans})
+        try:
+            w.pidfd = os.pidfd_open(proc.pid)
+            if self.enforcer:
+                # Should this broker die, the service kills the worker.
+                for ch in chans:
+                    if ch.gid:
+                        self.enforcer.worker(ch.gid, pid)
+            if self.worker_cpus:
+                os.sched_setaffinity(pid, self.worker_cpus)
+        except BaseException:
+            self._kill(w)
+            proc.wait()
+            w.close_fds()
+            raise
+        if old is not None:
+            # The next worker waits for the old one's end of the gate.
+            protocol.close_fds([old.gate_r])
+            old.gate_r = -1
+            self._retire(old)
+        t.worker = w
+        t.workers.append(w)
+        self.sel.register(w.pidfd, selectors.EVENT_READ, ("worker", (t, w)))
+        self.sel.register(w.report_r, selectors.EVENT_READ, ("report", (t, w)))
+
+    def _retire(self, w: WorkerProc) -> None:
+        """Ask a worker to stop (it finishes what is in flight); one that
+        ignores SIGTERM gets SIGKILL after the grace period. A worker still
+        starting is told once it says it can hear it. Never waits: the loop
+        goes on serving everyone else."""
+        if not w.retired:
+            w.retired = True
+            w.kill_at = time.monotonic() + WORKER_START_GRACE
+        if w.ready and not w.termed:
+            w.termed = True
+            try:
+                os.kill(w.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            w.kill_at = time.monotonic() + WORKER_STOP_GRACE
+
+    def _forget(self, t: Tenant, w: WorkerProc) -> None:
+        for fd in (w.pidfd, w.report_r):
+            if fd >= 0 and fd in self.sel.get_map():
+                self.sel.unregister(fd)
+        if w.proc.poll() is None:
+            self._kill(w)
+            w.proc.wait()
+        w.close_fds()
+        if w in t.workers:
+            t.workers.remove(w)
+        if t.worker is w:
+            t.worker = None
+
+    def _on_report(self, t: Tenant, w: WorkerProc) -> None:
+        """The worker let go of channels: asked to (a close), or because a
+        channel's ring was corrupt."""
+        try:
+            raw = os.read(w.report_r, REPORT.size * 64)
+        except OSError:
+            raw = b""
+        if not raw:
+            self.sel.unregister(w.report_r)
+            return
+        for i in range(0, len(raw) - len(raw) % REPORT.size, REPORT.size):
+            cid, err = REPORT.unpack_from(raw, i)
+            if cid == READY_ID:
+                w.ready = True
+                if w.retired:
+                    self._retire(w)
+                continue
+            ch = t.channels.get(cid)
+            if ch is None:
+                continue
+            if err:
+                ch.fail_reason = ch.fail_reason or (
+                    f"backend worker {w.pid} dropped the channel: its ring is corrupt "
+                    f"({os.strerror(-err) if err < 0 else err})")
+                log.error("channel %d failed: %s", cid, ch.fail_reason)
+            nxt = t.worker
+            if w is nxt or nxt is None or cid not in nxt.cids:
+                self._finish(ch, ch.fail_reason)
+            else:
+                nxt.ask_drop(cid)           # the next worker has it too
+
+    def _on_worker_exit(self, t: Tenant, w: WorkerProc) -> None:
+        rc = w.proc.wait()
+        # Reports it wrote before it went still count.
+        if w.report_r >= 0 and w.report_r in self.sel.get_map():
+            self._on_report(t, w)
+        self._forget(t, w)
+        if self.tenants.get(t.name) is not t:
+            return
+        if w.retired and rc == 0:
+            # Handed over. Channels closed meanwhile that the next worker
+            # was not given are let go of now.
+            nxt = t.worker
+            for ch in list(t.channels.values()):
+                if ch.closing and (nxt is None or ch.id not in nxt.cids):
+                    self._finish(ch, ch.fail_reason)
+            return
+        # A worker died with channels in its hands: what it had in flight
+        # is lost, so every channel of the user domain fails, and says why.
+        how = f"killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+        if rc == 137:     # a stand-in in the driver domain reports 128 + signal
+            how = "killed by signal 9"
+        violations = {}
+        for ch in t.channels.values():
+            v = self.enforcer.failed(ch.gid) if self.enforcer and ch.gid else None
+            if v:
+                violations[ch.id] = v
+                log.error("VIOLATION channel %d: %s", ch.id, v)
+        for wk in list(t.workers):
+            self._kill(wk)
+            self._forget(t, wk)
+        for ch in list(t.channels.values()):
+            if ch.id in violations:
+                reason = f"monitor killed backend worker {w.pid}: {violations[ch.id]}"
+            elif violations:
+                first = min(violations)
+                reason = (f"backend worker {w.pid} {how}: the monitor stopped it for a "
+                          f"violation on channel {first} of the same user domain "
+                          f"({violations[first]})")
+            else:
+                reason = ch.fail_reason or f"backend worker {w.pid} {how}"
+            log.error("channel %d failed: %s", ch.id, reason)
+            self._finish(ch, reason)
+
+    def _fail_tenant(self, t: Tenant, reason: str | None) -> None:
+        """Stop every worker of the user domain and finish all its channels."""
+        for w in t.workers:
+            w.ready = True            # the channels end either way: no waiting for it
+            self._retire(w)
+        end = time.monotonic() + WORKER_STOP_GRACE
+        for w in list(t.workers):
+            try:
+                w.proc.wait(max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            self._forget(t, w)
+        for ch in list(t.channels.values()):
+            self._finish(ch, reason)
 
     # ---- channel life --------------------------------------------------------
 
@@ -500,58 +794,30 @@ class Broker:
             return
         msg, fds = got
         protocol.close_fds(fds)
-        # The extent is released only once the worker is gone: until then it
-        # could still be doing I/O there. A "close" is answered after that,
-        # so the user side may reuse the space as soon as it has the reply.
+        # The extent is released only once the worker has let go: until then
+        # it could still be doing I/O there. A "close" is answered after
+        # that, so the user side may reuse the space as soon as it has the
+        # reply.
         ch.reply_close = msg is not None and msg["op"] == "close"
         self.sel.unregister(ch.peer)      # nothing more to read from this peer
-        self._stop_worker(ch)
-
-    def _stop_worker(self, ch: BrokerChannel) -> None:
-        """Ask the worker to stop; its exit (pidfd) finishes the channel, and
-        one that ignores SIGTERM gets SIGKILL after the grace period. Never
-        waits: the loop goes on serving everyone else."""
         ch.closing = True
-        w = ch.worker
-        if w is None or w.poll() is not None or ch.kill_at:
-            return
-        try:
-            os.kill(ch.worker_pid, signal.SIGTERM)   # the worker itself stops cleanly
-        except ProcessLookupError:
-            pass
-        ch.kill_at = time.monotonic() + WORKER_STOP_GRACE
-
-    def _on_worker_exit(self, ch: BrokerChannel) -> None:
-        rc = ch.worker.wait()
-        reason = None
-        if not ch.closing:
-            how = f"killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
-            if rc == 137:     # a stand-in in the driver domain reports 128 + signal
-                how = "killed by signal 9"
-            reason = f"backend worker {ch.worker_pid} {how}"
-            violated = self.enforcer.failed(ch.gid) if self.enforcer and ch.gid else None
-            if violated:
-                reason = f"monitor killed backend worker {ch.worker_pid}: {violated}"
-                log.error("VIOLATION channel %d: %s", ch.id, violated)
-            log.error("channel %d failed: %s", ch.id, reason)
-        self._finish(ch, reason)
+        w = ch.tenant.worker
+        if w is None:
+            self._finish(ch, None)
+        else:
+            w.ask_drop(ch.id)
 
     def _finish(self, ch: BrokerChannel, reason: str | None) -> None:
-        if ch.pidfd >= 0:
-            self.sel.unregister(ch.pidfd)
-            os.close(ch.pidfd)
-            ch.pidfd = -1
-        if ch.worker is not None and ch.worker.poll() is None:
-            ch.worker.kill()
-            ch.worker.wait()
         if self.enforcer and ch.gid:
             try:
                 self.enforcer.ungrant(ch.gid)
             except (DrbError, OSError) as e:      # the user side must hear anyway
                 log.error("channel %d: ungrant failed: %s", ch.id, e)
             ch.gid = 0
-        if self.device is not None:
-            self.device.extents.release(*ch.extent)
+        ch.close_fds()
+        t = ch.tenant
+        if self.device is not None and t.extents is not None:
+            t.extents.release(ch.extent[0] - t.extent[0], ch.extent[1])
         if ch.peer is not None:
             msg = {"op": "failed", "reason": reason} if reason else \
                 {"op": "ok"} if ch.reply_close else None
@@ -563,7 +829,15 @@ class Broker:
             ch.peer.close()
             ch.peer = None
         self.channels.pop(ch.id, None)
+        t.channels.pop(ch.id, None)
         log.info("channel %d closed", ch.id)
+        if not t.channels and t.worker is not None:
+            # Nothing left to serve: no worker waits idle. The next open
+            # starts one afresh (no rings to take over).
+            w, t.worker = t.worker, None
+            protocol.close_fds([w.gate_r] if w.gate_r >= 0 else [])
+            w.gate_r = -1
+            self._retire(w)
 
 
 def serve(spec: BrokerSpec, spawn: SpawnFn = spawn_plain) -> int:

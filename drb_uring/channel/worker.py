@@ -1,8 +1,11 @@
-"""A channel's worker: the driver side's process, started by the broker.
+"""A user domain's worker: the driver side's process, started by the broker.
 
-It inherits the grant ring and the channel's ring descriptors (never the
-data pool), maps the rings, and runs the loop in C (channel._worker) until
-told to stop. Its spec (WorkerSpec, from the broker) is its only input.
+It inherits, for every channel of one user domain, the grant ring and the
+channel's ring descriptors (never the data pool), maps the rings, and runs
+the loop in C (channel._worker) until told to stop; then it finishes what is
+in flight and exits, and the next worker (the broker starts one with the
+new set of channels when a channel opens) takes the rings over where it
+left them. Its spec (WorkerSpec, from the broker) is its only input.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import dataclasses
 import errno
 import json
 import os
+import signal
 import sys
 
 from drb_uring import linux, procs, ring
@@ -18,9 +22,10 @@ from drb_uring.spec import Spec, SpecError
 
 
 @dataclasses.dataclass(frozen=True)
-class WorkerSpec(Spec):
-    """What a worker is told about its channel (drb_uring.channel.worker)."""
+class ChannelSpec(Spec):
+    """One channel a worker serves."""
 
+    id: int                    # the broker's channel id (drop requests and reports name it)
     ring_fd: int               # the grant ring, inherited
     params: str                # its io_uring_params, hex, for io_uring_queue_mmap
     pool_base: int             # where the broker registered slot 0
@@ -28,13 +33,56 @@ class WorkerSpec(Spec):
     extent_base: int
     extent_size: int
     align: int
-    spin_ns: int
 
     def check(self) -> None:
         if len(self.ring_fds) != 5 or self.ring_fds[2] != -1:
-            raise SpecError("a worker gets 5 ring fds and never the pool")
+            raise SpecError("a worker gets 5 ring fds per channel and never the pool")
         if self.align & (self.align - 1) or self.extent_size <= 0:
             raise SpecError("bad alignment or extent")
+
+    def fds(self) -> list[int]:
+        return [self.ring_fd, *(fd for fd in self.ring_fds if fd >= 0)]
+
+    def placed(self, at: int) -> "ChannelSpec":
+        return self.replace(ring_fd=at, ring_fds=[at + 1, at + 2, -1, at + 3, at + 4])
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec(Spec):
+    """What a worker is told (drb_uring.channel.worker): every channel of
+    one user domain, and its pipes to the broker."""
+
+    channels: list[dict]       # ChannelSpec each
+    ctl_fd: int                # broker -> worker: ids of channels to drop
+    report_fd: int             # worker -> broker: channels dropped, and why
+    gate_fd: int               # -1, or a pipe that ends when the previous worker is gone
+    hold_fd: int               # held for life: the next worker's gate
+    spin_ns: int
+
+    def check(self) -> None:
+        for c in self.channels:
+            ChannelSpec.from_dict(c)
+
+    def channel_specs(self) -> list[ChannelSpec]:
+        return [ChannelSpec.from_dict(c) for c in self.channels]
+
+    def fds(self) -> list[int]:
+        """Every fd the worker inherits, in the order placed() numbers them."""
+        head = [self.ctl_fd, self.report_fd] + ([self.gate_fd] if self.gate_fd >= 0 else [])
+        return head + [self.hold_fd] + [fd for c in self.channel_specs() for fd in c.fds()]
+
+    def placed(self, first: int = 3) -> "WorkerSpec":
+        """The spec as the worker reads it when its fds() are placed at
+        first, first + 1, ... (procs.spawn_at)."""
+        gate = first + 2 if self.gate_fd >= 0 else -1
+        hold = first + (3 if gate >= 0 else 2)
+        at = hold + 1
+        chans = []
+        for c in self.channel_specs():
+            chans.append(c.placed(at).to_dict())
+            at += 5
+        return self.replace(ctl_fd=first, report_fd=first + 1, gate_fd=gate, hold_fd=hold,
+                            channels=chans)
 
 
 # What the loop needs once it is set up (measured with strace on a serving
@@ -56,6 +104,20 @@ def confine() -> None:
     f.load()
 
 
+# report_t {channel id, errno}: this one says "my signal handlers are in".
+READY = (0xFFFFFFFF).to_bytes(4, "little") + bytes(4)
+
+
+def _wait_for_gate(fd: int) -> None:
+    """Block until the previous worker is gone (its end of the pipe closes):
+    two workers must never drive the same rings."""
+    if fd < 0:
+        return
+    while os.read(fd, 64):
+        pass
+    os.close(fd)
+
+
 def main(argv: list[str] | None = None) -> int:
     spec = procs.spec_from_argv(WorkerSpec, argv)
     # No channel runs unmonitored: the kernel kills us when our parent (the
@@ -63,18 +125,30 @@ def main(argv: list[str] | None = None) -> int:
     linux.die_with_parent()
     if os.getppid() == 1:      # reparented: the parent died before prctl
         sys.exit("drb-worker: the broker is already gone")
+    # Told to stop before the loop runs (a handover right after a start):
+    # still take the rings over cleanly, then stop at once.
+    told = []
+    signal.signal(signal.SIGTERM, lambda *_: told.append(1))
+    signal.signal(signal.SIGINT, lambda *_: told.append(1))
+    # The broker sends SIGTERM only once it has heard this: before it, the
+    # interpreter's default would end us mid-start.
+    os.write(spec.report_fd, READY)
+    _wait_for_gate(spec.gate_fd)
     from drb_uring.channel._worker import WorkerLoop
-    end = ring.attach(ring.PeerFds.from_list(spec.ring_fds), spin_ns=spec.spin_ns,
-                      map_pool=False)
-    loop = WorkerLoop(end, spec.ring_fd, bytes.fromhex(spec.params), spec.pool_base,
-                      spec.extent_base, spec.extent_size, spec.align)
+    os.set_blocking(spec.ctl_fd, False)
+    loop = WorkerLoop(spec.ctl_fd, spec.report_fd)
+    for c in spec.channel_specs():
+        # Not sealed: the next worker maps the same driver page again.
+        end = ring.attach(ring.PeerFds.from_list(c.ring_fds), spin_ns=spec.spin_ns,
+                          map_pool=False, seal=False)
+        loop.add(end, c.id, c.ring_fd, bytes.fromhex(c.params), c.pool_base,
+                 c.extent_base, c.extent_size, c.align)
     confine()
     try:
-        rc = loop.serve()
+        rc = loop.serve(bool(told))
     finally:
         stats = loop.stats
         loop.close()
-        end.close()
     print(f"drb-worker[{os.getpid()}]: stop rc={rc} {json.dumps(stats)}", file=sys.stderr)
     return 0 if rc == 0 else 1
 

@@ -177,7 +177,8 @@ def validate_peer_fds(fds: PeerFds) -> L.Geometry:
     return geo
 
 
-def attach(fds: PeerFds, *, spin_ns: int = DEFAULT_SPIN_NS, map_pool: bool = True) -> DriverEnd:
+def attach(fds: PeerFds, *, spin_ns: int = DEFAULT_SPIN_NS, map_pool: bool = True,
+           seal: bool = True) -> DriverEnd:
     """Attach the driver side to a ring from the fds the user side sent.
 
     Takes ownership of ``fds`` (closed on failure too). The header is read
@@ -191,6 +192,11 @@ def attach(fds: PeerFds, *, spin_ns: int = DEFAULT_SPIN_NS, map_pool: bool = Tru
     except BaseException:
         fds.close()
         raise
-    # Our writable mapping exists now; nobody may create another one.
-    fcntl.fcntl(fds.ctl_driver, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL)
+    # Our writable mapping exists now; nobody may create another one. Not
+    # when the broker's next worker will take the ring over (seal=False):
+    # the driver never reads back its own indexes while it runs, so a user
+    # that kept a writable copy of the driver page can only confuse a new
+    # worker about its own channel.
+    if seal:
+        fcntl.fcntl(fds.ctl_driver, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL)
     return end

@@ -1,12 +1,21 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The channel worker's loop (drb_uring.channel._worker).
+"""The worker's loop (drb_uring.channel._worker).
 
-Runs in the driver domain, one per channel. It copies each request out of
+Runs in the driver domain, one process per user domain, serving every
+channel of that user domain. For each channel it copies each request out of
 the shared request ring once, validates every field against private copies
-of the channel's limits, turns good ones into fixed-buffer I/O on the grant
-ring (many per io_uring_enter), and answers every request, good or bad,
-with a response carrying the kernel's result or the exact negative errno of
-the check that refused it. The whole loop runs without the GIL.
+of the channel's limits, turns good ones into fixed-buffer I/O on the
+channel's grant ring (many per io_uring_enter), and answers every request,
+good or bad, with a response carrying the kernel's result or the exact
+negative errno of the check that refused it.
+
+Channels are served round-robin, at most PER_TURN requests of one channel
+per turn, so a busy channel cannot starve a quiet one; a channel whose user
+side does not reap its responses is skipped (its completions wait in its
+grant ring) instead of stalling the others. With every ring idle the loop
+sleeps on all the channels' eventfds at once. A channel whose ring is
+corrupt is dropped alone, and reported to the broker. The whole loop runs
+without the GIL.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, int32_t
 from libc.string cimport memcpy, memset
@@ -18,9 +27,11 @@ from drb_uring.includes.liburing cimport (io_uring, io_uring_params, io_uring_qu
                                 io_uring_queue_exit, io_uring_get_sqe, io_uring_submit,
                                 io_uring_peek_batch_cqe, io_uring_cq_advance,
                                 io_uring_cq_ready, io_uring_sq_space_left)
-from drb_uring.includes.sys cimport (pollfd, ppoll, POLLIN, read, errno, EINTR, EPROTO)
+from drb_uring.includes.sys cimport (pollfd, ppoll, timespec, POLLIN, read, write, errno, EINTR,
+                                     EAGAIN, EPROTO)
+from libc.stdlib cimport calloc, free
 from drb_uring.ring.spsc cimport (prod_space, prod_entry, prod_publish, cons_avail, cons_entry,
-                   cons_release, drb_notify, drb_wait_prod, DRB_NEED_WAKEUP)
+                   cons_release, drb_notify, drb_prod, drb_cons, drb_waiter, DRB_NEED_WAKEUP)
 from drb_uring.ring._spsc cimport DriverEnd
 
 import os
@@ -46,7 +57,16 @@ cdef void _on_stop(int sig) noexcept nogil:
 
 cdef enum:
     BATCH = 64
+    PER_TURN = 32             # requests taken from one channel per turn
     IORING_FSYNC_DATASYNC = 1
+    CTL_EVERY_NS = 1000000    # how often a busy loop looks for drop requests
+    MAX_CHANNELS = 1024
+
+# A channel's state in the loop.
+cdef enum:
+    LIVE = 0
+    DRAINING = 1              # no new requests; dropped once its I/O is done
+    DROPPED = 2
 
 # For the broker's restrictions on the grant ring.
 FLAG_FIXED_FILE = IOSQE_FIXED_FILE
@@ -104,177 +124,343 @@ cdef inline void to_grant(io_uring_sqe *g, const io_uring_sqe *r, const limits *
     g.buf_index = r.buf_index
 
 
-cdef class WorkerLoop:
-    cdef DriverEnd end
-    cdef io_uring ring
-    cdef bint mapped
-    cdef limits lim
-    cdef uint32_t cq_cap
-    cdef uint32_t inflight
-    cdef uint32_t staged        # responses written but not yet published
-    cdef public uint64_t served, refused, submits, sleeps
 
-    def __cinit__(self, DriverEnd end, int ring_fd, bytes params, uint64_t pool_base,
-                  uint64_t extent_base, uint64_t extent_size, uint32_t align):
+cdef struct chan_t:
+    drb_prod *prod            # into the DriverEnd, kept alive by WorkerLoop.ends
+    drb_cons *cons
+    drb_waiter *waiter
+    io_uring ring             # the channel's grant ring
+    bint mapped
+    limits lim
+    uint32_t cid              # the broker's channel id
+    uint32_t cq_cap
+    uint32_t inflight
+    uint32_t staged           # responses written but not yet published
+    int state
+    int err                   # why it is draining: 0 (asked to), or a negative errno
+
+
+# The report a worker writes to the broker when it drops a channel.
+cdef struct report_t:
+    uint32_t cid
+    int32_t err
+
+
+cdef class WorkerLoop:
+    cdef chan_t *ch
+    cdef uint32_t n
+    cdef list ends
+    cdef int ctl_fd           # broker -> worker: u32 channel ids to drop (non-blocking)
+    cdef int report_fd        # worker -> broker: report_t per dropped channel
+    cdef pollfd *fds
+    cdef uint32_t *fd_chan
+    cdef public uint64_t served, refused, submits, sleeps, dropped
+
+    def __cinit__(self, int ctl_fd, int report_fd):
+        self.ch = <chan_t *>calloc(MAX_CHANNELS, sizeof(chan_t))
+        self.fds = <pollfd *>calloc(2 * MAX_CHANNELS + 1, sizeof(pollfd))
+        self.fd_chan = <uint32_t *>calloc(2 * MAX_CHANNELS + 1, sizeof(uint32_t))
+        if self.ch == NULL or self.fds == NULL or self.fd_chan == NULL:
+            raise MemoryError()
+        self.n = 0
+        self.ends = []
+        self.ctl_fd = ctl_fd
+        self.report_fd = report_fd
+
+    def add(self, DriverEnd end, uint32_t cid, int ring_fd, bytes params, uint64_t pool_base,
+            uint64_t extent_base, uint64_t extent_size, uint32_t align):
+        """Serve one more channel: its ring end and its grant ring (which may
+        have been driven by an earlier worker: its indexes are taken over)."""
         cdef io_uring_params p
         cdef unsigned i
+        cdef chan_t *c
+        if self.n >= MAX_CHANNELS:
+            raise ValueError(f"a worker serves at most {MAX_CHANNELS} channels")
         if len(params) != sizeof(io_uring_params):
             raise ValueError(f"io_uring params must be {sizeof(io_uring_params)} bytes")
-        memcpy(&p, <const char *>params, sizeof(p))
-        cdef int r = io_uring_queue_mmap(ring_fd, &p, &self.ring)
-        if r < 0:
-            raise OSError(-r, f"mapping the grant ring: {os.strerror(-r)}")
-        self.mapped = True
-        # io_uring_queue_mmap (unlike queue_init) leaves the SQ index array
-        # as the kernel made it, all zeros: map slot i to SQE i ourselves,
-        # or every submission would name SQE 0.
-        for i in range(self.ring.sq.kring_entries[0]):
-            self.ring.sq.array[i] = i
-        self.end = end
-        self.cq_cap = p.cq_entries
-        self.lim.pool_base = pool_base
-        self.lim.slot_size = end.geometry.slot_size
-        self.lim.slot_count = end.geometry.slot_count
-        self.lim.extent_base = extent_base
-        self.lim.extent_size = extent_size
-        self.lim.align = align
         if align & (align - 1):
             raise ValueError(f"alignment {align} is not a power of two")
+        c = &self.ch[self.n]
+        memset(c, 0, sizeof(chan_t))
+        memcpy(&p, <const char *>params, sizeof(p))
+        cdef int r = io_uring_queue_mmap(ring_fd, &p, &c.ring)
+        if r < 0:
+            raise OSError(-r, f"mapping the grant ring: {os.strerror(-r)}")
+        c.mapped = True
+        # io_uring_queue_mmap (unlike queue_init) leaves the SQ index array
+        # as the kernel made it, all zeros: map slot i to SQE i ourselves,
+        # or every submission would name SQE 0. And it starts its own SQ
+        # tail at 0: a ring an earlier worker drove is further on.
+        for i in range(c.ring.sq.kring_entries[0]):
+            c.ring.sq.array[i] = i
+        c.ring.sq.sqe_head = c.ring.sq.ktail[0]
+        c.ring.sq.sqe_tail = c.ring.sq.ktail[0]
+        c.prod = &end.prod
+        c.cons = &end.cons
+        c.waiter = &end.waiter
+        c.cid = cid
+        c.cq_cap = p.cq_entries
+        c.lim.pool_base = pool_base
+        c.lim.slot_size = end.geometry.slot_size
+        c.lim.slot_count = end.geometry.slot_count
+        c.lim.extent_base = extent_base
+        c.lim.extent_size = extent_size
+        c.lim.align = align
+        self.ends.append(end)
+        self.n += 1
 
     def close(self):
-        if self.mapped:
-            io_uring_queue_exit(&self.ring)
-            self.mapped = False
+        cdef uint32_t i
+        if self.ch != NULL:
+            for i in range(self.n):
+                if self.ch[i].mapped:
+                    io_uring_queue_exit(&self.ch[i].ring)
+                    self.ch[i].mapped = False
+        for end in self.ends:
+            end.close()
+        self.ends = []
 
     def __dealloc__(self):
         self.close()
+        free(self.ch)
+        free(self.fds)
+        free(self.fd_chan)
 
-    cdef int respond(self, uint64_t tag, int32_t res) noexcept nogil:
-        """Stage one response; publish() makes a batch of them visible at
-        once. Returns 0, -EINTR when told to stop while waiting for room,
-        or -EPROTO for a corrupt ring."""
-        cdef int64_t space = prod_space(&self.end.prod, self.staged + 1)
-        cdef io_uring_cqe *c
-        while 0 <= space <= self.staged:
-            # The user is slow to reap: show it what we have, wait for room.
-            self.publish()
-            if g_stop:
-                return -EINTR
-            space = drb_wait_prod(&self.end.waiter, &self.end.prod, 1, 100000000)
+    cdef int respond(self, chan_t *c, uint64_t tag, int32_t res) noexcept nogil:
+        """Stage one response; returns 1 when staged, 0 when the response
+        ring is full (the caller leaves the rest for a later turn), or
+        -EPROTO for a corrupt ring."""
+        cdef int64_t space = prod_space(c.prod, c.staged + 1)
+        cdef io_uring_cqe *e
         if space < 0:
             return <int>space
-        c = <io_uring_cqe *>prod_entry(&self.end.prod, self.staged)
-        c.user_data = tag
-        c.res = res
-        c.flags = 0
-        self.staged += 1
-        return 0
-
-    cdef void publish(self) noexcept nogil:
-        """One release store and one wake-up check for all staged responses."""
-        if self.staged:
-            prod_publish(&self.end.prod, self.staged)
-            self.staged = 0
-        drb_notify(&self.end.waiter)
-
-    cdef int idle(self) noexcept nogil:
-        """Spin for the budget, then sleep until a request or a grant
-        completion arrives. Returns 0, or -EINTR on a signal."""
-        cdef uint64_t end_ns = drb_now_ns() + self.end.waiter.spin_ns
-        cdef pollfd fds[2]
-        cdef uint64_t drain
-        cdef int i, r
-        if self.end.waiter.spin_ns:
-            while drb_now_ns() < end_ns:
-                for i in range(64):
-                    drb_cpu_relax()
-                    if cons_avail(&self.end.cons, 1) != 0 or io_uring_cq_ready(&self.ring):
-                        return 0
-        drb_store_relaxed(self.end.waiter.my_flags, DRB_NEED_WAKEUP)
-        drb_fence()
-        if cons_avail(&self.end.cons, 1) != 0 or io_uring_cq_ready(&self.ring):
-            drb_store_relaxed(self.end.waiter.my_flags, 0)
+        if space <= c.staged:
             return 0
-        fds[0].fd = self.end.waiter.my_efd
-        fds[0].events = POLLIN
-        fds[0].revents = 0
-        fds[1].fd = self.ring.ring_fd
-        fds[1].events = POLLIN
-        fds[1].revents = 0
-        self.sleeps += 1
-        r = ppoll(fds, 2, NULL, NULL)
-        drb_store_relaxed(self.end.waiter.my_flags, 0)
-        if r < 0:
-            return -errno
-        if fds[0].revents & POLLIN:
-            read(fds[0].fd, &drain, 8)
-        return 0
+        e = <io_uring_cqe *>prod_entry(c.prod, c.staged)
+        e.user_data = tag
+        e.res = res
+        e.flags = 0
+        c.staged += 1
+        return 1
 
-    cdef int64_t loop(self) noexcept nogil:
-        cdef io_uring_sqe local[BATCH]
+    cdef void publish(self, chan_t *c) noexcept nogil:
+        """One release store and one wake-up check for all staged responses."""
+        if c.staged:
+            prod_publish(c.prod, c.staged)
+            c.staged = 0
+        drb_notify(c.waiter)
+
+    cdef void drop(self, chan_t *c, int err) noexcept nogil:
+        """Take no more requests from this channel; it is reported dropped
+        once the kernel is done with what it has in flight."""
+        if c.state == LIVE:
+            c.state = DRAINING
+            c.err = err
+
+    cdef void settle(self, chan_t *c) noexcept nogil:
+        cdef report_t rep
+        if c.state == DRAINING and c.inflight == 0:
+            c.state = DROPPED
+            self.publish(c)
+            rep.cid = c.cid
+            rep.err = c.err
+            write(self.report_fd, &rep, sizeof(rep))
+            self.dropped += 1
+
+    cdef bint room_for_responses(self, chan_t *c) noexcept nogil:
+        cdef int64_t space = prod_space(c.prod, c.staged + 1)
+        return space != 0 and space > c.staged
+
+    cdef bint ready(self, chan_t *c, bint intake) noexcept nogil:
+        """Work this channel has now: requests it may take, or completions
+        it has room to answer."""
+        if c.state == DROPPED:
+            return False
+        if io_uring_cq_ready(&c.ring) and self.room_for_responses(c):
+            return True
+        return intake and c.state == LIVE and c.inflight < c.cq_cap and cons_avail(c.cons, 1) != 0
+
+    cdef uint32_t turn(self, chan_t *c, bint intake) noexcept nogil:
+        """One channel's turn: take up to PER_TURN requests, answer what
+        completed. Returns how much it did."""
+        cdef io_uring_sqe local[PER_TURN]
         cdef io_uring_cqe *cqes[BATCH]
         cdef io_uring_sqe *g
         cdef int64_t n
-        cdef uint32_t i, k, m, queued, room
+        cdef uint32_t i, k = 0, m, queued = 0, room
         cdef int err, r
-        while not g_stop:
-            queued = 0
-            # Intake: never more in flight than the grant CQ can hold.
-            room = io_uring_sq_space_left(&self.ring)
-            if room > self.cq_cap - self.inflight:
-                room = self.cq_cap - self.inflight
-            if room > BATCH:
-                room = BATCH
-            n = cons_avail(&self.end.cons, 1) if room else 0
+        if intake and c.state == LIVE:
+            room = io_uring_sq_space_left(&c.ring)
+            if room > c.cq_cap - c.inflight:
+                room = c.cq_cap - c.inflight     # never more in flight than its CQ holds
+            if room > PER_TURN:
+                room = PER_TURN
+            n = cons_avail(c.cons, 1) if room else 0
             if n < 0:
-                return n
+                self.drop(c, <int>n)
+                n = 0
             k = <uint32_t>n if n < room else room
             if k:
                 for i in range(k):
-                    memcpy(&local[i], cons_entry(&self.end.cons, i), sizeof(io_uring_sqe))
-                cons_release(&self.end.cons, k)
+                    memcpy(&local[i], cons_entry(c.cons, i), sizeof(io_uring_sqe))
+                cons_release(c.cons, k)
                 for i in range(k):
-                    err = validate(&local[i], &self.lim)
+                    err = validate(&local[i], &c.lim)
                     if err:
                         self.refused += 1
-                        r = self.respond(local[i].user_data, -err)
-                        if r < 0:
-                            return 0 if r == -EINTR else r
+                        r = self.respond(c, local[i].user_data, -err)
+                        if r <= 0:
+                            # No room to refuse: the user posted more than its
+                            # response ring holds. Its own channel only.
+                            self.drop(c, r if r < 0 else -EPROTO)
+                            break
                         continue
-                    g = io_uring_get_sqe(&self.ring)
+                    g = io_uring_get_sqe(&c.ring)
                     if g == NULL:       # cannot happen: room <= SQ space
-                        return -EPROTO
-                    to_grant(g, &local[i], &self.lim)
+                        self.drop(c, -EPROTO)
+                        break
+                    to_grant(g, &local[i], &c.lim)
                     queued += 1
                 if queued:
-                    r = io_uring_submit(&self.ring)
+                    r = io_uring_submit(&c.ring)
                     self.submits += 1
                     if r < 0:
-                        return r
-                    self.inflight += queued
-                self.publish()          # refusals, and the freed request entries
-            # Completions of the grant ring become responses.
-            m = io_uring_peek_batch_cqe(&self.ring, cqes, BATCH)
-            if m:
-                for i in range(m):
-                    r = self.respond(cqes[i].user_data, cqes[i].res)
-                    if r < 0:
-                        return 0 if r == -EINTR else r
-                io_uring_cq_advance(&self.ring, m)
-                self.inflight -= m
-                self.served += m
-                self.publish()
-            if k or m:
+                        self.drop(c, r)
+                    else:
+                        c.inflight += <uint32_t>r
+                self.publish(c)          # refusals, and the freed request entries
+        # Completions of the grant ring become responses, as many as fit.
+        m = io_uring_peek_batch_cqe(&c.ring, cqes, BATCH)
+        i = 0
+        while i < m:
+            r = self.respond(c, cqes[i].user_data, cqes[i].res)
+            if r < 0:
+                self.drop(c, r)
+                break
+            if r == 0:
+                break
+            i += 1
+        if i:
+            io_uring_cq_advance(&c.ring, i)
+            c.inflight -= i
+            self.served += i
+            self.publish(c)
+        self.settle(c)
+        return k + i
+
+    cdef void read_ctl(self) noexcept nogil:
+        """Drop the channels the broker asks to (a user side closed one)."""
+        cdef uint32_t ids[64]
+        cdef ssize_t got
+        cdef uint32_t i, j
+        while True:
+            got = read(self.ctl_fd, ids, sizeof(ids))
+            if got <= 0:
+                return
+            for i in range(<uint32_t>(got // 4)):
+                for j in range(self.n):
+                    if self.ch[j].cid == ids[i]:
+                        self.drop(&self.ch[j], 0)
+                        self.settle(&self.ch[j])
+
+    cdef int idle(self, bint intake) noexcept nogil:
+        """Spin for the budget, then sleep until a request, a completion or
+        a message from the broker arrives. Returns 0, or -EINTR on a signal."""
+        cdef uint64_t spin_ns = self.ch[0].waiter.spin_ns if self.n else 0
+        cdef uint64_t end_ns = drb_now_ns() + spin_ns
+        cdef uint64_t drain
+        cdef uint32_t i, nf = 0
+        cdef int j, r
+        cdef chan_t *c
+        if spin_ns:
+            while drb_now_ns() < end_ns:
+                for j in range(64):
+                    drb_cpu_relax()
+                for i in range(self.n):
+                    if self.ready(&self.ch[i], intake):
+                        return 0
+        for i in range(self.n):
+            if self.ch[i].state != DROPPED:
+                drb_store_relaxed(self.ch[i].waiter.my_flags, DRB_NEED_WAKEUP)
+        drb_fence()
+        for i in range(self.n):
+            if self.ready(&self.ch[i], intake):
+                self.wake_flags_off()
+                return 0
+        for i in range(self.n):
+            c = &self.ch[i]
+            if c.state == DROPPED:
                 continue
-            r = self.idle()
-            if r < 0 and r != -EINTR:
-                return r
+            self.fds[nf].fd = c.waiter.my_efd
+            self.fds[nf].events = POLLIN
+            self.fds[nf].revents = 0
+            self.fd_chan[nf] = 1
+            nf += 1
+            # A full response ring leaves completions waiting: the grant
+            # ring would stay readable, so only the user's wake-up counts.
+            if self.room_for_responses(c) or not io_uring_cq_ready(&c.ring):
+                self.fds[nf].fd = c.ring.ring_fd
+                self.fds[nf].events = POLLIN
+                self.fds[nf].revents = 0
+                self.fd_chan[nf] = 0
+                nf += 1
+        self.fds[nf].fd = self.ctl_fd
+        self.fds[nf].events = POLLIN
+        self.fds[nf].revents = 0
+        self.fd_chan[nf] = 0
+        nf += 1
+        self.sleeps += 1
+        r = ppoll(self.fds, nf, NULL, NULL)
+        self.wake_flags_off()
+        if r < 0:
+            return -errno
+        for i in range(nf):
+            if self.fd_chan[i] and self.fds[i].revents & POLLIN:
+                read(self.fds[i].fd, &drain, 8)
         return 0
 
-    def serve(self):
-        """Serve until SIGTERM or SIGINT; returns 0 or a negative errno."""
+    cdef void wake_flags_off(self) noexcept nogil:
+        cdef uint32_t i
+        for i in range(self.n):
+            drb_store_relaxed(self.ch[i].waiter.my_flags, 0)
+
+    cdef int64_t loop(self) noexcept nogil:
+        cdef uint32_t i, rr = 0, did, busy
+        cdef uint64_t next_ctl = 0, now
+        cdef bint intake
+        cdef int r
+        while True:
+            intake = not g_stop
+            did = 0
+            busy = 0
+            for i in range(self.n):
+                did += self.turn(&self.ch[(rr + i) % self.n], intake)
+                busy += self.ch[i].inflight
+            if self.n:
+                rr = (rr + 1) % self.n
+            if not intake and busy == 0:
+                # Told to stop: everything taken is answered. The next
+                # worker (or nobody) takes over the rings from here.
+                for i in range(self.n):
+                    self.publish(&self.ch[i])
+                return 0
+            now = drb_now_ns()
+            if now >= next_ctl:
+                self.read_ctl()
+                next_ctl = now + CTL_EVERY_NS
+            if did:
+                continue
+            r = self.idle(intake)
+            if r < 0 and r != -EINTR:
+                return r
+            if r == 0:
+                self.read_ctl()
+
+    def serve(self, bint stopped=False):
+        """Serve until SIGTERM or SIGINT (then finish what is in flight);
+        returns 0 or a negative errno. `stopped`: told to stop already."""
         global g_stop
-        g_stop = 0
+        g_stop = stopped
         signal(SIGTERM, _on_stop)
         signal(SIGINT, _on_stop)
         cdef int64_t r
@@ -284,8 +470,9 @@ cdef class WorkerLoop:
 
     @property
     def stats(self):
-        return {"served": self.served, "refused": self.refused, "submits": self.submits,
-                "sleeps": self.sleeps, "notifies": self.end.waiter.notifies}
+        return {"channels": self.n, "served": self.served, "refused": self.refused,
+                "submits": self.submits, "sleeps": self.sleeps, "dropped": self.dropped,
+                "notifies": sum(e.stats["notifies"] for e in self.ends) if self.ends else 0}
 
 
 def check_request(bytes sqe, uint64_t pool_base, uint32_t slot_size, uint32_t slot_count,

@@ -30,8 +30,11 @@ cdef extern from "<linux/io_uring.h>" nogil:
 
 cdef extern from "<liburing.h>" nogil:
     struct io_uring_sq:
+        unsigned *ktail
         unsigned *array
         unsigned *kring_entries
+        unsigned sqe_head
+        unsigned sqe_tail
 
     struct io_uring:
         io_uring_sq sq
