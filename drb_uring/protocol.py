@@ -27,6 +27,9 @@ FDS_FOR = {
     "open": (5,),             # user side: ring fds (ctl_user ro, ctl_driver, pool, 2 eventfds)
     "close": (0,),
     "trace": (0,),            # the host only (control socket): histograms and counters
+    "user_add": (0,),         # the host only: a user domain more (drb user add)
+    "user_rm": (0,),          # the host only: one user domain less (drb user rm)
+    "users": (0,),            # the host only: the user domains and their extents
     "ok": (0, 1),             # the reply to "open" carries the task table when monitored
     "error": (0,),
     "failed": (0,),           # monitor -> user: the channel failed (reason)

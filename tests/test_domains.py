@@ -70,7 +70,7 @@ def test_domains_are_isolated_from_each_other(pair):
             "print(len([p for p in os.listdir('/proc') if p.isdigit()]))")
     u = in_domain(st["name"], "user", code).stdout.splitlines()
     d = in_domain(st["name"], "driver", code).stdout.splitlines()
-    assert u[0] == f"{PREFIX}-b-user" and d[0] == f"{PREFIX}-b-driver"
+    assert u[0] == f"{PREFIX}-b-user0" and d[0] == f"{PREFIX}-b-driver"
     assert "drb_uring.domains.init" in u[1] and "drb_uring.domains.init" in d[1]
     # Each sees only its own few processes (its init, and us).
     assert int(u[2]) <= 3 and int(d[2]) <= 3
@@ -294,12 +294,13 @@ def test_counters_count_preads_in_a_domain_exactly(pair):
     st = pair(f"{PREFIX}-k", "--size", "16m")
     prog = ("import os; fd = os.open('/dev/zero', os.O_RDONLY)\n"
             "for _ in range({n}): os.pread(fd, 1, 0)\n")
+    # Counted per domain, by its own name: "user" runs in user0.
     t0 = _trace(st["control"])["counters"]
-    c0 = t0["user"]
+    c0 = t0["user0"]
     in_domain(st["name"], "user", prog.format(n=0))
-    c1 = _trace(st["control"])["counters"]["user"]
+    c1 = _trace(st["control"])["counters"]["user0"]
     in_domain(st["name"], "user", prog.format(n=1000))
-    c2 = _trace(st["control"])["counters"]["user"]
+    c2 = _trace(st["control"])["counters"]["user0"]
     # Same program twice, one with 1000 more preads: exactly 1000 more.
     assert (c2["pread64"] - c1["pread64"]) - (c1["pread64"] - c0["pread64"]) == 1000
     assert c2["syscalls"] - c1["syscalls"] >= 1000
@@ -325,7 +326,7 @@ def test_trace_prints_bpftrace_histograms_and_rates(pair):
     assert re.search(r"^@usecs_submit_to_complete_ch1: $", out, re.M), out
     assert re.search(r"^@usecs_post_to_reap_ch1: $", out, re.M), out
     assert re.search(r"^\[\d+[KM]?, \d+[KM]?\)\s+\d+ \|@+\s*\|$", out, re.M), out
-    rows = re.findall(r"^user\s+syscalls\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    rows = re.findall(r"^user0\s+syscalls\s+([\d.]+)\s+([\d.]+)$", out, re.M)
     assert rows and float(rows[-1][1]) < 0.05, out     # the user side barely enters the kernel
 
 

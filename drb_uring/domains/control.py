@@ -17,12 +17,13 @@ import time
 
 from drb_uring import procs
 from drb_uring.domains import attach, cgroup, daemon, runtime, seccomp
-from drb_uring.domains.config import MIN_SIZE, PairConfig, check_name
+from drb_uring.domains.config import MIN_SIZE, PairConfig, check_name, split_device, user_index
 from drb_uring.domains.state import (
     RUN,
     PairError,
     daemon_pid,
     domain_alive,
+    domain_names,
     group_dir,
     make_state_dir,
     private_file,
@@ -49,7 +50,8 @@ def teardown_leftovers(name: str) -> list[str]:
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, timeout=30)
             done.append(f"removed container {cid}")
-    for role, dm in st.get("domains", {}).items():
+    for role in domain_names(st):
+        dm = st["domains"][role]
         if domain_alive(st, role):
             for dst, made in reversed(dm.get("mounts") or []):
                 attach.unbind(dm["pid"], dst, made)
@@ -91,6 +93,8 @@ def _check_device(cfg: PairConfig) -> None:
         if st.st_size < MIN_SIZE:
             raise PairError(f"backing file {path} is too small "
                             f"({st.st_size} bytes; at least 1 MiB)")
+        if not cfg.attached:
+            split_device(st.st_size, cfg.users, cfg.extent)   # the user domains fit
         if os.statvfs(path).f_flag & os.ST_RDONLY:
             raise PairError(f"backing file {path} is on a read-only file system")
         if not os.access(path, os.W_OK):
@@ -192,13 +196,23 @@ def stop_pair(name: str) -> list[str]:
     return did
 
 
+def check_role(role: str) -> None:
+    if role != "driver" and user_index(role) < 0:
+        raise PairError(f"no domain {role!r}: say driver, user (user0), user1, ...")
+
+
 def exec_in(name: str, role: str, cmd: list[str], **kw) -> subprocess.Popen:
-    """Start `cmd` inside a domain of a running pair."""
+    """Start `cmd` inside a domain of a running pair: "driver", or a user
+    domain "user0", "user1", ... ("user" is user0)."""
     require_root()
     check_name(name)
+    check_role(role)
     st = read_state(name)
     if st is None or not daemon_pid(name):
         raise PairError(f"pair {name!r} is not up")
+    if role not in st["domains"]:
+        have = ", ".join(r for r in domain_names(st) if r != "driver") or "none"
+        raise PairError(f"pair {name!r} has no user domain {role} (it has: {have})")
     dm = st["domains"][role]
     if not domain_alive(st, role):
         raise PairError(f"the {role} domain of pair {name!r} (pid {dm['pid']}) is gone; "
@@ -206,7 +220,7 @@ def exec_in(name: str, role: str, cmd: list[str], **kw) -> subprocess.Popen:
     if dm.get("runc_id"):
         return subprocess.Popen([runtime.runc(), "--root", st["runc_root"], "exec", "--cwd", "/",
                                  dm["runc_id"], *cmd], **kw)
-    deny = tuple(st["deny"]) if role == "user" else ()
+    deny = tuple(st["deny"]) if role != "driver" else ()
     std = {}
     for k in ("stdin", "stdout", "stderr"):
         v = kw.get(k)
@@ -214,3 +228,35 @@ def exec_in(name: str, role: str, cmd: list[str], **kw) -> subprocess.Popen:
             raise PairError("a pipe to a command in an attached container is not supported")
         std[k] = procs.NULL if v == subprocess.DEVNULL else v
     return attach.spawn_joined(dm["pid"], cmd, role=role, deny=deny, **std)
+
+
+def ask_daemon(name: str, msg: dict, timeout: float = 120) -> dict:
+    """Send one request to a running pair's daemon on its host-only control
+    socket and return the reply (a DrbError carries the daemon's refusal)."""
+    import socket
+
+    from drb_uring import protocol
+    require_root()
+    check_name(name)
+    st = read_state(name)
+    if st is None or not daemon_pid(name):
+        raise PairError(f"pair {name!r} is not up")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    with s:
+        s.settimeout(timeout)
+        s.connect(st["control"])
+        reply = protocol.request(s, msg)
+    return reply
+
+
+def add_user(name: str, attach_pid: int | None = None, extent: int | None = None) -> dict:
+    """A user domain more for a running pair (drb user add); returns its
+    name and state."""
+    return ask_daemon(name, {"op": "user_add", "attach": attach_pid, "extent": extent})
+
+
+def remove_user(name: str, user: str) -> dict:
+    """Take one user domain of a running pair down (drb user rm)."""
+    if user_index(user) < 0:
+        raise PairError(f"not a user domain: {user!r} (user0, user1, ...)")
+    return ask_daemon(name, {"op": "user_rm", "user": user})

@@ -1,7 +1,10 @@
-"""A pair's daemon: a user domain and a driver domain with the broker between.
+"""A pair's daemon: user domains and a driver domain with the broker between.
 
 ``drb up`` starts it in the background (domains.control.start_pair); it
-builds the pair, serves channels, and on SIGTERM (``drb down``) or a fatal
+builds the pair (one driver domain, user domains user0 .. user{N-1}, each
+with its own extent of the device and its own monitor socket), serves
+channels, adds and removes user domains when the host asks on the pair's
+control socket (``drb user add|rm``), and on SIGTERM (``drb down``) or a fatal
 error takes everything down again: workers, domains, policies, cgroups,
 state. Everything a pair has lives under /run/drb/NAME/ (no domain sees
 it) and <cgroup2>/drb/NAME/.
@@ -14,6 +17,7 @@ the grant rings its workers inherit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -29,11 +33,19 @@ from drb_uring import linux, procs
 from drb_uring.channel.broker import Broker, Limits
 from drb_uring.channel.worker import WorkerSpec
 from drb_uring.domains import attach, runtime
-from drb_uring.domains.config import PairConfig
+from drb_uring.domains.config import (
+    MAX_USERS,
+    PairConfig,
+    free_extent,
+    split_device,
+    user_index,
+    user_name,
+)
 from drb_uring.domains.policy import Policies
 from drb_uring.domains.state import (
     PairError,
     private_file,
+    release_id,
     release_ids,
     remove_run_if_empty,
     reserve_ids,
@@ -42,10 +54,9 @@ from drb_uring.domains.state import (
     write_state,
 )
 from drb_uring.errors import DrbError
-from drb_uring.spec import Spec
+from drb_uring.spec import Spec, SpecError
 
 log = logging.getLogger("drb.pair")
-ROLES = ("user", "driver")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +68,26 @@ class DaemonSpec(Spec):
         PairConfig.from_dict(self.config)
 
 
-def _at_three(spec: WorkerSpec) -> WorkerSpec:
-    """The spec a worker reads when its fds are placed at 3, 4, ... in the
-    order the broker lists them (ring, ctl_user, ctl_driver, efds)."""
-    return spec.replace(ring_fd=3, ring_fds=[4, 5, -1, 6, 7])
+@dataclasses.dataclass
+class UserDomain:
+    """One user domain of a pair: its extent of the device and its socket,
+    alone in a directory that is shown to it (and no other) at
+    /run/drb/PAIR."""
+
+    name: str                        # userK
+    extent: tuple[int, int]          # (base, size) of the device
+    sock_dir: str                    # /run/drb/PAIR/users/userK
+    host_id: int = 0                 # root inside is this host id
+    reserved: bool = False           # host_id is the pair's (reserve_ids), to give back
+    tenant: bool = False             # the broker serves its socket
+
+    @property
+    def sock(self) -> str:
+        return os.path.join(self.sock_dir, "monitor.sock")
+
+    @property
+    def index(self) -> int:
+        return user_index(self.name)
 
 
 class Pair:
@@ -68,21 +95,30 @@ class Pair:
         self.cfg = cfg
         self.name = cfg.name
         self.dir = state_dir(cfg.name)
-        # The user domain's socket, alone in a directory that is shown to it
-        # at /run/drb/NAME; the control socket is the host's.
-        self.sock_dir = os.path.join(self.dir, "user")
-        self.sock = os.path.join(self.sock_dir, "monitor.sock")
+        # Each user domain's socket, alone in a directory that is shown to
+        # that domain only, at /run/drb/NAME; the control socket is the host's.
+        self.users_dir = os.path.join(self.dir, "users")
         self.inside_sock = f"/run/drb/{cfg.name}/monitor.sock"
         self.control = os.path.join(self.dir, "control.sock")
         self.policies = Policies()
+        self.users: dict[str, UserDomain] = {}
+        # Per domain ("driver", "user0", ...): its runc container (if drb
+        # made it), pid, cgroup, and in attach mode [(mount point, dirs made)].
         self.domains: dict[str, runtime.Domain] = {}
-        # attach mode: role -> [(mount point, directories made for it)]
         self.mounts: dict[str, list[tuple[str, list[str]]]] = {}
         self.pids: dict[str, int] = {}
         self.groups: dict[str, str] = {}
-        self.ids: list[int] = []
+        self.ids: dict[str, int] = {}
+        self.extent_size = 0             # a user domain's extent, unless --extent says
         self.broker: Broker | None = None
+        self.state: dict = {}
         self.worker_log = os.path.join(self.dir, "workers.log")
+
+    @property
+    def sock(self) -> str | None:
+        """user0's socket on the host (what a single-user pair had)."""
+        u = self.users.get("user0")
+        return u.sock if u else None
 
     # ---- set-up ------------------------------------------------------------
 
@@ -103,63 +139,148 @@ class Pair:
             f.truncate(a.size)
         return path, None
 
-    def _share_socket(self, host_id: int) -> None:
+    def _share_socket(self, u: UserDomain, host_id: int) -> None:
         """Let root of the user domain (host id `host_id`) connect."""
-        os.chown(self.sock_dir, 0, host_id)
-        os.chmod(self.sock_dir, 0o750)
-        os.chown(self.sock, 0, host_id)
-        os.chmod(self.sock, 0o660)
+        os.chown(u.sock_dir, 0, host_id)
+        os.chmod(u.sock_dir, 0o750)
+        os.chown(u.sock, 0, host_id)
+        os.chmod(u.sock, 0o660)
 
-    def _make_domains(self) -> None:
+    def _domain_spec(self, role: str, host_id: int, socket_dir: str | None) -> runtime.DomainSpec:
         a = self.cfg
-        self.ids = reserve_ids(self.name, len(ROLES))
-        self._share_socket(self.ids[0])
-        for role, host_id in zip(ROLES, self.ids, strict=True):
-            spec = runtime.DomainSpec(
-                pair=self.name, role=role, host_id=host_id,
-                deny=tuple(a.deny) if role == "user" else (),
-                socket_dir=self.sock_dir if role == "user" else None,
-                rootfs=a.user_rootfs if role == "user" else a.driver_rootfs,
-                pids=a.domain_pids, memory=a.domain_memory,
-                io_uring=a.user_io_uring and role == "user")
-            dom = runtime.Domain(self.dir, spec)
-            # The group first, with its policies, then what runs in it.
-            os.makedirs(dom.group, exist_ok=False)
-            self.groups[role] = dom.group
-            self._policies(role)
-            self.domains[role] = dom
-            dom.start()
-            self.pids[role] = dom.pid
+        user = role != "driver"
+        return runtime.DomainSpec(
+            pair=self.name, role=role, host_id=host_id,
+            deny=tuple(a.deny) if user else (),
+            socket_dir=socket_dir,
+            rootfs=a.user_rootfs if user else a.driver_rootfs,
+            pids=a.domain_pids, memory=a.domain_memory,
+            io_uring=a.user_io_uring and user)
 
-    def _attach_domains(self) -> None:
-        a = self.cfg
-        for role, pid in (("driver", a.attach_driver), ("user", a.attach_user)):
-            self.groups[role] = attach.check_container(role, pid, list(self.groups.values()))
-            self.pids[role] = pid
-        self._share_socket(attach.root_host_id(self.pids["user"]))
-        made = attach.bind_into(self.pids["user"], self.sock_dir, f"/run/drb/{self.name}",
-                                readonly=False)
-        self.mounts["user"] = [(f"/run/drb/{self.name}", made)]
-        # drb's package, read-only, in both: the worker runs from it, the
-        # user side's programs import the client from it.
-        for role in ROLES:
-            self.mounts.setdefault(role, []).append(
-                (f"{runtime.PACKAGE_AT}/drb_uring", attach.share_package(self.pids[role])))
-        for role in ROLES:
-            self._policies(role)
+    def _start_domain(self, role: str, spec: runtime.DomainSpec) -> None:
+        dom = runtime.Domain(self.dir, spec)
+        # The group first, with its policies, then what runs in it.
+        os.makedirs(dom.group, exist_ok=False)
+        self.groups[role] = dom.group
+        self._policies(role)
+        self.domains[role] = dom
+        dom.start()
+        self.pids[role] = dom.pid
+
+    def _make_driver(self) -> None:
+        self.ids["driver"] = reserve_ids(self.name, 1)[0]
+        self._start_domain("driver", self._domain_spec("driver", self.ids["driver"], None))
+
+    def _attach_driver(self) -> None:
+        pid = self.cfg.attach_driver
+        self.groups["driver"] = attach.check_container("driver", pid, list(self.groups.values()))
+        self.pids["driver"] = pid
+        # drb's package, read-only: the worker runs from it.
+        self.mounts["driver"] = [(f"{runtime.PACKAGE_AT}/drb_uring", attach.share_package(pid))]
+        self._policies("driver")
         # The driver container must be able to run a worker: say why not now.
         probe = attach.spawn_joined(
-            self.pids["driver"], [runtime.PYTHON, "-P", "-c", "import drb_uring.channel._worker"],
+            pid, [runtime.PYTHON, "-P", "-c", "import drb_uring.channel._worker"],
             role="driver", stderr=procs.NULL)
         if probe.wait(30) != 0:
-            raise PairError(f"the driver container (pid {self.pids['driver']}) cannot run "
+            raise PairError(f"the driver container (pid {pid}) cannot run "
                             f"drb's worker: {runtime.PYTHON} with liburing.so.2 must be there, "
                             f"and drb's package is at {runtime.PACKAGE_AT}")
+
+    def _limits(self) -> Limits:
+        return Limits(channels=self.cfg.max_channels, pinned=self.cfg.max_pinned)
+
+    def add_user(self, name: str, extent: tuple[int, int], attach_pid: int | None = None) -> None:
+        """Bring up user domain `name` on `extent` of the device: its socket
+        (the broker's tenant), then its container (made here, or an existing
+        one in attach mode). On failure whatever was made is removed."""
+        if name in self.users:
+            raise PairError(f"pair {self.name} already has a user domain {name}")
+        u = UserDomain(name, extent, os.path.join(self.users_dir, name))
+        self.users[name] = u
+        try:
+            os.makedirs(u.sock_dir, mode=0o700)
+            self.broker.add_tenant(name, u.sock, extent, limits=self._limits())
+            u.tenant = True
+            if attach_pid is not None:
+                self.groups[name] = attach.check_container(
+                    "user", attach_pid, list(self.groups.values()))
+                self.pids[name] = attach_pid
+                u.host_id = attach.root_host_id(attach_pid)
+                self._share_socket(u, u.host_id)
+                self.mounts[name] = [(f"/run/drb/{self.name}", attach.bind_into(
+                    attach_pid, u.sock_dir, f"/run/drb/{self.name}", readonly=False))]
+                # drb's package, read-only: the user side imports the client from it.
+                self.mounts[name].append((f"{runtime.PACKAGE_AT}/drb_uring",
+                                          attach.share_package(attach_pid)))
+                self._policies(name)
+            else:
+                u.host_id = reserve_ids(self.name, 1)[0]
+                u.reserved = True
+                self._share_socket(u, u.host_id)
+                self._start_domain(name, self._domain_spec(name, u.host_id, u.sock_dir))
+            self.broker.watch_domains({name: self.groups[name]})
+        except BaseException:
+            self.remove_user(name)
+            raise
+        log.info("user domain %s up: pid %d, extent %d+%d", name, self.pids[name], *extent)
+
+    def remove_user(self, name: str) -> None:
+        """Take user domain `name` down: its channels (the broker stops their
+        workers and tells their user sides), its container or mounts, its
+        policies, cgroup, host ids and socket directory. The other user
+        domains are not touched."""
+        u = self.users.get(name)
+        if u is None:
+            raise PairError(f"pair {self.name} has no user domain {name}")
+        group = self.groups.get(name)
+        errors = []
+
+        def step(fn, *args):
+            try:
+                fn(*args)
+            except Exception as e:       # the rest must still go
+                log.exception("removing user domain %s", name)
+                errors.append(e)
+        if u.tenant and self.broker is not None:
+            step(self.broker.remove_tenant, name)
+            u.tenant = False
+        if self.broker is not None and group:
+            step(self._unwatch, name, group)
+        dom = self.domains.pop(name, None)
+        if dom is not None:
+            step(dom.stop)
+        for dst, made in reversed(self.mounts.pop(name, [])):
+            step(attach.unbind, self.pids[name], dst, made)
+        if group:
+            step(self.policies.detach, group)
+            if dom is not None:
+                step(runtime.remove_domain_groups, self.name, name)
+        if u.reserved:
+            step(release_id, self.name, u.host_id)
+        shutil.rmtree(u.sock_dir, ignore_errors=True)
+        if dom is not None:
+            shutil.rmtree(dom.bundle, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(dom.log)
+        self.groups.pop(name, None)
+        self.pids.pop(name, None)
+        del self.users[name]
+        log.info("user domain %s removed", name)
+        if errors:
+            raise PairError(f"removing user domain {name}: {errors[0]}")
+
+    def _unwatch(self, name: str, group: str) -> None:
+        # The broker keeps the domains it counts (watch_domains) in a dict,
+        # and has no call to forget one.
+        self.broker.domains.pop(name, None)
+        if self.broker.enforcer:
+            self.broker.enforcer.unwatch(group)
 
     def _policies(self, role: str) -> None:
         a = self.cfg
         self.policies.device(self.groups[role], None)
-        if role == "user":
+        if role != "driver":
             self.policies.sockets(self.groups[role], tuple(a.deny))
 
     def worker_argv(self, spec: WorkerSpec) -> list[str]:
@@ -168,7 +289,7 @@ class Pair:
 
     def _spawn_worker(self, spec: WorkerSpec, fds: list[int]):
         """Start a worker inside the driver domain, through its runtime."""
-        argv = self.worker_argv(_at_three(spec))
+        argv = self.worker_argv(spec.placed())
         with private_file(self.worker_log, "ab") as out:
             if "driver" in self.domains:
                 with tempfile.TemporaryDirectory(dir=self.dir) as tmp:
@@ -197,7 +318,8 @@ class Pair:
     def up(self) -> None:
         a = self.cfg
         dev_path, block = self._device_path()
-        os.makedirs(self.sock_dir, mode=0o700)
+        os.makedirs(self.users_dir, mode=0o711)
+        os.chmod(self.users_dir, 0o711)          # traversable, like /run/drb/NAME
         # Two slow starts side by side: the policies compile (clang) in a
         # thread while the broker connects to (or starts) the host's
         # enforcement service, which compiles the monitor's programs.
@@ -211,11 +333,14 @@ class Pair:
         compiling = threading.Thread(target=prepare, name="policies")
         compiling.start()
         try:
-            self.broker = Broker(self.sock, control=self.control, spawn=self._spawn_worker,
+            self.broker = Broker(None, control=self.control, spawn=self._spawn_worker,
                                  enforce=not a.no_monitor,
                                  **({"worker_spin_ns": a.worker_spin_ns}
                                     if a.worker_spin_ns is not None else {}),
-                                 limits=Limits(channels=a.max_channels, pinned=a.max_pinned))
+                                 limits=self._limits(),
+                                 host_ops={"user_add": self._op_user_add,
+                                           "user_rm": self._op_user_rm,
+                                           "users": self._op_users})
         finally:
             compiling.join()
         if errors:
@@ -223,27 +348,100 @@ class Pair:
         # The device, opened here on the host: the driver domain reaches it
         # only through the grant rings.
         self.broker.open_device(dev_path, a.o_direct)
+        dev = self.broker.device
+        try:
+            extents = split_device(dev.size, a.users, a.extent, dev.align)
+        except SpecError as e:
+            raise PairError(str(e)) from None
+        self.extent_size = extents[0][1]
         if a.attached:
-            self._attach_domains()
+            self._attach_driver()
         else:
-            self._make_domains()
-        self.broker.watch_domains(self.groups)
+            self._make_driver()
+        self.broker.watch_domains({"driver": self.groups["driver"]})
+        for k, extent in enumerate(extents):
+            self.add_user(f"user{k}", extent, a.attach_user)
         self.state = {
-            "name": self.name, "daemon_pid": os.getpid(), "socket": self.inside_sock,
-            "socket_host": self.sock, "control": self.control,
-            "device": dev_path, "device_size": self.broker.device.size,
+            "name": self.name, "daemon_pid": os.getpid(), "control": self.control,
+            "device": dev_path, "device_size": dev.size, "align": dev.align,
             "o_direct": a.o_direct, "attached": a.attached,
-            "domains": {r: {"pid": self.pids[r], "cgroup": self.groups[r],
-                            "started": start_time(self.pids[r]),
-                            "hostname": attach.hostname_of(self.pids[r]),
-                            "runc_id": self.domains[r].id if r in self.domains else None,
-                            "host_id": self.ids[i] if self.ids else attach.root_host_id(
-                                self.pids[r]),
-                            "mounts": self.mounts.get(r, [])}
-                        for i, r in enumerate(ROLES)},
             "runc_root": os.path.join(self.dir, "runc"),
             "deny": list(a.deny), "monitor": not a.no_monitor, "started": time.time()}
+        self.write_state()
+
+    def _domain_state(self, role: str) -> dict:
+        pid = self.pids[role]
+        out = {"pid": pid, "cgroup": self.groups[role], "started": start_time(pid),
+               "hostname": attach.hostname_of(pid),
+               "runc_id": self.domains[role].id if role in self.domains else None,
+               "host_id": self.ids.get(role) or (self.users[role].host_id if role in self.users
+                                                 else attach.root_host_id(pid)),
+               "mounts": self.mounts.get(role, [])}
+        u = self.users.get(role)
+        if u is not None:
+            out.update(index=u.index, extent=list(u.extent), socket=self.inside_sock,
+                       socket_host=u.sock)
+        return out
+
+    def write_state(self) -> None:
+        """state.json: the pair, and each domain by name; "user" stays the
+        name of user0 for those that knew one user domain only."""
+        old = {r: d for r, d in self.state.get("domains", {}).items() if r != "user"}
+        domains = {}
+        for role in ["driver", *sorted(self.users, key=user_index)]:
+            # What does not change (pid, hostname) is read once.
+            if role in old and old[role]["pid"] == self.pids[role]:
+                domains[role] = {**old[role], "mounts": self.mounts.get(role, [])}
+            else:
+                domains[role] = self._domain_state(role)
+        if "user0" in domains:
+            domains = {"user": domains["user0"], **domains}
+        self.state.update(
+            domains=domains, users=sorted(self.users, key=user_index),
+            extent_size=self.extent_size, socket=self.inside_sock, socket_host=self.sock)
         write_state(self.name, self.state)
+
+    # ---- the host's requests (drb user add|rm), on the control socket --------
+
+    def _next_user(self) -> str:
+        for k in range(MAX_USERS):
+            if f"user{k}" not in self.users:
+                return f"user{k}"
+        raise PairError(f"pair {self.name} has {MAX_USERS} user domains, the most it may have")
+
+    def _op_user_add(self, msg: dict) -> dict:
+        name = self._next_user()
+        size = msg.get("extent")
+        pid = msg.get("attach")
+        for field, v in (("extent", size), ("attach", pid)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 1):
+                raise PairError(f"user_add: bad {field} {v!r}")
+        dev = self.broker.device
+        try:
+            extent = free_extent(dev.size, [u.extent for u in self.users.values()],
+                                 size or self.extent_size, dev.align)
+        except SpecError as e:
+            raise PairError(str(e)) from None
+        self.add_user(name, extent, pid)
+        self.write_state()
+        return {"user": name, "domain": self.state["domains"][name]}
+
+    def _op_user_rm(self, msg: dict) -> dict:
+        name = msg.get("user")
+        if not isinstance(name, str) or user_index(name) < 0:
+            raise PairError(f"user_rm: not a user domain: {name!r} (user0, user1, ...)")
+        name = user_name(name)
+        if name not in self.users:
+            raise PairError(f"pair {self.name} has no user domain {name}")
+        try:
+            self.remove_user(name)
+        finally:
+            self.write_state()
+        return {"user": name}
+
+    def _op_users(self, msg: dict) -> dict:
+        return {"users": {n: {"extent": list(u.extent), "pid": self.pids.get(n, 0)}
+                          for n, u in self.users.items()}}
 
     # ---- tear-down ---------------------------------------------------------
 

@@ -76,7 +76,7 @@ def package_dir() -> str:
 @dataclasses.dataclass
 class DomainSpec:
     pair: str
-    role: str                         # "user" or "driver"
+    role: str                         # "user0", "user1", ... or "driver"
     host_id: int                      # root inside is this host uid and gid
     deny: tuple[str, ...] = ()        # socket families refused (user domain)
     socket_dir: str | None = None     # host dir shown at /run/drb/PAIR (user domain)
@@ -250,15 +250,30 @@ class Domain:
                            stderr=subprocess.DEVNULL, timeout=30)
 
 
-def remove_pair_groups(pair: str) -> None:
-    """runc leaves the pair's parent groups in every hierarchy (a hybrid
-    layout has one per v1 controller, and the unified one): remove them."""
+def _group_roots() -> set[str]:
+    """Every cgroup hierarchy drb's groups may be in (a hybrid layout has
+    one per v1 controller, and the unified one)."""
     base = "/sys/fs/cgroup"
     roots = {cgroup.cgroup2_root()}
     if os.path.isdir(base):
         roots |= {os.path.join(base, d) for d in os.listdir(base)
                   if os.path.isdir(os.path.join(base, d, "drb"))}
-    for root in roots:
+    return roots
+
+
+def remove_domain_groups(pair: str, role: str) -> None:
+    """One domain's groups, in every hierarchy (a user domain removed from
+    a running pair)."""
+    for root in _group_roots():
+        g = os.path.join(root, "drb", pair, role)
+        if os.path.isdir(g):
+            cgroup.kill_and_remove(g)
+
+
+def remove_pair_groups(pair: str) -> None:
+    """runc leaves the pair's parent groups in every hierarchy (a hybrid
+    layout has one per v1 controller, and the unified one): remove them."""
+    for root in _group_roots():
         g = os.path.join(root, "drb", pair)
         if os.path.isdir(g):
             cgroup.kill_and_remove(g)

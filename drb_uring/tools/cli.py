@@ -20,7 +20,11 @@ EXAMPLES = """examples:
   drb demo                            # a pair on a temporary file, a workload, teardown
   drb up db --size 1g                 # a pair named db on a new 1 GiB backing file
   drb up db --blockdev /dev/loop0 --o-direct
-  drb exec db user -- python3 app.py  # run inside the user domain
+  drb exec db user -- python3 app.py  # run inside the user domain (user0)
+  drb up web --size 1g --users 4      # one driver domain, user domains user0..user3
+  drb exec web user2 -- python3 app.py
+  drb user add web                    # user4, on a free extent of the same size
+  drb user rm web user1
   drb status db --json
   drb down db
   drb bench --quick --json io.json   # drb against the baselines, ~3 minutes
@@ -119,7 +123,9 @@ def _config(a: argparse.Namespace):
                       attach_driver=a.attach_driver, deny=deny, no_monitor=a.no_monitor,
                       max_channels=a.max_channels, max_pinned=parse_size(a.max_pinned),
                       user_rootfs=_abs(a.user_rootfs), driver_rootfs=_abs(a.driver_rootfs),
-                      domain_pids=a.domain_pids, domain_memory=parse_size(a.domain_memory))
+                      domain_pids=a.domain_pids, domain_memory=parse_size(a.domain_memory),
+                      users=a.users,
+                      extent=parse_size(a.extent) if a.extent is not None else None)
 
 
 def _abs(path: str | None) -> str | None:
@@ -163,11 +169,13 @@ def _print_status(st: dict, condition: str) -> None:
     print(f"  daemon/monitor pid {st['daemon_pid']}, socket {st['socket']}")
     print(f"  device {st['device']} ({st['device_size']} bytes"
           f"{', O_DIRECT' if st['o_direct'] else ''})")
-    for role in ("user", "driver"):
+    for role in sorted(state.domain_names(st), key=lambda r: (r != "driver", len(r), r)):
         dm = st["domains"][role]
         gone = "" if state.domain_alive(st, role) else "  GONE"
-        print(f"  {role:<6} domain: pid {dm['pid']}, hostname {dm['hostname']}, "
-              f"cgroup {dm['cgroup']}{gone}")
+        ext = (f", extent {dm['extent'][0]}+{dm['extent'][1]}" if dm.get("extent")
+               else "")
+        print(f"  {role} domain: pid {dm['pid']}, hostname {dm['hostname']}, "
+              f"cgroup {dm['cgroup']}{ext}{gone}")
     if condition != "up":
         print("  its channels fail; clean up with: "
               f"drb down {st['name']}")
@@ -206,10 +214,33 @@ def cmd_ls(a: argparse.Namespace) -> int:
 
 def cmd_exec(a: argparse.Namespace) -> int:
     from drb_uring.domains import control
+    control.check_role(a.role)
     cmd = a.cmd[1:] if a.cmd and a.cmd[0] == "--" else a.cmd
     if not cmd:
-        raise CliError("nothing to run: drb exec NAME {user|driver} -- CMD ...")
+        raise CliError("nothing to run: drb exec NAME {user|userK|driver} -- CMD ...")
     return control.exec_in(a.name, a.role, cmd).wait()
+
+
+def cmd_user(a: argparse.Namespace) -> int:
+    from drb_uring.domains import control
+    from drb_uring.domains.config import parse_size
+    if a.action == "add":
+        if a.user is not None:
+            raise CliError("drb user add NAME [--attach PID] [--extent SIZE]: the new user "
+                           "domain's name is chosen for it")
+        extent = parse_size(a.extent) if a.extent is not None else None
+        got = control.add_user(a.name, a.attach, extent)
+        dm = got["domain"]
+        print(f"drb: added {got['user']} to pair {a.name}: pid {dm['pid']}, hostname "
+              f"{dm['hostname']}, extent {dm['extent'][0]}+{dm['extent'][1]}")
+        return 0
+    if a.user is None:
+        raise CliError("which user domain? drb user rm NAME userK")
+    if a.attach is not None or a.extent is not None:
+        raise CliError("--attach and --extent are for drb user add")
+    got = control.remove_user(a.name, a.user)
+    print(f"drb: removed {got['user']} from pair {a.name}")
+    return 0
 
 
 def cmd_trace(a: argparse.Namespace) -> int:
@@ -333,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes each domain may have (default 512)")
     u.add_argument("--domain-memory", default="4g",
                    help="memory each domain may use (default 4g)")
+    u.add_argument("--users", type=_positive, default=1,
+                   help="user domains served by the one driver domain, user0 .. user{N-1} "
+                        "(default 1, at most 64; 'user' is user0)")
+    u.add_argument("--extent", metavar="SIZE",
+                   help="the part of the device each user domain gets, e.g. 64m (default: "
+                        "the device split evenly, rounded down to 1 MiB)")
     u.add_argument("--no-monitor", action="store_true",
                    help="run WITHOUT the eBPF monitor: no I/O task table is enforced "
                         "(an explicit, loudly logged opt-out)")
@@ -351,10 +388,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = command("exec", "run a command inside a domain")
     e.add_argument("name", help="the pair")
-    e.add_argument("role", choices=("user", "driver"), help="which domain")
+    e.add_argument("role", metavar="DOMAIN",
+                   help="which domain: driver, user0, user1, ... (user is user0)")
     e.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...",
                    help="the command and its arguments, after --")
     e.set_defaults(func=cmd_exec)
+
+    w = command("user", "add a user domain to a running pair, or remove one")
+    w.add_argument("action", choices=("add", "rm"), help="add or rm")
+    w.add_argument("name", help="the pair")
+    w.add_argument("user", nargs="?", help="rm: the user domain to remove (userK)")
+    w.add_argument("--attach", type=int, metavar="PID",
+                   help="add: pair an existing container as the new user domain")
+    w.add_argument("--extent", metavar="SIZE",
+                   help="add: the new user domain's extent (default: as the others')")
+    w.set_defaults(func=cmd_user)
 
     t = command("trace", "per-stage latency histograms of a pair's channels")
     t.add_argument("name", nargs="?", help="the pair to trace")
