@@ -13,7 +13,7 @@ DRB = os.path.join(os.path.dirname(sys.executable), "drb")
 def test_bench_json_shape(tmp_path):
     out = tmp_path / "io.json"
     proc = subprocess.run([DRB, "bench", "--transport", "drb,grant-map", "--op",
-                           "randread,write", "--bs", "4k,64k", "--qd", "1,8", "--users", "1,4",
+                           "randread,write", "--bs", "4k,64k", "--qd", "1,8", "--users", "1",
                            "--seconds", "0.2", "--monitor", "on,off", "--no-fio",
                            "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -29,9 +29,7 @@ def test_bench_json_shape(tmp_path):
     assert len(rep["monitor_ratio"]) == 8
     assert all(m["iops_on_over_off"] > 0 and m["transport"] == "drb"
                for m in rep["monitor_ratio"])
-    # --users 4 needs a driver domain serving many user domains: said, not run.
-    assert len(rep["skipped"]) == 24 and all(s["cell"]["users"] == 4 for s in rep["skipped"])
-    assert "not built yet" in proc.stderr
+    assert rep["skipped"] == []
     for r in rep["runs"]:
         assert r["ios"] > 0 and r["iops"] > 0 and r["users"] == 1
         assert abs(r["mb_s"] - r["iops"] * r["bs"] / 1e6) <= 0.01 * r["mb_s"] + 0.1
@@ -52,6 +50,31 @@ def test_bench_json_shape(tmp_path):
                                   or "cgroup" in x]), leftovers(prefix)
 
 
+def test_bench_many_user_domains_report_their_shares(tmp_path):
+    out = tmp_path / "users.json"
+    proc = subprocess.run([DRB, "bench", "--transport", "drb,grant-map", "--qd", "8",
+                           "--users", "2", "--seconds", "0.5", "--no-fio", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(out.read_text())
+    (r,) = rep["runs"]
+    assert (r["transport"], r["users"]) == ("drb", 2)
+    # Each user domain's IOPS; together the aggregate.
+    assert len(r["shares"]) == 2 and all(s > 0 for s in r["shares"])
+    assert sum(r["shares"]) == r["iops"]
+    assert r["share_domains"] == ["user0", "user1"]
+    assert r["fairness"] == round(min(r["shares"]) / (sum(r["shares"]) / 2), 3)
+    # Each domain's integrity check ran on its own extent.
+    assert len(r["integrity"]) == 2
+    assert r["counted"]["ios"] > 0 and r["per_io"]["map_ops"] == 0
+    # The baseline has no shared driver domain: said, not run.
+    assert [s["cell"]["transport"] for s in rep["skipped"]] == ["grant-map"]
+    assert "double ring only" in rep["skipped"][0]["reason"]
+    assert "in 2 user domains" in proc.stdout
+    assert wait_gone(lambda: not [x for x in leftovers("bench-") if "state" in x
+                                  or "cgroup" in x]), leftovers("bench-")
+
+
 def test_bench_rejects_unknown_transport(tmp_path):
     proc = subprocess.run([DRB, "bench", "--transport", "carrier-pigeon"],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
@@ -62,7 +85,9 @@ def test_bench_rejects_unknown_transport(tmp_path):
 
 def test_bench_bad_combinations(tmp_path):
     for args, said in ((["--quick", "--full"], "--quick and --full exclude each other"),
-                       (["--users", "4"], "nothing to run: one driver domain serving many"),
+                       (["--users", "4", "--transport", "socket"],
+                        "nothing to run: more than one user domain runs for the double ring "
+                        "only"),
                        (["--users", "0"], "--users must be in [1, 64]"),
                        (["--seconds", "0"], "--seconds must be in (0, 3600]")):
         proc = subprocess.run([DRB, "bench", *args, "--no-fio"], capture_output=True, text=True,

@@ -16,6 +16,11 @@ and fio's io_uring engine on the same file, as a reference others can
 reproduce. Each cell runs in a fresh process on a fresh channel; the
 counted pass that follows the timed one gives the per-I/O costs from the
 monitor's counters of each domain.
+
+A cell with ``users`` above 1 (the double ring only) runs in a pair of that
+many user domains on one driver domain: the same cell in every user domain,
+each on its own extent, all verified first and then told ``go`` at once.
+Its row gives the aggregate IOPS and each domain's share.
 """
 
 from __future__ import annotations
@@ -49,8 +54,9 @@ EXTENT = 256 << 20
 DATA_DIR = "/var/tmp/drb-bench"
 COUNTED_MIN_S = 0.2
 CELL_TIMEOUT_S = 120
-USERS_MISSING = ("one driver domain serving many user domains is not built yet: "
-                 "--users above 1 cannot run")
+MANY_USERS = ("drb", "drb-poll")
+USERS_RING_ONLY = ("more than one user domain runs for the double ring only (drb, drb-poll): "
+                   "the baselines have no driver domain shared by many user domains")
 PAGE_CACHE = ("warm by design: the device file is read through once before the first "
               "cell (the warm-up step), and fio runs with invalidate=0")
 
@@ -142,9 +148,12 @@ def warm(path: str) -> None:
 
 # ---- the domains -------------------------------------------------------------------
 
-def _pair_key(cell: Cell) -> tuple[str, bool]:
+def _pair_key(cell: Cell) -> tuple:
+    """(kind, monitor), and the number of user domains when above 1."""
     if cell.transport in ("grant-map", "socket"):
         return ("drb", True)          # the same domains as drb: made by drb up, monitored
+    if cell.users > 1:
+        return (cell.transport, cell.monitor, cell.users)
     return (cell.transport, cell.monitor)
 
 
@@ -152,12 +161,13 @@ class BenchPair:
     """A pair made as ``drb up`` makes it, for the cells of one kind:
     the daemon and its workers on the driver's CPU."""
 
-    def __init__(self, key: tuple[str, bool], device: str, enforcer, driver_cpu):
-        kind, monitor = key
-        self.name = f"bench-{os.getpid()}-{kind}{'' if monitor else '-nomon'}"[:31]
+    def __init__(self, key: tuple, device: str, enforcer, driver_cpu):
+        kind, monitor, users = (*key, 1)[:3]
+        self.name = (f"bench-{os.getpid()}-{kind}{'' if monitor else '-nm'}"
+                     f"{f'-u{users}' if users > 1 else ''}")[:31]
         cfg = PairConfig(name=self.name, backing=device, no_monitor=not monitor,
                          worker_spin_ns=POLL_NS if kind == "drb-poll" else None,
-                         user_io_uring=kind == "direct")
+                         user_io_uring=kind == "direct", users=users)
         saved = os.sched_getaffinity(0)
         try:
             if driver_cpu is not None:
@@ -165,7 +175,9 @@ class BenchPair:
             self.state = control.start_pair(cfg)
         finally:
             os.sched_setaffinity(0, saved)
-        self.groups = {r: self.state["domains"][r]["cgroup"] for r in ("user", "driver")}
+        # Each user domain by its own name (user0, ...), and the driver.
+        self.users = self.state.get("users", ["user"])
+        self.groups = {r: self.state["domains"][r]["cgroup"] for r in (*self.users, "driver")}
         self.enforcer = enforcer
         try:
             for g in self.groups.values():
@@ -182,7 +194,11 @@ class BenchPair:
         return argv + ["--cwd", "/", dm["runc_id"], *runtime.python_argv(module, spec)]
 
     def counters(self) -> dict:
-        return {r: self.enforcer.counters(g) for r, g in self.groups.items()}
+        """Each domain's counters; "user" sums the user domains'."""
+        per = {r: self.enforcer.counters(g) for r, g in self.groups.items()}
+        out = {"driver": per["driver"]}
+        out["user"] = {k: sum(per[u][k] for u in self.users) for k in per[self.users[0]]}
+        return out
 
     def close(self) -> None:
         for g in self.groups.values():
@@ -216,12 +232,18 @@ def run_cell(pair: BenchPair, cell: Cell, device: str, seconds: float, log: int,
     kw = dict(transport=cell.transport, opcode=opcode, rand=rand, bs=cell.bs, qd=cell.qd,
               seconds=seconds, counted_seconds=max(COUNTED_MIN_S, seconds / 4), extent=EXTENT,
               slot_count=slot_count, slot_size=slot_size, entries=entries, cpu=user_cpu)
+    users = pair.users if cell.users > 1 else pair.users[:1]
+    if len(users) != cell.users:
+        raise BenchError(f"{cell.label()}: the pair has {len(pair.users)} user domains")
+    cells: list[_Running] = []
     with contextlib.ExitStack() as stack:
         fds: list[int] = []
         if cell.transport.startswith("drb"):
             kw.update(socket=pair.state["socket"],
                       spin_ns=POLL_NS if cell.transport == "drb-poll" else None)
         else:
+            if cell.users > 1:
+                raise BenchError(f"{cell.label()}: {USERS_RING_ONLY}")
             dev = os.open(device, os.O_RDWR | os.O_CLOEXEC)
             stack.callback(os.close, dev)
             p = baselines.plumb(cell.transport, dev, slot_count, slot_size, cell.qd)
@@ -235,69 +257,136 @@ def run_cell(pair: BenchPair, cell: Cell, device: str, seconds: float, log: int,
                 stack.callback(driver.stop)
             fds = p.user_fds
             kw.update(nfds=len(fds), args=p.user_args)
-        spec = CellSpec(**kw)
-        # The cell's stdin and stdout are pipes to us.
-        cin_r, cin_w = os.pipe()
-        cout_r, cout_w = os.pipe()
+        for role in users:
+            # Each user domain's cell on its own extent, all of it (a pair
+            # with one user domain: the bench's whole device).
+            dm = pair.state["domains"][role]
+            base, size = dm.get("extent") or (0, EXTENT)
+            spec = CellSpec(**{**kw, "extent": min(size, EXTENT)})
+            label = cell.label() + (f" in {role}" if cell.users > 1 else "")
+            cells.append(_Running(pair, role, spec, fds, log, label, base))
+            stack.callback(cells[-1].close)
+        for c in cells:
+            c.integrity = c.read(c.label)["verify"]
+            check_bytes(device, c.integrity, c.label, c.base)
+        # Every cell verified: all start at once.
+        _tell_all(cells, "go")
+        timed = [c.read(c.label) for c in cells]
+        pair.enforcer.count(True)
         try:
-            proc = procs.spawn_at(pair.exec_argv("user", "drb_uring.tools.benchcell", spec,
-                                                 len(fds)),
-                                  fds, stdin=cin_r, stdout=cout_w, stderr=log)
+            c0 = pair.counters()
+            _tell_all(cells, "count")
+            counted = [c.read(f"{c.label} (counted pass)") for c in cells]
+            c1 = pair.counters()
         finally:
-            os.close(cin_r)
-            os.close(cout_w)
-        to_cell = os.fdopen(cin_w, "w")
-        from_cell = os.fdopen(cout_r, "r")
-        try:
-            integrity = _read_line(from_cell, proc, cell.label())["verify"]
-            check_bytes(device, integrity, cell.label())
-            to_cell.write("go\n")
-            to_cell.flush()
-            timed = _read_line(from_cell, proc, cell.label())
-            pair.enforcer.count(True)
-            try:
-                c0 = pair.counters()
-                to_cell.write("count\n")
-                to_cell.flush()
-                counted = _read_line(from_cell, proc, f"{cell.label()} (counted pass)")
-                c1 = pair.counters()
-            finally:
-                pair.enforcer.count(False)
-            to_cell.write("end\n")
-            to_cell.close()
-            rc = proc.wait(30)
-        finally:
-            with contextlib.suppress(OSError):
-                to_cell.close()
-            from_cell.close()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            pair.enforcer.count(False)
+        _tell_all(cells, "end")
+        rcs = [c.finish() for c in cells]
+    for c, rc in zip(cells, rcs, strict=True):
         if rc != 0:
-            raise BenchError(f"{cell.label()}: the cell exited with {rc}")
-    for res in (timed, counted):
+            raise BenchError(f"{c.label}: the cell exited with {rc}")
+    for c, res in [*zip(cells, timed, strict=True), *zip(cells, counted, strict=True)]:
         if res["error"]:
-            raise BenchError(f"{cell.label()}: {res['error']}")
+            raise BenchError(f"{c.label}: {res['error']}")
         if res["errors"]:
-            raise BenchError(f"{cell.label()}: {res['errors']} failed I/Os")
-    if cell.transport.startswith("drb") and timed["monitored"] != cell.monitor:
-        raise BenchError(f"{cell.label()}: channel monitored={timed['monitored']}")
+            raise BenchError(f"{c.label}: {res['errors']} failed I/Os")
+        if cell.transport.startswith("drb") and "monitored" in res \
+                and res["monitored"] != cell.monitor:
+            raise BenchError(f"{c.label}: channel monitored={res['monitored']}")
     delta = {r: {k: c1[r][k] - c0[r][k] for k in c0[r]} for r in c0}
-    row = _row(cell, timed, counted["done"], delta)
-    row["integrity"] = integrity       # checked against the device file above
+    row = _row(cell, _aggregate(timed), sum(r["done"] for r in counted), delta)
+    if cell.users == 1:
+        row["integrity"] = cells[0].integrity     # checked against the device file above
+    else:
+        # Each domain's IOPS, in user-domain order; they sum to the row's IOPS.
+        shares = [round(t["done"] / t["seconds"]) for t in timed]
+        mean = sum(shares) / len(shares)
+        row.update(iops=sum(shares), mb_s=round(sum(shares) * cell.bs / 1e6, 1),
+                   shares=shares, share_domains=list(users),
+                   fairness=round(min(shares) / mean, 3) if mean else None,
+                   integrity=[c.integrity for c in cells])
     return row
 
 
-def check_bytes(device: str, v: dict, label: str) -> None:
+class _Running:
+    """One cell process in one user domain; its stdin and stdout are pipes to us."""
+
+    def __init__(self, pair: BenchPair, role: str, spec: CellSpec, fds: list[int], log: int,
+                 label: str, base: int):
+        self.label, self.base, self.integrity = label, base, None
+        cin_r, cin_w = os.pipe()
+        cout_r, cout_w = os.pipe()
+        try:
+            self.proc = procs.spawn_at(pair.exec_argv(role, "drb_uring.tools.benchcell", spec,
+                                                      len(fds)),
+                                       fds, stdin=cin_r, stdout=cout_w, stderr=log)
+        except BaseException:
+            for fd in (cin_w, cout_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(cin_r)
+            os.close(cout_w)
+        self.to = os.fdopen(cin_w, "w")
+        self.out = os.fdopen(cout_r, "r")
+
+    def read(self, what: str) -> dict:
+        return _read_line(self.out, self.proc, what)
+
+    def tell(self, word: str) -> None:
+        self.to.write(word + "\n")
+        self.to.flush()
+
+    def finish(self) -> int:
+        self.to.close()
+        return self.proc.wait(30)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.to.close()
+        self.out.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _tell_all(cells: list[_Running], word: str) -> None:
+    for c in cells:
+        c.tell(word)
+
+
+def _aggregate(timed: list[dict]) -> dict:
+    """The timed passes of a cell's domains as one: I/Os summed over the
+    longest pass, the histograms summed, and each latency percentile the
+    highest among the domains (the mean weighted by I/Os)."""
+    if len(timed) == 1:
+        return timed[0]
+    ios = sum(t["done"] for t in timed)
+    out = {"done": ios, "seconds": max(t["seconds"] for t in timed), "errors": 0, "error": None}
+    lats = [t["lat_us"] for t in timed if "lat_us" in t]
+    if lats:
+        out["lat_us"] = {k: max(x[k] for x in lats) for k in ("p50", "p99", "p999")}
+        out["lat_us"]["mean"] = round(sum(t["lat_us"]["mean"] * t["done"] for t in timed
+                                          if "lat_us" in t) / max(ios, 1), 2)
+    hist_us: dict = {}
+    for t in timed:
+        for b, n in t.get("hist_us", {}).items():
+            hist_us[b] = hist_us.get(b, 0) + n
+    out["hist_us"] = hist_us
+    return out
+
+
+def check_bytes(device: str, v: dict, label: str, base: int = 0) -> None:
     """What the cell read and wrote through its transport, against the
-    device file as the host sees it."""
+    device file as the host sees it (the cell's offsets are in its extent,
+    which starts at `base` of the device)."""
     import hashlib
     bs = v["bs"]
     with open(device, "rb") as f:
         for what, offs, sums in (("read", v["read_offsets"], v["read_sha256"]),
                                  ("write", v["write_offsets"], v["write_sha256"])):
             for off, want in zip(offs, sums, strict=True):
-                f.seek(off)
+                f.seek(base + off)
                 if hashlib.sha256(f.read(bs)).hexdigest() != want:
                     raise BenchError(f"{label}: integrity check failed: the {what} at offset "
                                      f"{off} does not match the device file")
@@ -318,6 +407,8 @@ def _row(cell: Cell, timed: dict, counted_ios: int, delta: dict) -> dict:
     return {
         "transport": cell.transport, "op": cell.op, "bs": cell.bs, "qd": cell.qd,
         "users": cell.users, "pairs": 1, "monitor": cell.monitor,
+        # With users above 1: the sum over the user domains, each running
+        # the same cell at once (per-domain IOPS in "shares").
         "seconds": round(secs, 3), "ios": ios, "iops": round(ios / secs),
         "mb_s": round(ios * cell.bs / secs / 1e6, 1),
         "lat_us": timed["lat_us"], "hist_us": timed["hist_us"],
@@ -378,14 +469,14 @@ def run(cells: list[Cell], seconds: float, progress=print, repeat: int = 1,
 
 def _run(cells, seconds, progress, repeat, fio) -> dict:
     from drb_uring.enforce.client import EnforceClient
-    runnable = [c for c in cells if c.users == 1]
-    skipped = [{"cell": dataclasses.asdict(c), "reason": USERS_MISSING}
-               for c in cells if c.users != 1]
+    runnable = [c for c in cells if c.users == 1 or c.transport in MANY_USERS]
+    skipped = [{"cell": dataclasses.asdict(c), "reason": USERS_RING_ONLY}
+               for c in cells if c not in runnable]
     if not runnable:
-        raise BenchError(f"nothing to run: {USERS_MISSING}")
+        raise BenchError(f"nothing to run: {USERS_RING_ONLY}")
     if skipped:
         progress(f"skipping {len(skipped)} cell(s) with more than one user domain: "
-                 f"{USERS_MISSING}")
+                 f"{USERS_RING_ONLY}")
     cpus = ringbench.cpus()
     device = data_file(EXTENT, progress)
     progress("warming the page cache with the device's data")
@@ -405,7 +496,8 @@ def _run(cells, seconds, progress, repeat, fio) -> dict:
                 key = _pair_key(cell)
                 if key not in pairs:
                     progress(f"bringing up the domains for {key[0]}"
-                             f"{'' if key[1] else ' (monitor off)'}")
+                             f"{'' if key[1] else ' (monitor off)'}"
+                             f"{f' with {cell.users} user domains' if cell.users > 1 else ''}")
                     pairs[key] = BenchPair(key, device, enforcer, cpus[1])
                 left = ""
                 if k > 1:
@@ -453,14 +545,19 @@ def _run(cells, seconds, progress, repeat, fio) -> dict:
             "fio": sorted(references, key=lambda r: (r["op"], r["bs"], r["qd"])),
             "page_cache": PAGE_CACHE,
             "domains": "runc containers made as drb up makes them; a fresh cell process and "
-                       "a fresh channel (or baseline plumbing) per cell",
+                       "a fresh channel (or baseline plumbing) per cell; with users above 1, "
+                       "one pair of that many user domains on one driver domain, the same cell "
+                       "in each user domain at once on its own extent",
             "monitor_ratio": monitor_ratios(runs)}
 
 
 def monitor_ratios(runs) -> list[dict]:
-    """Median IOPS with the monitor over median IOPS without, per cell."""
+    """Median IOPS with the monitor over median IOPS without, per cell (of
+    one user domain)."""
     by: dict = {}
     for r in runs:
+        if r.get("users", 1) != 1:
+            continue                    # one user domain's cells only
         cell = (r["transport"], r["op"], r["bs"], r["qd"])
         by.setdefault(cell, {}).setdefault(r["monitor"], []).append(r["iops"])
     out = []
@@ -473,19 +570,27 @@ def monitor_ratios(runs) -> list[dict]:
 
 
 def table(rep: dict) -> str:
-    head = (f"{'transport':<10}{'mon':<5}{'op':<10}{'bs':>8}{'qd':>4}{'IOPS':>11}{'MB/s':>9}"
+    head = (f"{'transport':<10}{'mon':<5}{'op':<10}{'bs':>8}{'qd':>4}{'U':>3}{'IOPS':>11}"
+            f"{'MB/s':>9}"
             f"{'p50 us':>9}{'p99 us':>9}{'p99.9 us':>10}{'sys/io U':>10}{'sys/io D':>10}"
             f"{'map/io':>8}")
     rows = [head]
     for r in rep["runs"]:
         lat, c = r["lat_us"], r["per_io"]
         rows.append(f"{r['transport']:<10}{'on' if r['monitor'] else 'off':<5}"
-                    f"{r['op']:<10}{r['bs']:>8}{r['qd']:>4}"
+                    f"{r['op']:<10}{r['bs']:>8}{r['qd']:>4}{r.get('users', 1):>3}"
                     f"{r['iops']:>11}{r['mb_s']:>9}{lat['p50']:>9.2f}{lat['p99']:>9.2f}"
                     f"{lat['p999']:>10.2f}{c['syscalls_user']:>10.3f}"
                     f"{c['syscalls_driver']:>10.3f}{c['map_ops']:>8.2f}")
+    for r in rep["runs"]:
+        if r.get("shares"):
+            rows.append(f"{r['transport']} {r['op']} bs={r['bs']} qd={r['qd']} in "
+                        f"{r['users']} user domains: {r['iops']} IOPS in all, per domain "
+                        f"{', '.join(map(str, r['shares']))}; smallest share / mean "
+                        f"{r['fairness']}   (target >= 0.5)")
     for f in rep.get("fio", []):
-        rows.append(f"{'fio':<10}{'-':<5}{f['op']:<10}{f['bs']:>8}{f['qd']:>4}{f['iops']:>11}"
+        rows.append(f"{'fio':<10}{'-':<5}{f['op']:<10}{f['bs']:>8}{f['qd']:>4}{'':>3}"
+                    f"{f['iops']:>11}"
                     f"{f['mb_s']:>9}{f['lat_us']['p50']:>9.2f}{f['lat_us']['p99']:>9.2f}")
     for m in rep.get("monitor_ratio", []):
         rows.append(f"monitor on/off median IOPS ({m['runs']} runs each), {m['transport']} "

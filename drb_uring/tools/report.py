@@ -81,7 +81,9 @@ def targets(rep: dict) -> list[dict]:
             return None
         v = r
         for k in key.split("."):
-            v = v[k]
+            v = v.get(k)              # older results lack the newer fields
+            if v is None:
+                return None
         return v
 
     def per_io_max(t, qd):
@@ -113,6 +115,8 @@ def targets(rep: dict) -> list[dict]:
          0.9, True),
         ("16 user domains on one driver domain, aggregate / one domain's IOPS", ">= 0.8",
          _ratio(many, one), 0.8, True),
+        ("16 user domains on one driver domain, smallest share / mean share", ">= 0.5",
+         get("drb", "randread", 4096, 32, "fairness", users=16), 0.5, True),
         ("monitor on / off, drb 4k randread qd1 and qd32 (worst)", ">= 0.9",
          min(mon) if mon else None, 0.9, True),
     ]
