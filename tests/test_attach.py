@@ -144,6 +144,45 @@ def test_pairing_runc_containers(containers):
     assert "drb_" not in tree
 
 
+def test_user_add_attaches_a_container_to_a_running_pair(containers):
+    """drb user add --attach PID: an existing container as one more user
+    domain of a pair drb made; drb user rm gives it back as it was."""
+    (ucid, upid), _ = containers
+    before = _in_theirs(ucid, "ls", "-a", "/run")
+    name = f"{PREFIX}-m"
+    drb("up", name, "--size", "16m", "--extent", "4m")
+    try:
+        out = drb("user", "add", name, "--attach", str(upid)).stdout
+        assert "added user1" in out and f"pid {upid}" in out, out
+        st = json.loads(drb("status", name, "--json").stdout)
+        u1 = st["domains"]["user1"]
+        assert u1["pid"] == upid and u1["runc_id"] is None and u1["extent"] == [4 << 20, 4 << 20]
+        proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "drb"), "exec",
+                               name, "user1", "--", "python3", "-c",
+                               CHANNEL.format(sock=st["socket"], linger=0)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        with open(st["device"], "rb") as f:     # at user1's extent, not at user0's
+            f.seek((4 << 20) + 4096)
+            assert f.read(15) == b"from-their-user"
+            f.seek(4096)
+            assert f.read(15) == bytes(15)
+        assert in_domain(name, "user1", "import socket; socket.socket()",
+                         check=False).returncode != 0
+        drb("user", "rm", name, "user1")
+        # Their container runs on, as it was; user0 too.
+        assert not dead(upid)
+        assert _in_theirs(ucid, "ls", "-a", "/run") == before
+        tree = subprocess.run(["bpftool", "cgroup", "show", u1["cgroup"]],
+                              capture_output=True, text=True).stdout
+        assert "drb_" not in tree
+        st = json.loads(drb("status", name, "--json").stdout)
+        assert st["users"] == ["user0"] and st["state"] == "up"
+    finally:
+        drb("down", name)
+    assert not dead(upid)
+
+
 def test_a_driver_container_that_cannot_run_the_worker():
     """Without python3 in the driver container drb up says why, and leaves
     nothing."""

@@ -328,3 +328,50 @@ def test_adding_a_user_domain_to_a_running_pair(pair):
     assert full.returncode == 1 and "no free extent of 8388608 bytes" in full.stderr, full.stderr
     assert json.loads(drb("status", name, "--json").stdout)["users"] == \
         ["user0", "user1", "user2"]
+
+
+def test_clear_errors_and_nothing_left(pair, tmp_path):
+    small = tmp_path / "small.img"
+    small.write_bytes(bytes(8 * MIB))
+    for args, said in ((["--users", "65"], "--users must be in [1, 64], got 65"),
+                       (["--size", "16m", "--users", "2", "--extent", "16m"],
+                        "2 user domains of --extent 16777216 bytes need 33554432 bytes; "
+                        "the device has 16777216"),
+                       (["--backing", str(small), "--users", "16"],
+                        "leaves less than 1 MiB each"),
+                       (["--size", "16m", "--extent", "1000k"], "multiple of 4k")):
+        proc = drb("up", f"{PREFIX}-x", *args, check=False)
+        assert proc.returncode == 1, args
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("drb: error: ")]
+        assert len(errors) == 1 and said in errors[0], (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert drb("status", f"{PREFIX}-x", check=False).returncode == 1
+    # A user domain that cannot be added leaves nothing of itself.
+    st = pair(f"{PREFIX}-h", "--size", "32m", "--users", "2", "--extent", "8m")
+    ids = json.load(open("/run/drb/ids.json"))[st["name"]]
+    bad = drb("user", "add", st["name"], "--attach", "999999999", check=False)
+    assert bad.returncode == 1 and "no such process" in bad.stderr, bad.stderr
+    after = json.loads(drb("status", st["name"], "--json").stdout)
+    assert after["users"] == ["user0", "user1"] and after["state"] == "up"
+    assert sorted(os.listdir(f"/run/drb/{st['name']}/users")) == ["user0", "user1"]
+    assert json.load(open("/run/drb/ids.json"))[st["name"]] == ids
+    for cmd, said in ((["user", "rm", st["name"], "driver"], "not a user domain: 'driver'"),
+                      (["user", "rm", st["name"]], "which user domain?"),
+                      (["user", "add", f"{PREFIX}-nope"], f"pair '{PREFIX}-nope' is not up")):
+        proc = drb(*cmd, check=False)
+        assert proc.returncode == 1 and said in proc.stderr, (cmd, proc.stderr)
+
+
+def test_a_dead_daemon_with_many_user_domains_is_cleaned_up(pair):
+    """drb down after the daemon was killed: every user domain's container,
+    cgroup and id range goes (the fixture checks the kernel's lists)."""
+    import signal
+    st = pair(f"{PREFIX}-k", "--size", "32m", "--users", "4")
+    os.kill(st["daemon_pid"], signal.SIGKILL)
+    assert wait_gone(lambda: "DOWN" in drb("status", st["name"]).stdout)
+    out = drb("down", st["name"]).stdout
+    for k in range(4):
+        assert f"removed container drb-{st['name']}-user{k}" in out, out
+    assert f"removed container drb-{st['name']}-driver" in out
+    for k in range(4):
+        assert not os.path.exists(st["domains"][f"user{k}"]["cgroup"])
