@@ -212,7 +212,8 @@ def exec_in(name: str, role: str, cmd: list[str], **kw) -> subprocess.Popen:
         raise PairError(f"pair {name!r} is not up")
     if role not in st["domains"]:
         have = ", ".join(r for r in domain_names(st) if r != "driver") or "none"
-        raise PairError(f"pair {name!r} has no user domain {role} (it has: {have})")
+        raise PairError(f"pair {name!r} has no user domain "
+                        f"{'user0' if role == 'user' else role} (it has: {have})")
     dm = st["domains"][role]
     if not domain_alive(st, role):
         raise PairError(f"the {role} domain of pair {name!r} (pid {dm['pid']}) is gone; "
