@@ -33,6 +33,7 @@ FDS_FOR = {
     "ok": (0, 1),             # the reply to "open" carries the task table when monitored
     "error": (0,),
     "failed": (0,),           # monitor -> user: the channel failed (reason)
+    "worker": (0,),           # monitor -> user: this worker (pid) serves the channel now
 }
 
 

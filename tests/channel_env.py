@@ -32,17 +32,26 @@ class BrokerProc:
     the real worker (through the broker's spawn hook)."""
 
     def __init__(self, tmp_path, size=256 << 20, o_direct=False, device=None,
-                 enforce=True, rogue=None, limits=None):
+                 enforce=True, rogue=None, limits=None, tenants=0):
+        """tenants=N: N user domains, each on its own socket (sock_paths)
+        with an equal share of the device (extents)."""
         self.sock_path = str(tmp_path / "monitor.sock")
+        share = size // max(tenants, 1) // (1 << 20) << 20
+        self.extents = [(k * share, share) for k in range(tenants)]
+        self.sock_paths = [str(tmp_path / f"user{k}.sock") for k in range(tenants)]
         self.control_path = str(tmp_path / "control.sock")
         self.backing = str(tmp_path / "backing")
         self.log = open(tmp_path / "broker.log", "w+")
         if not device:
             with open(self.backing, "wb") as f:
                 f.truncate(size)
-        spec = BrokerSpec(socket=self.sock_path, control=self.control_path,
+        spec = BrokerSpec(socket=None if tenants else self.sock_path,
+                          control=self.control_path,
                           device=device or self.backing, o_direct=o_direct, enforce=enforce,
-                          limits=limits or {})
+                          limits=limits or {},
+                          tenants=[{"name": f"user{k}", "socket": p, "extent": list(e)}
+                                   for k, (p, e) in enumerate(zip(self.sock_paths,
+                                                                  self.extents))])
         if rogue:
             argv = [sys.executable, os.path.join(HELPERS, "broker_with_rogue.py"), rogue,
                     spec.to_json()]

@@ -75,16 +75,26 @@ class Limits(Spec):
 class BrokerSpec(Spec):
     """A broker started as its own process (python -m drb_uring.channel.broker)."""
 
-    socket: str                    # for user sides
+    socket: str | None             # for the user side of the one user domain, or None
     control: str | None = None     # for the host only: trace
     device: str | None = None      # opened here, on the host (tests and benchmarks)
     o_direct: bool = False
     worker_spin_ns: int = ring.DEFAULT_SPIN_NS
     enforce: bool = True
     limits: dict = dataclasses.field(default_factory=dict)
+    # Or several user domains: [{"name", "socket", "extent": [base, size]}]
+    tenants: list = dataclasses.field(default_factory=list)
+    worker_cpus: list = dataclasses.field(default_factory=list)   # [] = any
 
     def check(self) -> None:
         Limits.from_dict(self.limits)
+        if bool(self.socket) == bool(self.tenants):
+            raise SpecError("a broker serves either one socket or a list of user domains")
+        for t in self.tenants:
+            if not (isinstance(t, dict) and isinstance(t.get("name"), str)
+                    and isinstance(t.get("socket"), str) and isinstance(t.get("extent"), list)
+                    and len(t["extent"]) == 2):
+                raise SpecError(f"bad user domain {t!r}: name, socket, extent [base, size]")
 
 
 class Device:
@@ -366,6 +376,8 @@ class Broker:
             timeout = min(timeout, 0.05)
         for key, events in self.sel.select(timeout=timeout):
             kind, obj = key.data
+            if self.sel.get_map().get(key.fd) is not key:
+                continue        # unregistered by an earlier event of this batch
             try:
                 if kind == "listen":
                     conn, _ = key.fileobj.accept()
@@ -662,6 +674,9 @@ class Broker:
             self._retire(old)
         t.worker = w
         t.workers.append(w)
+        for ch in chans:
+            if ch is not new and ch.peer is not None and not ch.closing:
+                ch.peer.send({"op": "worker", "pid": pid})
         self.sel.register(w.pidfd, selectors.EVENT_READ, ("worker", (t, w)))
         self.sel.register(w.report_r, selectors.EVENT_READ, ("report", (t, w)))
 
@@ -848,9 +863,12 @@ def serve(spec: BrokerSpec, spawn: SpawnFn = spawn_plain) -> int:
     try:
         broker = Broker(spec.socket, control=spec.control, worker_spin_ns=spec.worker_spin_ns,
                         enforce=spec.enforce, spawn=spawn,
-                        limits=Limits.from_dict(spec.limits))
+                        limits=Limits.from_dict(spec.limits),
+                        worker_cpus=spec.worker_cpus or None)
         if spec.device:
             broker.open_device(spec.device, spec.o_direct)
+        for t in spec.tenants:
+            broker.add_tenant(t["name"], t["socket"], tuple(t["extent"]))
     except (DrbError, OSError) as e:
         print(f"drb-broker: {e}", file=sys.stderr)
         return 1

@@ -138,7 +138,7 @@ class Channel:
             self.size = reply["extent_size"]
             # O_DIRECT devices take offsets and lengths in multiples of this.
             self.align = reply.get("align") or 1
-            self.worker_pid = reply["worker_pid"]
+            self._worker_pid = reply["worker_pid"]
             self.id = reply["channel"]
             self.end.watch_fd = self.sock.fileno()
             self.pool = memoryview(self.end.pool_buffer())
@@ -177,9 +177,21 @@ class Channel:
             req._fail(exc)
         self.inflight.clear()
 
+    @property
+    def worker_pid(self) -> int:
+        """The pid of the worker serving this channel now (one per user
+        domain; the monitor says when a new one takes over)."""
+        while not self.failed and not self.closed and _readable([self.sock]):
+            try:
+                self._hear_monitor()
+            except ChannelFailed:
+                break
+        return self._worker_pid
+
     def _hear_monitor(self) -> None:
-        """The control connection became readable: the monitor reports a
-        failure, or it is gone."""
+        """The control connection became readable: the monitor says which
+        worker serves the channel now (returns), reports a failure, or is
+        gone (both raise ChannelFailed)."""
         try:
             msg, fds = protocol.recv(self.sock)
             protocol.close_fds(fds)
@@ -187,6 +199,9 @@ class Channel:
             msg = {"op": "failed", "reason": f"control connection broke: {e}"}
         if msg is None:
             msg = {"op": "failed", "reason": "the monitor closed the channel"}
+        if msg.get("op") == "worker" and isinstance(msg.get("pid"), int):
+            self._worker_pid = msg["pid"]
+            return
         self._fail(msg.get("reason", f"unexpected message {msg.get('op')!r}"))
         raise ChannelFailed(self.failed)
 
@@ -198,6 +213,7 @@ class Channel:
         except OSError as e:
             if e.errno == errno.EPIPE:
                 self._hear_monitor()
+                return 0            # a notice: wait again
             raise
         raw = self.end.pop()
         done = []
@@ -208,7 +224,7 @@ class Channel:
             # with a clean status here, what was copied above is the device's.
             code = self.end.channel_failed()
             if code:
-                raise self._broken(f"monitor killed backend worker {self.worker_pid}: "
+                raise self._broken(f"monitor killed backend worker {self._worker_pid}: "
                                    f"{tasks.REASONS.get(code, code)}")
         except ChannelFailed as e:
             for req, _, _, _ in done:
@@ -235,19 +251,19 @@ class Channel:
         busy = self.end.release_task(slot)
         if busy:
             # The slot is never used again: the kernel may still write it.
-            raise self._broken(f"worker {self.worker_pid} answered for slot {slot} while the "
+            raise self._broken(f"worker {self._worker_pid} answered for slot {slot} while the "
                                f"kernel still had {busy} request(s) on it")
         if res > want:
             raise self._broken(f"worker answered {res} bytes for a request of {want}")
         before = self.moved_before.get(slot, -1)
         if req.op == OP_FSYNC:
             if res >= 0 and before >= 0 and self.end.flushes_done() == before:
-                raise self._broken(f"worker {self.worker_pid} answered a flush the kernel "
+                raise self._broken(f"worker {self._worker_pid} answered a flush the kernel "
                                    "never ran")
         elif res >= 0 and before >= 0:
             moved = (self.end.task_moved(slot) - before) & 0xFFFFFFFF
             if moved != res:
-                raise self._broken(f"worker {self.worker_pid} answered {res} bytes for slot "
+                raise self._broken(f"worker {self._worker_pid} answered {res} bytes for slot "
                                    f"{slot}; the kernel moved {moved}")
         if req.op == OP_READ_FIXED and res > 0 and req.buf is None:
             req.lent_slot = slot        # zero copy: the slot stays lent out
@@ -452,7 +468,7 @@ class Channel:
         # while it was lent.
         code = self.end.channel_failed()
         if code:
-            raise self._broken(f"monitor killed backend worker {self.worker_pid}: "
+            raise self._broken(f"monitor killed backend worker {self._worker_pid}: "
                                f"{tasks.REASONS.get(code, code)}")
 
     def file(self) -> "ChannelFile":

@@ -130,9 +130,15 @@ class PairConfig(Spec):
     user_io_uring: bool = False
     users: int = 1                      # user domains user0 .. user{N-1}
     extent: int | None = None           # bytes of the device per user domain (default: split)
+    # CPUs the driver domain's workers (one per user domain) may run on: the
+    # first N this host gives the daemon; 0 = any.
+    driver_cpus: int = 1
 
     def check(self) -> None:
         check_name(self.name)
+        if not 0 <= self.driver_cpus <= 1024:
+            raise SpecError(f"--driver-cpus must be in [0, 1024] (0: any), got "
+                            f"{self.driver_cpus}")
         if self.backing is not None and self.blockdev is not None:
             raise SpecError("--backing and --blockdev exclude each other")
         if self.size < MIN_SIZE:

@@ -315,6 +315,16 @@ class Pair:
             time.sleep(0.005)
         return child, child.pid
 
+    def _driver_cpus(self) -> list[int] | None:
+        n = self.cfg.driver_cpus
+        if not n:
+            return None
+        mine = sorted(os.sched_getaffinity(0))
+        if n > len(mine):
+            raise PairError(f"--driver-cpus {n}: this host gives the pair only "
+                            f"{len(mine)} CPUs")
+        return mine[:n]
+
     def up(self) -> None:
         a = self.cfg
         dev_path, block = self._device_path()
@@ -338,6 +348,7 @@ class Pair:
                                  **({"worker_spin_ns": a.worker_spin_ns}
                                     if a.worker_spin_ns is not None else {}),
                                  limits=self._limits(),
+                                 worker_cpus=self._driver_cpus(),
                                  host_ops={"user_add": self._op_user_add,
                                            "user_rm": self._op_user_rm,
                                            "users": self._op_users})

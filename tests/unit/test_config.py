@@ -58,11 +58,28 @@ def test_spec_parser_trusts_nothing():
 
 
 def test_worker_spec_never_carries_the_pool():
-    spec = dict(ring_fd=3, params="00", pool_base=0, ring_fds=[4, 5, -1, 6, 7], extent_base=0,
-                extent_size=4096, align=0, spin_ns=0)
-    assert WorkerSpec.from_json(json.dumps(spec)).ring_fds[2] == -1
+    chan = dict(id=1, ring_fd=30, params="00", pool_base=0, ring_fds=[31, 32, -1, 33, 34],
+                extent_base=0, extent_size=4096, align=0)
+    spec = dict(channels=[chan], ctl_fd=20, report_fd=21, gate_fd=-1, hold_fd=22, spin_ns=0)
+    assert WorkerSpec.from_json(json.dumps(spec)).channel_specs()[0].ring_fds[2] == -1
     with pytest.raises(SpecError, match="never the pool"):
-        WorkerSpec.from_dict({**spec, "ring_fds": [4, 5, 8, 6, 7]})
+        WorkerSpec.from_dict({**spec, "channels": [{**chan, "ring_fds": [31, 32, 8, 33, 34]}]})
+
+
+def test_worker_spec_places_its_fds_in_the_order_it_lists_them():
+    chans = [dict(id=k, ring_fd=30 + 10 * k, params="00", pool_base=0,
+                  ring_fds=[31 + 10 * k, 32 + 10 * k, -1, 33 + 10 * k, 34 + 10 * k],
+                  extent_base=0, extent_size=4096, align=0) for k in range(2)]
+    spec = WorkerSpec(channels=chans, ctl_fd=20, report_fd=21, gate_fd=23, hold_fd=22,
+                      spin_ns=0)
+    fds = spec.fds()
+    assert fds == [20, 21, 23, 22, 30, 31, 32, 33, 34, 40, 41, 42, 43, 44]
+    placed = spec.placed(3)
+    # What the worker reads at 3, 4, ... is what the broker listed there.
+    assert placed.fds() == list(range(3, 3 + len(fds)))
+    assert [placed.ctl_fd, placed.report_fd, placed.gate_fd, placed.hold_fd] == [3, 4, 5, 6]
+    first = spec.replace(gate_fd=-1).placed(3)
+    assert first.gate_fd == -1 and first.fds() == list(range(3, 3 + len(fds) - 1))
 
 
 def test_nested_types_are_checked():
