@@ -34,6 +34,7 @@ FDS_FOR = {
     "error": (0,),
     "failed": (0,),           # monitor -> user: the channel failed (reason)
     "worker": (0,),           # monitor -> user: this worker (pid) serves the channel now
+    "restarted": (0,),        # monitor -> user: the worker died; this one took over
 }
 
 

@@ -56,7 +56,7 @@ def broker(tmp_path, no_fd_leak):
 
 def test_a_client_that_never_reads_is_dropped_not_waited_for(broker):
     m = broker()
-    victim = Channel(m.sock_path, 1 << 20, geometry=GEO)
+    victim = Channel(m.sock_path, 1 << 20, geometry=GEO, reconnect=False)
     silent = _connect(m.sock_path)
     sent = [0]
 
@@ -98,7 +98,7 @@ def test_bad_messages_get_a_reply(broker, body, words):
 
 def test_channels_past_the_limit(broker):
     m = broker(limits={"channels": 3})
-    chans = [Channel(m.sock_path, 1 << 20, geometry=GEO) for _ in range(3)]
+    chans = [Channel(m.sock_path, 1 << 20, geometry=GEO, reconnect=i != 0) for i in range(3)]
     try:
         with pytest.raises(protocol.ProtocolError,
                            match="limit reached: 3 channels per user domain"):

@@ -148,12 +148,14 @@ def test_grant_ring_refuses_what_is_not_fixed_buffer_io(tmp_path, no_fd_leak):
 
 
 def test_killed_worker_fails_pending_calls_fast(monitor):
-    ch = Channel(monitor.sock_path, EXTENT, geometry=GEO)
+    """Without reconnect, a worker's death fails the channel at once (with
+    it, see test_worker_restart.py)."""
+    ch = Channel(monitor.sock_path, EXTENT, geometry=GEO, reconnect=False)
     try:
         os.kill(ch.worker_pid, signal.SIGSTOP)        # keep the requests in flight
         reqs = [ch.submit_read(i * 4096, 4096) for i in range(32)]
         os.kill(ch.worker_pid, signal.SIGKILL)
-        with pytest.raises(ChannelFailed, match="killed by signal 9"):
+        with pytest.raises(ChannelFailed, match="killed by signal 9 .reconnect=False"):
             reqs[0].result(timeout=1.0)
         for r in reqs[1:]:
             with pytest.raises(ChannelFailed):
@@ -162,7 +164,7 @@ def test_killed_worker_fails_pending_calls_fast(monitor):
             ch.pread(0, 10)
     finally:
         ch.close()
-    assert "channel 1 failed: backend worker" in monitor.log_text()
+    assert "killed by signal 9; starting another" in monitor.log_text()
 
 
 def test_closed_channel_refuses_calls(monitor):

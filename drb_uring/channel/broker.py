@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import logging
+import mmap
 import os
 import selectors
 import signal
@@ -36,6 +37,7 @@ from drb_uring.channel import _grant, _worker
 from drb_uring.channel.extents import ExtentError, Extents
 from drb_uring.channel.worker import ChannelSpec, WorkerSpec
 from drb_uring.enforce import tasks
+from drb_uring.ring import layout as L
 from drb_uring.errors import DrbError
 from drb_uring.spec import Spec, SpecError
 
@@ -44,6 +46,12 @@ log = logging.getLogger("drb.broker")
 BLKGETSIZE64 = 0x80081272
 WORKER_STOP_GRACE = 1.0    # seconds between SIGTERM and SIGKILL
 WORKER_START_GRACE = 30.0  # for a worker told to stop before it could hear it
+# A worker that dies (not stopped by the monitor) is replaced, after a pause
+# that doubles each time; more deaths than this within the window fail every
+# channel of its user domain instead of looping.
+RESTART_LIMIT = 5
+RESTART_WINDOW = 60.0
+RESTART_PAUSE = 0.05
 
 # spawn(spec, fds) -> (a process to watch, the pid of the worker itself): the
 # worker inherits `fds`, which the spec names.
@@ -207,6 +215,10 @@ class Tenant:
         self.channels: dict[int, BrokerChannel] = {}
         self.worker: WorkerProc | None = None
         self.workers: list[WorkerProc] = []     # the current one and any retiring
+        self.deaths: list[float] = []           # when its workers died, recently
+        self.restart_at = 0.0                   # when the next worker starts after one died
+        self.consumed: dict[int, int] = {}      # channel -> request ring head the dead one left
+        self.death = ""                         # how the last one died
 
     def extents_of(self, device: "Device") -> Extents:
         if self.extents is None:
@@ -214,6 +226,12 @@ class Tenant:
                 self.extent = (0, device.size)
             self.extents = Extents(self.extent[1], device.align or 1)
         return self.extents
+
+
+def _request_head(ctl_driver: int) -> int:
+    """The request ring's head as the driver left it (its own page)."""
+    with mmap.mmap(ctl_driver, mmap.PAGESIZE, prot=mmap.PROT_READ) as m:
+        return struct.unpack_from("<I", m, L.OFF_SQ_HEAD)[0]
 
 
 def spawn_plain(spec: WorkerSpec, fds: list[int]) -> tuple[subprocess.Popen, int]:
@@ -372,7 +390,8 @@ class Broker:
     def _step(self, timeout: float) -> None:
         """One round of the loop: whatever is ready within `timeout`, then
         the workers whose grace period ran out."""
-        if any(w.kill_at for w in self._all_workers()):
+        if any(w.kill_at for w in self._all_workers()) or any(
+                t.restart_at for t in self.tenants.values()):
             timeout = min(timeout, 0.05)
         for key, events in self.sel.select(timeout=timeout):
             kind, obj = key.data
@@ -400,6 +419,14 @@ class Broker:
             except Exception:   # one bad party must not take the broker down
                 log.exception("while handling %s", kind)
         now = time.monotonic()
+        for t in list(self.tenants.values()):
+            if t.restart_at and now >= t.restart_at:
+                try:
+                    self._start_worker(t)
+                except Exception as e:      # noqa: BLE001 - told to every channel
+                    log.exception("user domain %s: no worker could be started", t.name)
+                    self._fail_tenant(t, f"backend worker died and none could be started "
+                                         f"again: {e}")
         for w in self._all_workers():
             if w.kill_at and now >= w.kill_at and w.proc.poll() is None:
                 log.warning("worker %d ignored SIGTERM; killing it", w.pid)
@@ -642,9 +669,10 @@ class Broker:
         rep_r, rep_w = os.pipe()
         gate_r, hold_w = os.pipe()
         align = self.device.align
+        restarted = bool(t.restart_at)
         spec = WorkerSpec(channels=[ch.spec(align).to_dict() for ch in chans],
                           ctl_fd=ctl_r, report_fd=rep_w, gate_fd=old.gate_r if old else -1,
-                          hold_fd=hold_w, spin_ns=self.worker_spin_ns)
+                          hold_fd=hold_w, spin_ns=self.worker_spin_ns, restarted=restarted)
         try:
             proc, pid = self.spawn(spec, spec.fds())
         except BaseException:
@@ -674,9 +702,21 @@ class Broker:
             self._retire(old)
         t.worker = w
         t.workers.append(w)
+        t.restart_at = 0.0
         for ch in chans:
-            if ch is not new and ch.peer is not None and not ch.closing:
+            if ch is new or ch.peer is None or ch.closing:
+                continue
+            if restarted:
+                # What the dead worker had taken from the request ring: the
+                # user side settles those requests itself (see the client).
+                ch.peer.send({"op": "restarted", "pid": pid, "why": t.death,
+                              "consumed": t.consumed.get(ch.id, 0)})
+            else:
                 ch.peer.send({"op": "worker", "pid": pid})
+        if restarted:
+            t.consumed = {}
+            log.warning("user domain %s: worker %d took over from the one that died",
+                        t.name, pid)
         self.sel.register(w.pidfd, selectors.EVENT_READ, ("worker", (t, w)))
         self.sel.register(w.report_r, selectors.EVENT_READ, ("report", (t, w)))
 
@@ -756,8 +796,9 @@ class Broker:
                 if ch.closing and (nxt is None or ch.id not in nxt.cids):
                     self._finish(ch, ch.fail_reason)
             return
-        # A worker died with channels in its hands: what it had in flight
-        # is lost, so every channel of the user domain fails, and says why.
+        # A worker died with channels in its hands. Stopped by the monitor:
+        # every channel of the user domain fails, and says why; it is not
+        # restarted behind the user's back.
         how = f"killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
         if rc == 137:     # a stand-in in the driver domain reports 128 + signal
             how = "killed by signal 9"
@@ -770,6 +811,16 @@ class Broker:
         for wk in list(t.workers):
             self._kill(wk)
             self._forget(t, wk)
+        now = time.monotonic()
+        t.deaths = [d for d in t.deaths if now - d < RESTART_WINDOW] + [now]
+        if not violations and t.channels and self.enforcer is not None:
+            if len(t.deaths) <= RESTART_LIMIT:
+                self._schedule_restart(t, w.pid, how, now)
+                return
+            give_up = (f"backend worker {w.pid} {how}, the {len(t.deaths)}th death in "
+                       f"{RESTART_WINDOW:.0f} s: not started again")
+        else:
+            give_up = None
         for ch in list(t.channels.values()):
             if ch.id in violations:
                 reason = f"monitor killed backend worker {w.pid}: {violations[ch.id]}"
@@ -779,9 +830,27 @@ class Broker:
                           f"violation on channel {first} of the same user domain "
                           f"({violations[first]})")
             else:
-                reason = ch.fail_reason or f"backend worker {w.pid} {how}"
+                reason = ch.fail_reason or give_up or f"backend worker {w.pid} {how}"
             log.error("channel %d failed: %s", ch.id, reason)
             self._finish(ch, reason)
+
+    def _schedule_restart(self, t: Tenant, pid: int, how: str, now: float) -> None:
+        """The next worker, after a pause that doubles with each recent
+        death. What the dead one took from each request ring is read now,
+        before anyone drives the rings again."""
+        for ch in list(t.channels.values()):
+            if ch.closing:
+                self._finish(ch, ch.fail_reason)     # the kernel is done with it
+                continue
+            t.consumed[ch.id] = _request_head(ch.ring_fds[1])
+        if not t.channels:
+            t.consumed = {}
+            return
+        t.death = f"backend worker {pid} {how}"
+        t.restart_at = now + RESTART_PAUSE * 2 ** (len(t.deaths) - 1)
+        log.error("user domain %s: backend worker %d %s; starting another (death %d of at "
+                  "most %d in %.0f s)", t.name, pid, how, len(t.deaths), RESTART_LIMIT,
+                  RESTART_WINDOW)
 
     def _fail_tenant(self, t: Tenant, reason: str | None) -> None:
         """Stop every worker of the user domain and finish all its channels."""

@@ -104,9 +104,15 @@ class Channel:
     """A channel to the device's extent that the monitor gave us."""
 
     def __init__(self, socket_path: str, size: int, *, geometry: L.Geometry | None = None,
-                 spin_ns: int = ring.DEFAULT_SPIN_NS):
+                 spin_ns: int = ring.DEFAULT_SPIN_NS, reconnect: bool = True):
+        """reconnect: when the worker dies (not stopped by the monitor) and
+        another takes over, carry on (see _resume); False: fail instead."""
         self.closed = True
         self.failed: str | None = None
+        self.reconnect = reconnect
+        self.restarts = 0                   # workers that died under this channel
+        self.posted_at: dict[int, int] = {}     # slot -> its request's place in the ring
+        self.posted_off: dict[int, int] = {}    # slot -> its request's device offset
         self.geometry = geometry or L.Geometry()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
@@ -202,8 +208,61 @@ class Channel:
         if msg.get("op") == "worker" and isinstance(msg.get("pid"), int):
             self._worker_pid = msg["pid"]
             return
+        if (msg.get("op") == "restarted" and isinstance(msg.get("pid"), int)
+                and isinstance(msg.get("consumed"), int)):
+            dead = self._worker_pid
+            self._worker_pid = msg["pid"]
+            self._resume(str(msg.get("why") or f"backend worker {dead} died"),
+                         msg["consumed"] & 0xFFFFFFFF)
+            return
         self._fail(msg.get("reason", f"unexpected message {msg.get('op')!r}"))
         raise ChannelFailed(self.failed)
+
+    def _resume(self, why: str, consumed: int) -> None:
+        """The worker died and another took the rings over. Requests still
+        in the request ring (at or past `consumed`) the new one serves. Each
+        request the dead one had taken is settled from the kernel's own
+        counts, never from a worker's word: done (the monitor saw all its
+        bytes move, or its flush succeed) is answered as done; anything else
+        (never run, failed, cut short) is posted again whole, reads and
+        writes alike: the same bytes to the same place."""
+        if not self.reconnect or self.tasks is None:
+            what = "reconnect=False" if not self.reconnect else "the channel is unmonitored"
+            self._fail(f"{why} ({what}: not carried on with worker {self._worker_pid})")
+            raise ChannelFailed(self.failed)
+        self.restarts += 1
+        settled, again = [], []
+        for slot, (req, pos, want) in list(self.inflight.items()):
+            if ((self.posted_at[slot] - consumed) & 0xFFFFFFFF) < 0x80000000:
+                continue                    # still queued: the new worker has it
+            if self.end.task_inflight(slot):
+                raise self._broken(f"{why}, and the kernel still had a request on "
+                                   f"slot {slot}")
+            before = self.moved_before[slot]
+            tag = self.gen[slot] << SLOT_BITS | slot
+            if req.op == OP_FSYNC:
+                if self.end.flushes_done() != before:
+                    settled.append(self._take(tag, 0))
+                else:
+                    again.append(slot)
+                continue
+            moved = (self.end.task_moved(slot) - before) & 0xFFFFFFFF
+            if moved == want:
+                settled.append(self._take(tag, want))
+            elif moved < want:
+                # Never run, failed, or cut short by the death (a short
+                # read or write is no answer to give the caller for it):
+                # posted again whole, the same bytes to the same place.
+                again.append(slot)
+            else:
+                raise self._broken(f"{why}; the kernel moved {moved} bytes on slot {slot} "
+                                   f"for a request of {want}")
+        for slot in again:
+            req, pos, want = self.inflight.pop(slot)
+            req.pending -= 1
+            self._post(req, slot, req.op, self.posted_off[slot], pos, want, True)
+        for req, pos, want, res in settled:
+            req._piece_done(pos, want, res)
 
     def _reap(self, timeout: float | None) -> int:
         """Handle responses; wait up to `timeout` for at least one."""
@@ -300,12 +359,17 @@ class Channel:
         # must come back with this grown by n (see _take).
         self.moved_before[slot] = (self.end.task_moved(slot) if op != OP_FSYNC
                                    else self.end.flushes_done())
-        while not self.end.post(op, slot if op != OP_FSYNC else 0, 0, n, off, tag):
+        while True:
+            at = self.end.indexes[0]
+            if self.end.post(op, slot if op != OP_FSYNC else 0, 0, n, off, tag):
+                break
             self._check()
             if not wait:
                 self.free.append(slot)
                 raise BlockingIOError(errno.EAGAIN, "the request ring is full")
             self._reap(None)
+        self.posted_at[slot] = at
+        self.posted_off[slot] = off
         self.inflight[slot] = (req, pos, n)
         req.pending += 1
 

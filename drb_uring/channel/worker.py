@@ -58,6 +58,7 @@ class WorkerSpec(Spec):
     gate_fd: int               # -1, or a pipe that ends when the previous worker is gone
     hold_fd: int               # held for life: the next worker's gate
     spin_ns: int
+    restarted: bool = False    # the previous worker died: drop its completions
 
     def check(self) -> None:
         for c in self.channels:
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         end = ring.attach(ring.PeerFds.from_list(c.ring_fds), spin_ns=spec.spin_ns,
                           map_pool=False, seal=False)
         loop.add(end, c.id, c.ring_fd, bytes.fromhex(c.params), c.pool_base,
-                 c.extent_base, c.extent_size, c.align)
+                 c.extent_base, c.extent_size, c.align, spec.restarted)
     confine()
     try:
         rc = loop.serve(bool(told))

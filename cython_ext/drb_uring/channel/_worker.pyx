@@ -168,9 +168,12 @@ cdef class WorkerLoop:
         self.report_fd = report_fd
 
     def add(self, DriverEnd end, uint32_t cid, int ring_fd, bytes params, uint64_t pool_base,
-            uint64_t extent_base, uint64_t extent_size, uint32_t align):
+            uint64_t extent_base, uint64_t extent_size, uint32_t align, bint discard=False):
         """Serve one more channel: its ring end and its grant ring (which may
-        have been driven by an earlier worker: its indexes are taken over)."""
+        have been driven by an earlier worker: its indexes are taken over).
+        `discard`: the earlier worker died; the completions of its requests
+        are dropped (the user side settles those requests from the
+        monitor's counts)."""
         cdef io_uring_params p
         cdef unsigned i
         cdef chan_t *c
@@ -195,6 +198,8 @@ cdef class WorkerLoop:
             c.ring.sq.array[i] = i
         c.ring.sq.sqe_head = c.ring.sq.ktail[0]
         c.ring.sq.sqe_tail = c.ring.sq.ktail[0]
+        if discard:
+            io_uring_cq_advance(&c.ring, io_uring_cq_ready(&c.ring))
         c.prod = &end.prod
         c.cons = &end.cons
         c.waiter = &end.waiter

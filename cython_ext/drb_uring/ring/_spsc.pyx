@@ -14,7 +14,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 
-from drb_uring.includes.atomic cimport drb_store_relaxed, drb_fence, drb_now_ns
+from drb_uring.includes.atomic cimport drb_store_relaxed, drb_load_relaxed, drb_fence, drb_now_ns
 from drb_uring.enforce.tasks cimport (drb_task, task_post, task_release, task_reaped,
                                       task_moved, task_table_failed, DRB_HIST_BUCKETS,
                                       DRB_STATUS_ENTRY)
@@ -435,6 +435,14 @@ cdef class UserEnd(RingEnd):
         if self.tasks != NULL and slot < self.ntasks:
             task_reaped(&self.tasks[slot], self.reap_hist, drb_now_ns())
             return task_release(&self.tasks[slot])
+        return 0
+
+    def task_inflight(self, unsigned short slot):
+        """Requests on the slot the kernel has now, as the monitor counts
+        them (0 without a task table); the task stays as it is."""
+        if self.tasks != NULL and slot < self.ntasks:
+            drb_fence()
+            return drb_load_relaxed(&self.tasks[slot].inflight)
         return 0
 
     def task_moved(self, unsigned short slot):
