@@ -26,6 +26,7 @@ MAX_FDS = 8
 FDS_FOR = {
     "open": (5,),             # user side: ring fds (ctl_user ro, ctl_driver, pool, 2 eventfds)
     "close": (0,),
+    "resumed": (0,),          # user -> monitor: took up the new monitor's task table
     "trace": (0,),            # the host only (control socket): histograms and counters
     "user_add": (0,),         # the host only: a user domain more (drb user add)
     "user_rm": (0,),          # the host only: one user domain less (drb user rm)
@@ -34,7 +35,8 @@ FDS_FOR = {
     "error": (0,),
     "failed": (0,),           # monitor -> user: the channel failed (reason)
     "worker": (0,),           # monitor -> user: this worker (pid) serves the channel now
-    "restarted": (0,),        # monitor -> user: the worker died; this one took over
+    "restarted": (0, 1),      # monitor -> user: the worker died; this one took over
+                              # (with a new task table when the monitor came back)
 }
 
 

@@ -32,7 +32,7 @@ class BrokerProc:
     the real worker (through the broker's spawn hook)."""
 
     def __init__(self, tmp_path, size=256 << 20, o_direct=False, device=None,
-                 enforce=True, rogue=None, limits=None, tenants=0):
+                 enforce=True, rogue=None, limits=None, tenants=0, monitor_restart=False):
         """tenants=N: N user domains, each on its own socket (sock_paths)
         with an equal share of the device (extents)."""
         self.sock_path = str(tmp_path / "monitor.sock")
@@ -48,7 +48,7 @@ class BrokerProc:
         spec = BrokerSpec(socket=None if tenants else self.sock_path,
                           control=self.control_path,
                           device=device or self.backing, o_direct=o_direct, enforce=enforce,
-                          limits=limits or {},
+                          limits=limits or {}, monitor_restart=monitor_restart,
                           tenants=[{"name": f"user{k}", "socket": p, "extent": list(e)}
                                    for k, (p, e) in enumerate(zip(self.sock_paths,
                                                                   self.extents))])

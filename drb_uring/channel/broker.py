@@ -52,6 +52,7 @@ WORKER_START_GRACE = 30.0  # for a worker told to stop before it could hear it
 RESTART_LIMIT = 5
 RESTART_WINDOW = 60.0
 RESTART_PAUSE = 0.05
+RESUME_GRACE = 5.0         # for a user side to take up a new monitor's task table
 
 # spawn(spec, fds) -> (a process to watch, the pid of the worker itself): the
 # worker inherits `fds`, which the spec names.
@@ -93,6 +94,7 @@ class BrokerSpec(Spec):
     # Or several user domains: [{"name", "socket", "extent": [base, size]}]
     tenants: list = dataclasses.field(default_factory=list)
     worker_cpus: list = dataclasses.field(default_factory=list)   # [] = any
+    monitor_restart: bool = False
 
     def check(self) -> None:
         Limits.from_dict(self.limits)
@@ -144,6 +146,7 @@ class BrokerChannel:
         self.ring_fd = -1
         self.params = b""
         self.pool_base = 0
+        self.geo: ring.Geometry | None = None
         self.ring_fds: list[int] = []     # ctl_user, ctl_driver, -1, user_efd, driver_efd
         self.gid = 0            # the channel's id in the host's eBPF maps
         self.closing = False
@@ -185,8 +188,15 @@ class WorkerProc:
         self.termed = False
 
     def ask_drop(self, cid: int) -> None:
+        self._tell(cid)
+
+    def ask_go(self, cid: int) -> None:
+        """A held channel may be served now."""
+        self._tell(cid | GO_BIT)
+
+    def _tell(self, word: int) -> None:
         try:
-            os.write(self.ctl_w, struct.pack("<I", cid))
+            os.write(self.ctl_w, struct.pack("<I", word))
         except OSError:             # it is gone; its exit finishes the channel
             pass
 
@@ -198,6 +208,7 @@ class WorkerProc:
 
 REPORT = struct.Struct("<Ii")      # the worker's report_t
 READY_ID = 0xFFFFFFFF              # its first report: it hears SIGTERM now
+GO_BIT = 1 << 31                   # in a control word: serve this held channel (else drop it)
 
 
 class Tenant:
@@ -219,6 +230,10 @@ class Tenant:
         self.restart_at = 0.0                   # when the next worker starts after one died
         self.consumed: dict[int, int] = {}      # channel -> request ring head the dead one left
         self.death = ""                         # how the last one died
+        # After the monitor came back: the new worker holds each channel
+        # until its user side has taken up its new task table.
+        self.awaiting: set[int] = set()
+        self.resume_deadline = 0.0
 
     def extents_of(self, device: "Device") -> Extents:
         if self.extents is None:
@@ -251,8 +266,12 @@ class Broker:
                  worker_spin_ns: int = ring.DEFAULT_SPIN_NS, spawn: SpawnFn = spawn_plain,
                  enforce: bool = True, limits: Limits | None = None,
                  host_ops: dict[str, Callable[[dict], dict]] | None = None,
-                 worker_cpus: list[int] | None = None):
+                 worker_cpus: list[int] | None = None, monitor_restart: bool = False):
         self.control_path = control
+        # Bring a monitor that died back, and carry the channels on under it.
+        self.monitor_restart = monitor_restart
+        self.monitor_deaths: list[float] = []
+        self.monitor_retry_at = 0.0
         self.limits = limits or Limits()
         # Without enforcement no task table exists and nothing checks what a
         # worker submits. Turning it off is loud on purpose.
@@ -390,7 +409,8 @@ class Broker:
     def _step(self, timeout: float) -> None:
         """One round of the loop: whatever is ready within `timeout`, then
         the workers whose grace period ran out."""
-        if any(w.kill_at for w in self._all_workers()) or any(
+        if self.monitor_retry_at or any(t.awaiting for t in self.tenants.values()) or any(
+                w.kill_at for w in self._all_workers()) or any(
                 t.restart_at for t in self.tenants.values()):
             timeout = min(timeout, 0.05)
         for key, events in self.sel.select(timeout=timeout):
@@ -419,7 +439,11 @@ class Broker:
             except Exception:   # one bad party must not take the broker down
                 log.exception("while handling %s", kind)
         now = time.monotonic()
+        if self.monitor_retry_at and now >= self.monitor_retry_at:
+            self._recover_monitor()
         for t in list(self.tenants.values()):
+            if t.awaiting and now >= t.resume_deadline:
+                self._resume_overdue(t)
             if t.restart_at and now >= t.restart_at:
                 try:
                     self._start_worker(t)
@@ -445,8 +469,10 @@ class Broker:
     def _service_gone(self) -> None:
         """The eBPF service closed its connection: it died, and its programs
         went with it. Nothing checks the grant rings any more, so no
-        monitored channel may go on: each worker is killed now and each user
-        side told why. The next open starts a new service."""
+        monitored channel may go on: each worker is killed now. With the
+        restart policy the monitor is brought back and the channels carry on
+        (see _recover_monitor); otherwise each user side is told why, and
+        the next open starts a new service."""
         log.error("the eBPF monitor went away: stopping every monitored channel")
         self.sel.unregister(self.enforcer.sock)
         self.enforcer.close()
@@ -455,10 +481,34 @@ class Broker:
             ch.gid = 0                      # the grant went with the service
         for w in self._all_workers():       # all of them first, at once
             self._kill(w)
+        if not self.monitor_restart:
+            self._monitor_down("the eBPF monitor went away: the channel cannot run "
+                               "unmonitored")
+            return
+        now = time.monotonic()
+        self.monitor_deaths = [d for d in self.monitor_deaths
+                               if now - d < RESTART_WINDOW] + [now]
+        if len(self.monitor_deaths) > RESTART_LIMIT:
+            self._monitor_down(f"the eBPF monitor went away, the {len(self.monitor_deaths)}th "
+                               f"time in {RESTART_WINDOW:.0f} s: not brought back again")
+            return
+        for t in self.tenants.values():
+            for w in list(t.workers):
+                self._forget(t, w)
+            t.death = "the eBPF monitor went away"
+            for ch in list(t.channels.values()):
+                if ch.closing:
+                    self._finish(ch, None)
+                else:
+                    t.consumed[ch.id] = _request_head(ch.ring_fds[1])
+        self.monitor_retry_at = now + RESTART_PAUSE * 2 ** (len(self.monitor_deaths) - 1)
+
+    def _monitor_down(self, reason: str) -> None:
+        for w in self._all_workers():
+            self._kill(w)
         for t in list(self.tenants.values()):
             try:
-                self._fail_tenant(t, "the eBPF monitor went away: the channel cannot run "
-                                     "unmonitored")
+                self._fail_tenant(t, reason)
             except Exception:
                 log.exception("user domain %s: finishing after the monitor went away", t.name)
 
@@ -593,6 +643,8 @@ class Broker:
             raise BrokerError("the broker has no device")
         extents = t.extents_of(self.device)
         size = protocol.int_field(msg, "size", 1, extents.size)
+        if self.monitor_retry_at:
+            self._recover_monitor()     # the channels that wait for it first
         self._monitor()
         ring_fds = ring.PeerFds.from_list(fds)
         try:
@@ -609,16 +661,13 @@ class Broker:
             raise
         extent = (t.extent[0] + rel[0], rel[1])
         ch = BrokerChannel(self.next_id, t, peer, extent, geo.pool_size)
+        ch.geo = geo
         tt_fd = -1
         try:
             ch.ring_fd, ch.params = _grant.setup_disabled(geo.sq_entries)
             ch.pool_base = _grant.register_pool(ch.ring_fd, ring_fds.pool, geo.slot_size,
                                                 geo.slot_count)
-            _grant.register_device(ch.ring_fd, self.device.fd)
-            _grant.restrict(ch.ring_fd, [tasks.OP_READ_FIXED, tasks.OP_WRITE_FIXED,
-                                         tasks.OP_FSYNC],
-                            _worker.FLAG_FIXED_FILE, _worker.FLAG_FIXED_FILE)
-            _grant.enable(ch.ring_fd)
+            self._seal_ring(ch.ring_fd)
             if self.enforcer:
                 # Enforced from before any worker has it.
                 ch.gid, tt_fd = self.enforcer.grant(ch.ring_fd, ch.pool_base, geo.slot_size,
@@ -653,9 +702,59 @@ class Broker:
             return reply, [tt_fd]
         return reply, []
 
+    def _seal_ring(self, ring_fd: int) -> None:
+        """The device as fixed file 0, only the data opcodes, then enabled:
+        what makes a ring a grant ring."""
+        _grant.register_device(ring_fd, self.device.fd)
+        _grant.restrict(ring_fd, [tasks.OP_READ_FIXED, tasks.OP_WRITE_FIXED, tasks.OP_FSYNC],
+                        _worker.FLAG_FIXED_FILE, _worker.FLAG_FIXED_FILE)
+        _grant.enable(ring_fd)
+
+    def _regrant(self, ch: BrokerChannel) -> int:
+        """A new grant ring for the channel, under a new monitor: the old
+        ring's buffers (the same pages; the broker never keeps the pool),
+        checked from before any worker has it. Returns the new task table's
+        fd, for the user side."""
+        fd, params = _grant.setup_disabled(ch.geo.sq_entries)
+        try:
+            _grant.clone_buffers(fd, ch.ring_fd)
+            self._seal_ring(fd)
+            gid, tt_fd = self.enforcer.grant(fd, ch.pool_base, ch.geo.slot_size,
+                                             ch.geo.slot_count, ch.extent)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(ch.ring_fd)
+        ch.ring_fd, ch.params, ch.gid = fd, params, gid
+        return tt_fd
+
+    def _recover_monitor(self) -> None:
+        """The monitor came back (restart policy): every channel gets a new
+        grant ring under it, every user domain a new worker, and each user
+        side its new task table."""
+        self.monitor_retry_at = 0.0
+        try:
+            self._monitor()
+            for t in list(self.tenants.values()):
+                tables = {}
+                try:
+                    for ch in t.channels.values():
+                        tables[ch.id] = self._regrant(ch)
+                    if t.channels:
+                        self._start_worker(t, tables=tables)
+                finally:
+                    protocol.close_fds(list(tables.values()))
+        except (DrbError, OSError) as e:
+            log.error("the eBPF monitor could not be brought back: %s", e)
+            self._monitor_down(f"the eBPF monitor went away and could not be brought "
+                               f"back: {e}")
+            return
+        log.warning("the eBPF monitor is back; every channel carries on")
+
     # ---- workers -------------------------------------------------------------
 
-    def _start_worker(self, t: Tenant, new: BrokerChannel | None = None) -> None:
+    def _start_worker(self, t: Tenant, new: BrokerChannel | None = None,
+                      tables: dict[int, int] | None = None) -> None:
         """Start the user domain's next worker with all its channels (and
         `new`); the current one is told to stop, finishes what it has in
         flight, and the next takes the rings over once it is gone (the
@@ -669,8 +768,10 @@ class Broker:
         rep_r, rep_w = os.pipe()
         gate_r, hold_w = os.pipe()
         align = self.device.align
-        restarted = bool(t.restart_at)
-        spec = WorkerSpec(channels=[ch.spec(align).to_dict() for ch in chans],
+        restarted = bool(t.restart_at) or tables is not None
+        specs = [ch.spec(align).replace(held=tables is not None and ch.id in tables).to_dict()
+                 for ch in chans]
+        spec = WorkerSpec(channels=specs,
                           ctl_fd=ctl_r, report_fd=rep_w, gate_fd=old.gate_r if old else -1,
                           hold_fd=hold_w, spin_ns=self.worker_spin_ns, restarted=restarted)
         try:
@@ -709,16 +810,33 @@ class Broker:
             if restarted:
                 # What the dead worker had taken from the request ring: the
                 # user side settles those requests itself (see the client).
+                table = [tables[ch.id]] if tables and ch.id in tables else []
                 ch.peer.send({"op": "restarted", "pid": pid, "why": t.death,
-                              "consumed": t.consumed.get(ch.id, 0)})
+                              "consumed": t.consumed.get(ch.id, 0)}, table)
             else:
                 ch.peer.send({"op": "worker", "pid": pid})
+        if tables is not None:
+            t.awaiting = {ch.id for ch in chans if ch.id in tables}
+            t.resume_deadline = time.monotonic() + RESUME_GRACE
         if restarted:
             t.consumed = {}
             log.warning("user domain %s: worker %d took over from the one that died",
                         t.name, pid)
         self.sel.register(w.pidfd, selectors.EVENT_READ, ("worker", (t, w)))
         self.sel.register(w.report_r, selectors.EVENT_READ, ("report", (t, w)))
+
+    def _resume_overdue(self, t: Tenant) -> None:
+        """Channels whose user side did not take up its new task table in
+        time are dropped, never served: their requests carry tasks only in
+        the old table."""
+        for cid in t.awaiting:
+            ch = t.channels.get(cid)
+            if ch is not None and t.worker is not None:
+                ch.fail_reason = (f"the eBPF monitor came back, and the user side did not "
+                                  f"take up its new task table within {RESUME_GRACE:.0f} s")
+                t.worker.ask_drop(cid)
+        t.awaiting = set()
+        t.resume_deadline = 0.0
 
     def _retire(self, w: WorkerProc) -> None:
         """Ask a worker to stop (it finishes what is in flight); one that
@@ -854,6 +972,7 @@ class Broker:
 
     def _fail_tenant(self, t: Tenant, reason: str | None) -> None:
         """Stop every worker of the user domain and finish all its channels."""
+        t.awaiting = set()
         for w in t.workers:
             w.ready = True            # the channels end either way: no waiting for it
             self._retire(w)
@@ -878,6 +997,12 @@ class Broker:
             return
         msg, fds = got
         protocol.close_fds(fds)
+        if msg is not None and msg["op"] == "resumed":
+            t = ch.tenant
+            if ch.id in t.awaiting and t.worker is not None:
+                t.awaiting.discard(ch.id)
+                t.worker.ask_go(ch.id)       # its tasks are in the new table now
+            return
         # The extent is released only once the worker has let go: until then
         # it could still be doing I/O there. A "close" is answered after
         # that, so the user side may reuse the space as soon as it has the
@@ -933,7 +1058,8 @@ def serve(spec: BrokerSpec, spawn: SpawnFn = spawn_plain) -> int:
         broker = Broker(spec.socket, control=spec.control, worker_spin_ns=spec.worker_spin_ns,
                         enforce=spec.enforce, spawn=spawn,
                         limits=Limits.from_dict(spec.limits),
-                        worker_cpus=spec.worker_cpus or None)
+                        worker_cpus=spec.worker_cpus or None,
+                        monitor_restart=spec.monitor_restart)
         if spec.device:
             broker.open_device(spec.device, spec.o_direct)
         for t in spec.tenants:

@@ -198,13 +198,21 @@ class Channel:
         """The control connection became readable: the monitor says which
         worker serves the channel now (returns), reports a failure, or is
         gone (both raise ChannelFailed)."""
+        fds: list[int] = []
         try:
             msg, fds = protocol.recv(self.sock)
-            protocol.close_fds(fds)
         except (OSError, protocol.ProtocolError) as e:
             msg = {"op": "failed", "reason": f"control connection broke: {e}"}
         if msg is None:
             msg = {"op": "failed", "reason": "the monitor closed the channel"}
+        table = None
+        try:
+            if msg.get("op") == "restarted" and fds:
+                table = mmap.mmap(fds[0], tasks.TABLE_BYTES)
+        except OSError as e:
+            msg = {"op": "failed", "reason": f"the new monitor's task table: {e}"}
+        finally:
+            protocol.close_fds(fds)
         if msg.get("op") == "worker" and isinstance(msg.get("pid"), int):
             self._worker_pid = msg["pid"]
             return
@@ -213,28 +221,45 @@ class Channel:
             dead = self._worker_pid
             self._worker_pid = msg["pid"]
             self._resume(str(msg.get("why") or f"backend worker {dead} died"),
-                         msg["consumed"] & 0xFFFFFFFF)
+                         msg["consumed"] & 0xFFFFFFFF, table)
             return
         self._fail(msg.get("reason", f"unexpected message {msg.get('op')!r}"))
         raise ChannelFailed(self.failed)
 
-    def _resume(self, why: str, consumed: int) -> None:
+    def _resume(self, why: str, consumed: int, table: mmap.mmap | None = None) -> None:
         """The worker died and another took the rings over. Requests still
         in the request ring (at or past `consumed`) the new one serves. Each
         request the dead one had taken is settled from the kernel's own
         counts, never from a worker's word: done (the monitor saw all its
         bytes move, or its flush succeed) is answered as done; anything else
         (never run, failed, cut short) is posted again whole, reads and
-        writes alike: the same bytes to the same place."""
+        writes alike: the same bytes to the same place.
+
+        With `table`, the monitor itself died and came back: its counts went
+        with it, so every request the dead worker had taken is posted again,
+        and those still queued get their tasks in the new table."""
         if not self.reconnect or self.tasks is None:
             what = "reconnect=False" if not self.reconnect else "the channel is unmonitored"
             self._fail(f"{why} ({what}: not carried on with worker {self._worker_pid})")
             raise ChannelFailed(self.failed)
         self.restarts += 1
+        if table is not None:
+            self.tasks = table
+            self.end.set_task_table(table, tasks.REAP_HIST_OFFSET)
         settled, again = [], []
         for slot, (req, pos, want) in list(self.inflight.items()):
-            if ((self.posted_at[slot] - consumed) & 0xFFFFFFFF) < 0x80000000:
-                continue                    # still queued: the new worker has it
+            queued = ((self.posted_at[slot] - consumed) & 0xFFFFFFFF) < 0x80000000
+            if table is not None:
+                if not queued:
+                    again.append(slot)
+                    continue
+                if req.op != OP_FSYNC:
+                    self.end.write_task(slot, req.op, want, self.posted_off[slot])
+                self.moved_before[slot] = (self.end.task_moved(slot) if req.op != OP_FSYNC
+                                           else self.end.flushes_done())
+                continue
+            if queued:
+                continue                    # the new worker has it
             if self.end.task_inflight(slot):
                 raise self._broken(f"{why}, and the kernel still had a request on "
                                    f"slot {slot}")
@@ -257,6 +282,9 @@ class Channel:
             else:
                 raise self._broken(f"{why}; the kernel moved {moved} bytes on slot {slot} "
                                    f"for a request of {want}")
+        if table is not None:
+            # Every task is in the new table now: the new worker may start.
+            protocol.send(self.sock, {"op": "resumed"})
         for slot in again:
             req, pos, want = self.inflight.pop(slot)
             req.pending -= 1

@@ -33,8 +33,11 @@ class ChannelSpec(Spec):
     extent_base: int
     extent_size: int
     align: int
+    held: bool = False         # not served until the broker says go
 
     def check(self) -> None:
+        if self.id >= 1 << 31:
+            raise SpecError("channel ids are below 2**31")
         if len(self.ring_fds) != 5 or self.ring_fds[2] != -1:
             raise SpecError("a worker gets 5 ring fds per channel and never the pool")
         if self.align & (self.align - 1) or self.extent_size <= 0:
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         end = ring.attach(ring.PeerFds.from_list(c.ring_fds), spin_ns=spec.spin_ns,
                           map_pool=False, seal=False)
         loop.add(end, c.id, c.ring_fd, bytes.fromhex(c.params), c.pool_base,
-                 c.extent_base, c.extent_size, c.align, spec.restarted)
+                 c.extent_base, c.extent_size, c.align, spec.restarted, c.held)
     confine()
     try:
         rc = loop.serve(bool(told))

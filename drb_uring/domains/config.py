@@ -133,6 +133,9 @@ class PairConfig(Spec):
     # CPUs the driver domain's workers (one per user domain) may run on: the
     # first N this host gives the daemon; 0 = any.
     driver_cpus: int = 1
+    # Bring the eBPF monitor back if it dies, and carry the channels on
+    # (drb up --restart); without it they fail with the reason.
+    restart: bool = False
 
     def check(self) -> None:
         check_name(self.name)

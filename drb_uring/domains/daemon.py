@@ -349,6 +349,7 @@ class Pair:
                                     if a.worker_spin_ns is not None else {}),
                                  limits=self._limits(),
                                  worker_cpus=self._driver_cpus(),
+                                 monitor_restart=a.restart,
                                  host_ops={"user_add": self._op_user_add,
                                            "user_rm": self._op_user_rm,
                                            "users": self._op_users})

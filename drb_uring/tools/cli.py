@@ -124,7 +124,7 @@ def _config(a: argparse.Namespace):
                       max_channels=a.max_channels, max_pinned=parse_size(a.max_pinned),
                       user_rootfs=_abs(a.user_rootfs), driver_rootfs=_abs(a.driver_rootfs),
                       domain_pids=a.domain_pids, domain_memory=parse_size(a.domain_memory),
-                      users=a.users, driver_cpus=a.driver_cpus,
+                      users=a.users, driver_cpus=a.driver_cpus, restart=a.restart,
                       extent=parse_size(a.extent) if a.extent is not None else None)
 
 
@@ -370,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--extent", metavar="SIZE",
                    help="the part of the device each user domain gets, e.g. 64m (default: "
                         "the device split evenly, rounded down to 1 MiB)")
+    u.add_argument("--restart", action="store_true",
+                   help="should the eBPF monitor die, bring it back and carry every "
+                        "channel on (default: the channels fail with the reason)")
     u.add_argument("--driver-cpus", type=int, default=1, metavar="N",
                    help="CPUs the driver domain's workers share (one worker per user "
                         "domain): the first N of this host's; 0 = any (default 1)")

@@ -146,3 +146,18 @@ def enable(int ring_fd):
     cdef long r = syscall(SYS_io_uring_register, ring_fd, <long>IORING_REGISTER_ENABLE_RINGS, NULL, 0)
     if r < 0:
         raise _err("enabling the grant ring")
+
+
+# <linux/io_uring.h> of 6.13+ (Debian 12's headers are older).
+IORING_REGISTER_CLONE_BUFFERS = 30
+
+
+def clone_buffers(int ring_fd, int src_ring_fd):
+    """Give a new (disabled) ring the fixed buffers of another, the same
+    pages at the same addresses: how the broker rebuilds a grant ring
+    without the pool, which it never keeps."""
+    import struct
+    r = register(ring_fd, IORING_REGISTER_CLONE_BUFFERS,
+                 struct.pack("<8I", src_ring_fd, 0, 0, 0, 0, 0, 0, 0), 1)
+    if r < 0:
+        raise OSError(-r, f"cloning the pool's fixed buffers: {os.strerror(-r)}")

@@ -67,6 +67,7 @@ cdef enum:
     LIVE = 0
     DRAINING = 1              # no new requests; dropped once its I/O is done
     DROPPED = 2
+    HELD = 3                  # not served yet: its user side is not ready
 
 # For the broker's restrictions on the grant ring.
 FLAG_FIXED_FILE = IOSQE_FIXED_FILE
@@ -168,7 +169,8 @@ cdef class WorkerLoop:
         self.report_fd = report_fd
 
     def add(self, DriverEnd end, uint32_t cid, int ring_fd, bytes params, uint64_t pool_base,
-            uint64_t extent_base, uint64_t extent_size, uint32_t align, bint discard=False):
+            uint64_t extent_base, uint64_t extent_size, uint32_t align, bint discard=False,
+            bint held=False):
         """Serve one more channel: its ring end and its grant ring (which may
         have been driven by an earlier worker: its indexes are taken over).
         `discard`: the earlier worker died; the completions of its requests
@@ -211,6 +213,7 @@ cdef class WorkerLoop:
         c.lim.extent_base = extent_base
         c.lim.extent_size = extent_size
         c.lim.align = align
+        c.state = HELD if held else LIVE
         self.ends.append(end)
         self.n += 1
 
@@ -258,7 +261,7 @@ cdef class WorkerLoop:
     cdef void drop(self, chan_t *c, int err) noexcept nogil:
         """Take no more requests from this channel; it is reported dropped
         once the kernel is done with what it has in flight."""
-        if c.state == LIVE:
+        if c.state == LIVE or c.state == HELD:
             c.state = DRAINING
             c.err = err
 
@@ -279,7 +282,7 @@ cdef class WorkerLoop:
     cdef bint ready(self, chan_t *c, bint intake) noexcept nogil:
         """Work this channel has now: requests it may take, or completions
         it has room to answer."""
-        if c.state == DROPPED:
+        if c.state == DROPPED or c.state == HELD:
             return False
         if io_uring_cq_ready(&c.ring) and self.room_for_responses(c):
             return True
@@ -294,6 +297,8 @@ cdef class WorkerLoop:
         cdef int64_t n
         cdef uint32_t i, k = 0, m, queued = 0, room
         cdef int err, r
+        if c.state == HELD:
+            return 0
         if intake and c.state == LIVE:
             room = io_uring_sq_space_left(&c.ring)
             if room > c.cq_cap - c.inflight:
@@ -364,9 +369,13 @@ cdef class WorkerLoop:
                 return
             for i in range(<uint32_t>(got // 4)):
                 for j in range(self.n):
-                    if self.ch[j].cid == ids[i]:
-                        self.drop(&self.ch[j], 0)
-                        self.settle(&self.ch[j])
+                    if self.ch[j].cid == (ids[i] & 0x7FFFFFFF):
+                        if ids[i] >> 31:
+                            if self.ch[j].state == HELD:
+                                self.ch[j].state = LIVE
+                        else:
+                            self.drop(&self.ch[j], 0)
+                            self.settle(&self.ch[j])
 
     cdef int idle(self, bint intake) noexcept nogil:
         """Spin for the budget, then sleep until a request, a completion or
@@ -385,7 +394,7 @@ cdef class WorkerLoop:
                     if self.ready(&self.ch[i], intake):
                         return 0
         for i in range(self.n):
-            if self.ch[i].state != DROPPED:
+            if self.ch[i].state != DROPPED and self.ch[i].state != HELD:
                 drb_store_relaxed(self.ch[i].waiter.my_flags, DRB_NEED_WAKEUP)
         drb_fence()
         for i in range(self.n):
@@ -394,7 +403,7 @@ cdef class WorkerLoop:
                 return 0
         for i in range(self.n):
             c = &self.ch[i]
-            if c.state == DROPPED:
+            if c.state == DROPPED or c.state == HELD:
                 continue
             self.fds[nf].fd = c.waiter.my_efd
             self.fds[nf].events = POLLIN
@@ -434,6 +443,7 @@ cdef class WorkerLoop:
         cdef uint64_t next_ctl = 0, now
         cdef bint intake
         cdef int r
+        self.read_ctl()             # drops asked for before it started come first
         while True:
             intake = not g_stop
             did = 0

@@ -437,6 +437,13 @@ cdef class UserEnd(RingEnd):
             return task_release(&self.tasks[slot])
         return 0
 
+    def write_task(self, unsigned short slot, unsigned char opcode, uint32_t length,
+                   uint64_t off):
+        """(Re)write the slot's task without posting: a request already in
+        the ring, under a new monitor's table."""
+        if self.tasks != NULL and slot < self.ntasks:
+            task_post(&self.tasks[slot], opcode, length, off, drb_now_ns())
+
     def task_inflight(self, unsigned short slot):
         """Requests on the slot the kernel has now, as the monitor counts
         them (0 without a task table); the task stays as it is."""
