@@ -10,7 +10,7 @@ SRC    := $(shell find cython_ext drb_uring bpf -name '*.pyx' -o -name '*.pxd' -
                    -o -name '*.py') $(wildcard bpf/*.c) setup.py setup.cfg pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: all setup system build demo test fuzz bench bench-ring annotate debug clean
+.PHONY: all setup system build demo test fuzz soak bench bench-ring annotate debug clean
 
 all: setup
 
@@ -43,6 +43,12 @@ bench: setup
 	@mkdir -p bench/results
 	$(VENV)/bin/drb bench --quick --json bench/results/quick.json
 	$(VENV)/bin/drb report bench/results/quick.json --out bench/results/quick
+
+# Kills under load for SOAK_MINUTES (default 30), then every acknowledged
+# write checked; `make test` runs a one-minute version.
+SOAK_MINUTES ?= 30
+soak: setup
+	$(VENV)/bin/drb soak --minutes $(SOAK_MINUTES) --json bench/results/soak.json
 
 bench-ring: setup
 	@mkdir -p bench/results

@@ -280,6 +280,19 @@ def cmd_trace(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soak(a: argparse.Namespace) -> int:
+    from drb_uring.domains import state
+    from drb_uring.tools import soak
+    state.require_root()
+    seconds = a.seconds if a.seconds is not None else a.minutes * 60
+    if seconds <= 0 or a.kill_every <= 0:
+        raise CliError("--minutes, --seconds and --kill-every must be positive")
+    if not 1 <= a.users <= 16:
+        raise CliError("--users must be in [1, 16]")
+    return soak.run(seconds, users=a.users, kill_every=a.kill_every, seed=a.seed,
+                    json_out=a.json)
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from drb_uring.tools import demo
     return demo.run(a.seconds)
@@ -423,6 +436,18 @@ def build_parser() -> argparse.ArgumentParser:
     m = command("demo", "the main job: a pair, a workload through it, teardown")
     m.add_argument("--seconds", type=float, default=3.0, help="per benchmark phase (default 3)")
     m.set_defaults(func=cmd_demo)
+
+    k = command("soak", "a pair under mixed I/O while its worker, user sides and monitor "
+                        "are killed; then every acknowledged write is checked")
+    k.add_argument("--minutes", type=float, default=30.0, help="how long (default 30)")
+    k.add_argument("--seconds", type=float, help="how long, in seconds instead")
+    k.add_argument("--users", type=int, default=2, help="user domains (default 2)")
+    k.add_argument("--kill-every", type=float, default=3.0, metavar="S",
+                   help="seconds between worker kills, about (default 3); user sides "
+                        "about 7 times and the monitor 20 times as far apart")
+    k.add_argument("--seed", type=int, default=1, help="for the workload and the kills")
+    k.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
+    k.set_defaults(func=cmd_soak)
     return p
 
 
