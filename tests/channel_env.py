@@ -51,7 +51,8 @@ class BrokerProc:
                           limits=limits or {}, monitor_restart=monitor_restart,
                           tenants=[{"name": f"user{k}", "socket": p, "extent": list(e)}
                                    for k, (p, e) in enumerate(zip(self.sock_paths,
-                                                                  self.extents))])
+                                                                  self.extents,
+                                                                  strict=True))])
         if rogue:
             argv = [sys.executable, os.path.join(HELPERS, "broker_with_rogue.py"), rogue,
                     spec.to_json()]
@@ -154,3 +155,15 @@ def expect_killed(ch, call, reason: str):
     assert f"monitor killed backend worker {pid}: {reason}" in str(e.value)
     assert wait_until(lambda: dead(pid))
     return e.value
+
+
+def wake_every_eventfd() -> None:
+    """Signal every eventfd this process holds, as a hostile user side
+    would wake its worker without publishing anything (the client's next
+    publish would write an honest index over a corrupted one)."""
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]":
+                os.eventfd_write(fd, 1)
+        except OSError:
+            pass

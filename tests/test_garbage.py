@@ -12,7 +12,7 @@ import os
 import random
 
 import pytest
-from channel_env import BrokerProc, dead, wait_until
+from channel_env import BrokerProc, dead, wait_until, wake_every_eventfd
 from helpers import maps
 
 from drb_uring.channel.client import Channel, ChannelFailed
@@ -100,15 +100,8 @@ def test_a_tail_that_jumps(broker, jump):
         addr = maps.address("drb-ctl-user", "rw-s")
         tail = ctypes.c_uint32.from_address(addr + L.OFF_SQ_TAIL)
         tail.value = (tail.value + jump) & 0xFFFFFFFF
-        # Wake the worker as a hostile user would, without publishing (the
-        # client's next publish would write an honest tail): every eventfd
-        # this process holds.
-        for fd in map(int, os.listdir("/proc/self/fd")):
-            try:
-                if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]":
-                    os.eventfd_write(fd, 1)
-            except OSError:
-                pass
+        # Wake the worker as a hostile user would, without publishing.
+        wake_every_eventfd()
         # The worker finds an impossible index and drops the channel: no
         # spinning. Its user domain has no other channel, so it leaves.
         with pytest.raises(ChannelFailed, match="ring is corrupt"):

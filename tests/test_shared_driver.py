@@ -13,8 +13,8 @@ import os
 import threading
 
 import pytest
+from channel_env import brokers_made, dead, hang_guard, wait_until, wake_every_eventfd
 from helpers import maps
-from channel_env import brokers_made, dead, hang_guard, wait_until
 
 from drb_uring.channel.client import Channel, ChannelFailed
 from drb_uring.ring import layout as L
@@ -161,12 +161,7 @@ def test_a_corrupt_ring_drops_only_its_channel(broker):
             # The request tail jumps past the ring's capacity, and the
             # worker is woken as a hostile user would, without publishing.
             tail.value = (tail.value + 1000) & 0xFFFFFFFF
-            for fd in map(int, os.listdir("/proc/self/fd")):
-                try:
-                    if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]":
-                        os.eventfd_write(fd, 1)
-                except OSError:
-                    pass
+            wake_every_eventfd()
             # (Posting now would write an honest tail over the bad one.)
             assert wait_until(lambda: bad.worker_pid and bad.failed, 10)
             with pytest.raises(ChannelFailed, match="ring is corrupt"):

@@ -84,7 +84,7 @@ def test_the_channel_carries_on_across_worker_deaths(broker):
         load.start()
         killed = []
         with hang_guard(120, "I/O across five worker deaths"):
-            for k in range(5):
+            for _ in range(5):
                 before = load.ops
                 assert wait_until(lambda b=before: load.ops > b + 50 or load.errors, 30)
                 pid = _worker(m)

@@ -37,8 +37,8 @@ from drb_uring.channel import _grant, _worker
 from drb_uring.channel.extents import ExtentError, Extents
 from drb_uring.channel.worker import ChannelSpec, WorkerSpec
 from drb_uring.enforce import tasks
-from drb_uring.ring import layout as L
 from drb_uring.errors import DrbError
+from drb_uring.ring import layout as L
 from drb_uring.spec import Spec, SpecError
 
 log = logging.getLogger("drb.broker")
@@ -243,6 +243,15 @@ class Tenant:
         return self.extents
 
 
+def _close_and_unlink(sock, path: str) -> None:
+    """A listening socket, and its name in the file system."""
+    sock.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _request_head(ctl_driver: int) -> int:
     """The request ring's head as the driver left it (its own page)."""
     with mmap.mmap(ctl_driver, mmap.PAGESIZE, prot=mmap.PROT_READ) as m:
@@ -350,12 +359,8 @@ class Broker:
             return
         if t.sock in self.sel.get_map():
             self.sel.unregister(t.sock)
-        t.sock.close()
+        _close_and_unlink(t.sock, t.path)
         t.sock = None
-        try:
-            os.unlink(t.path)
-        except FileNotFoundError:
-            pass
 
     def watch_domains(self, groups: dict[str, str]) -> None:
         """Count the mode switches of these domains (role -> cgroup) for
@@ -552,12 +557,8 @@ class Broker:
             self.enforcer.close()
             self.enforcer = None
         if self.control_sock is not None:
-            self.control_sock.close()
+            _close_and_unlink(self.control_sock, self.control_path)
             self.control_sock = None
-            try:
-                os.unlink(self.control_path)
-            except FileNotFoundError:
-                pass
 
     # ---- messages ------------------------------------------------------------
 

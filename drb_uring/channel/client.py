@@ -247,7 +247,7 @@ class Channel:
             self.tasks = table
             self.end.set_task_table(table, tasks.REAP_HIST_OFFSET)
         settled, again = [], []
-        for slot, (req, pos, want) in list(self.inflight.items()):
+        for slot, (req, _pos, want) in list(self.inflight.items()):
             queued = ((self.posted_at[slot] - consumed) & 0xFFFFFFFF) < 0x80000000
             if table is not None:
                 if not queued:
