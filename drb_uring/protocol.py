@@ -35,6 +35,7 @@ FDS_FOR = {
     "error": (0,),
     "failed": (0,),           # monitor -> user: the channel failed (reason)
     "worker": (0,),           # monitor -> user: this worker (pid) serves the channel now
+    "monitor-down": (0,),     # monitor -> user: the eBPF monitor died; it is coming back
     "restarted": (0, 1),      # monitor -> user: the worker died; this one took over
                               # (with a new task table when the monitor came back)
 }

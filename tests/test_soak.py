@@ -16,6 +16,7 @@ def test_a_minute_of_kills_loses_nothing(tmp_path):
     s = json.loads(out.read_text())
     assert s["mismatches"] == {"reads": 0, "device blocks": 0}
     assert s["leaked objects"] == {}
+    assert s["channels failed"] == 0
     # Each kind of death happened, and was recovered from.
     assert s["kills"]["worker"] >= 5 and s["kills"]["user side"] >= 1
     assert s["kills"]["monitor"] >= 1 and s["recoveries"]["monitor back"] >= 1

@@ -47,10 +47,11 @@ BLKGETSIZE64 = 0x80081272
 WORKER_STOP_GRACE = 1.0    # seconds between SIGTERM and SIGKILL
 WORKER_START_GRACE = 30.0  # for a worker told to stop before it could hear it
 # A worker that dies (not stopped by the monitor) is replaced, after a pause
-# that doubles each time; more deaths than this within the window fail every
-# channel of its user domain instead of looping.
+# that doubles with each recent death; more deaths than this within the
+# window (a worker that cannot stay up: five in a row take about 1.6 s of
+# pauses) fail every channel of its user domain instead of looping.
 RESTART_LIMIT = 5
-RESTART_WINDOW = 60.0
+RESTART_WINDOW = 10.0
 RESTART_PAUSE = 0.05
 RESUME_GRACE = 5.0         # for a user side to take up a new monitor's task table
 
@@ -501,6 +502,11 @@ class Broker:
             for w in list(t.workers):
                 self._forget(t, w)
             t.death = "the eBPF monitor went away"
+            # Answers sent between the programs' end and the workers' could
+            # not be counted: the user sides must hear why at once.
+            for ch in t.channels.values():
+                if ch.peer is not None and not ch.closing:
+                    ch.peer.send({"op": "monitor-down"})
             for ch in list(t.channels.values()):
                 if ch.closing:
                     self._finish(ch, None)

@@ -32,6 +32,7 @@ from drb_uring.errors import DrbError
 from drb_uring.ring import layout as L
 
 SLOT_BITS = 16
+NOTICE_WAIT = 1.0    # seconds an unproven answer waits for word that the monitor died
 _CQE = struct.Struct("<QiI")
 
 
@@ -104,15 +105,22 @@ class Channel:
     """A channel to the device's extent that the monitor gave us."""
 
     def __init__(self, socket_path: str, size: int, *, geometry: L.Geometry | None = None,
-                 spin_ns: int = ring.DEFAULT_SPIN_NS, reconnect: bool = True):
+                 spin_ns: int = ring.DEFAULT_SPIN_NS, reconnect: bool = True,
+                 retry_writes: bool = True):
         """reconnect: when the worker dies (not stopped by the monitor) and
-        another takes over, carry on (see _resume); False: fail instead."""
+        another takes over, carry on (see _resume); False: fail instead.
+        retry_writes: a write the dead worker had taken and the kernel did
+        not finish is posted again (the same bytes to the same place); False:
+        it fails with EIO, and reads alone are posted again."""
         self.closed = True
         self.failed: str | None = None
         self.reconnect = reconnect
+        self.retry_writes = retry_writes
         self.restarts = 0                   # workers that died under this channel
         self.posted_at: dict[int, int] = {}     # slot -> its request's place in the ring
         self.posted_off: dict[int, int] = {}    # slot -> its request's device offset
+        self.stale: set[int] = set()    # tags a takeover settled or posted again
+        self.monitor_down = False       # the monitor died; a new one is on its way
         self.geometry = geometry or L.Geometry()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
@@ -216,6 +224,9 @@ class Channel:
         if msg.get("op") == "worker" and isinstance(msg.get("pid"), int):
             self._worker_pid = msg["pid"]
             return
+        if msg.get("op") == "monitor-down" and self.reconnect:
+            self.monitor_down = True    # it comes back: "restarted" follows
+            return
         if (msg.get("op") == "restarted" and isinstance(msg.get("pid"), int)
                 and isinstance(msg.get("consumed"), int)):
             dead = self._worker_pid
@@ -246,9 +257,13 @@ class Channel:
         if table is not None:
             self.tasks = table
             self.end.set_task_table(table, tasks.REAP_HIST_OFFSET)
+            self.monitor_down = False
         settled, again = [], []
         for slot, (req, _pos, want) in list(self.inflight.items()):
             queued = ((self.posted_at[slot] - consumed) & 0xFFFFFFFF) < 0x80000000
+            if not queued:
+                # Whatever the dead worker may still have said of it is moot.
+                self.stale.add(self.gen[slot] << SLOT_BITS | slot)
             if table is not None:
                 if not queued:
                     again.append(slot)
@@ -265,19 +280,23 @@ class Channel:
                                    f"slot {slot}")
             before = self.moved_before[slot]
             tag = self.gen[slot] << SLOT_BITS | slot
+            self.stale.discard(tag)         # settled here, through _take
             if req.op == OP_FSYNC:
                 if self.end.flushes_done() != before:
                     settled.append(self._take(tag, 0))
                 else:
                     again.append(slot)
+                self.stale.add(tag)
                 continue
             moved = (self.end.task_moved(slot) - before) & 0xFFFFFFFF
             if moved == want:
                 settled.append(self._take(tag, want))
+                self.stale.add(tag)         # the dead worker's own answer, if it comes
             elif moved < want:
                 # Never run, failed, or cut short by the death (a short
                 # read or write is no answer to give the caller for it):
                 # posted again whole, the same bytes to the same place.
+                self.stale.add(tag)
                 again.append(slot)
             else:
                 raise self._broken(f"{why}; the kernel moved {moved} bytes on slot {slot} "
@@ -287,6 +306,12 @@ class Channel:
             protocol.send(self.sock, {"op": "resumed"})
         for slot in again:
             req, pos, want = self.inflight.pop(slot)
+            if req.op == OP_WRITE_FIXED and not self.retry_writes:
+                # Not finished, not posted again: the caller said so.
+                if self.end.release_task(slot) == 0:
+                    self.free.append(slot)
+                settled.append((req, pos, want, -errno.EIO))
+                continue
             req.pending -= 1
             self._post(req, slot, req.op, self.posted_off[slot], pos, want, True)
         for req, pos, want, res in settled:
@@ -306,7 +331,9 @@ class Channel:
         done = []
         try:
             for user_data, res, _flags in _CQE.iter_unpack(raw):
-                done.append(self._take(user_data, res))
+                got = self._take(user_data, res)
+                if got is not None:
+                    done.append(got)
             # A violation is recorded before the I/O it stops can move data:
             # with a clean status here, what was copied above is the device's.
             code = self.end.channel_failed()
@@ -328,30 +355,33 @@ class Channel:
     def _take(self, user_data: int, res: int):
         """Check one response (the worker is not trusted) and take the
         slot back: its task is revoked, and the kernel must have no
-        request on it left. Returns what finishes the piece."""
+        request on it left. Returns what finishes the piece, or None for an
+        answer a takeover made moot (see _resume)."""
+        if user_data in self.stale:
+            self.stale.discard(user_data)
+            return None
         slot = user_data & ((1 << SLOT_BITS) - 1)
         entry = self.inflight.get(slot)
         if entry is None or self.gen[slot] != user_data >> SLOT_BITS:
             raise self._broken(f"worker answered a request that is not in flight "
                                f"(user_data 0x{user_data:x})")
-        req, pos, want = self.inflight.pop(slot)
-        busy = self.end.release_task(slot)
+        req, pos, want = entry
+        if res > want:
+            raise self._broken(f"worker answered {res} bytes for a request of {want}")
+        early = self.end.task_inflight(slot)
+        lie = self._unproven(req.op, slot, res)
+        if (early or lie) and self.reconnect and self._monitor_down_heard():
+            # Unchecked: the request stays in flight, and the takeover
+            # under the new monitor posts it again.
+            return None
+        self.inflight.pop(slot)
+        busy = self.end.release_task(slot) or early
         if busy:
             # The slot is never used again: the kernel may still write it.
             raise self._broken(f"worker {self._worker_pid} answered for slot {slot} while the "
                                f"kernel still had {busy} request(s) on it")
-        if res > want:
-            raise self._broken(f"worker answered {res} bytes for a request of {want}")
-        before = self.moved_before.get(slot, -1)
-        if req.op == OP_FSYNC:
-            if res >= 0 and before >= 0 and self.end.flushes_done() == before:
-                raise self._broken(f"worker {self._worker_pid} answered a flush the kernel "
-                                   "never ran")
-        elif res >= 0 and before >= 0:
-            moved = (self.end.task_moved(slot) - before) & 0xFFFFFFFF
-            if moved != res:
-                raise self._broken(f"worker {self._worker_pid} answered {res} bytes for slot "
-                                   f"{slot}; the kernel moved {moved}")
+        if lie:
+            raise self._broken(lie)
         if req.op == OP_READ_FIXED and res > 0 and req.buf is None:
             req.lent_slot = slot        # zero copy: the slot stays lent out
         else:
@@ -360,6 +390,35 @@ class Channel:
                 req.buf[pos:pos + res] = self.pool[base:base + res]
             self.free.append(slot)
         return req, pos, want, res
+
+    def _unproven(self, op: int, slot: int, res: int) -> str | None:
+        """Why the kernel's counts do not bear an answer out, or None."""
+        before = self.moved_before.get(slot, -1)
+        if res < 0 or before < 0:
+            return None
+        if op == OP_FSYNC:
+            if self.end.flushes_done() == before:
+                return f"worker {self._worker_pid} answered a flush the kernel never ran"
+            return None
+        moved = (self.end.task_moved(slot) - before) & 0xFFFFFFFF
+        if moved != res:
+            return (f"worker {self._worker_pid} answered {res} bytes for slot {slot}; the "
+                    f"kernel moved {moved}")
+        return None
+
+    def _monitor_down_heard(self) -> bool:
+        """Whether the monitor has died (the broker says so at once). An
+        answer the counts do not bear out is a lie, unless the monitor died
+        and the answer went out after its programs had gone and before the
+        worker was stopped. The broker's word comes within moments of the
+        death; a lie waits for it for NOTICE_WAIT, then fails the channel."""
+        end = time.monotonic() + NOTICE_WAIT
+        while not self.monitor_down and not self.failed:
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                return False
+            self._hear_monitor()
+        return self.monitor_down
 
     def _drive(self, until, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout

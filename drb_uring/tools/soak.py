@@ -111,11 +111,16 @@ class Cell:
         self.flushes = 0
         self.incarnation = 0
         self.started = 0        # incarnations that got as far as saying something
+        self.killed = False     # its current incarnation was killed by the soak
+        self.failures = 0       # incarnations that ended without being killed
+        self.why: list[str] = []    # their last words on stderr
+        self.log = ""
         self.heard = False
 
 
 class Soak:
-    def __init__(self, seconds: float, users: int, kill_every: float, seed: int):
+    def __init__(self, seconds: float, users: int, kill_every: float, seed: int, work: str):
+        self.work = work
         self.seconds = seconds
         self.users = users
         self.kill_every = kill_every
@@ -126,6 +131,7 @@ class Soak:
         self.monitor_back = 0
         self.sel = selectors.DefaultSelector()
         self.st: dict = {}
+        self.stopping = False
 
     # ---- the user sides ------------------------------------------------------
 
@@ -134,10 +140,12 @@ class Soak:
         spec = SoakCellSpec(socket=INSIDE_SOCK.format(name=self.name), blocks=EXTENT // BLOCK,
                             seed=self.rng.randrange(1 << 30),
                             first_version=c.incarnation << 32)
-        c.proc = control.exec_in(self.name, c.role,
-                                 runtime.python_argv("drb_uring.tools.soakcell", spec),
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=subprocess.DEVNULL)
+        c.log = os.path.join(self.work, f"{c.role}.{c.incarnation}.log")
+        with open(c.log, "wb") as err:
+            c.proc = control.exec_in(self.name, c.role,
+                                     runtime.python_argv("drb_uring.tools.soakcell", spec),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=err)
         state = {"acked": {str(b): v for b, v in c.acked.items()},
                  "pending": {str(b): sorted(v) for b, v in c.pending.items()}}
         c.proc.stdin.write((json.dumps(state) + "\n").encode())
@@ -153,6 +161,12 @@ class Soak:
         self.sel.unregister(c.proc.stdout)
         c.proc.stdout.close()
         c.proc.wait()
+        if not c.killed and not self.stopping:
+            c.failures += 1     # its channel failed, or it could not get one
+            with open(c.log, "rb") as f:
+                last = f.read().decode(errors="replace").strip().splitlines()
+            c.why.append(last[-1] if last else f"exit status {c.proc.returncode}")
+        c.killed = False
         c.ops += c.ops_now
         c.recoveries += c.restarts_now
         for ver, (blk, n) in c.intents.items():
@@ -216,6 +230,7 @@ class Soak:
         pids = self.cell_pids(c)
         if not pids:
             return False
+        c.killed = True
         for p in pids:
             os.kill(p, signal.SIGKILL)
         self.kills["user side"] += 1
@@ -314,6 +329,7 @@ class Soak:
         after = self.snapshot()
         # Stop the user sides themselves (runc exec's own process is only
         # their stand-in), and hear their last words.
+        self.stopping = True
         for c in self.cells:
             for p in self.cell_pids(c):
                 os.kill(p, signal.SIGKILL)
@@ -353,7 +369,7 @@ def run(seconds: float, users: int = 2, kill_every: float = 3.0, seed: int = 1,
         backing = os.path.join(work, "device.img")
         with open(backing, "wb") as f:
             f.truncate(users * EXTENT)
-        soak = Soak(seconds, users, kill_every, seed)
+        soak = Soak(seconds, users, kill_every, seed, work)
         t0 = time.monotonic()
         counts = soak.run(backing)
         extents = [(k * EXTENT, EXTENT) for k in range(users)]
@@ -377,6 +393,8 @@ def run(seconds: float, users: int = 2, kill_every: float = 3.0, seed: int = 1,
                            "monitor back": soak.monitor_back},
             "mismatches": {"reads": sum(c.mismatches for c in soak.cells),
                            "device blocks": bad_blocks},
+            "channels failed": sum(c.failures for c in soak.cells),
+            "why they failed": [w for c in soak.cells for w in c.why],
             "unresolved writes": sum(len(v) for c in soak.cells for v in c.pending.values()),
             "leaked objects": leaks,
             "before -> after": {k: [before[k], after[k]] for k in before},
@@ -385,7 +403,9 @@ def run(seconds: float, users: int = 2, kill_every: float = 3.0, seed: int = 1,
         if json_out:
             with open(json_out, "w") as f:
                 json.dump(summary, f, indent=2)
-        ok = not summary["mismatches"]["reads"] and not bad_blocks and not leaks
+        # A channel that failed broke the promise that it carries on.
+        ok = (not summary["mismatches"]["reads"] and not bad_blocks and not leaks
+              and not summary["channels failed"])
         print(f"drb soak: {'PASS' if ok else 'FAIL'}")
         return 0 if ok else 1
     finally:
