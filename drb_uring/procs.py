@@ -124,7 +124,7 @@ def spawn_at(argv: list[str], fds, *, env: dict | None = None, stdin: int | None
                         os.dup2(null if fd == NULL else fd, n)
                 for i, h in enumerate(high):
                     os.dup2(h, 3 + i)            # dup2 leaves the copy inheritable
-                os.closerange(3 + len(high), 1024)
+                os.closerange(3 + len(high), 0x7FFFFFFF)    # close_range(2): no fd beyond
                 if before_exec is not None:
                     before_exec()
                 os.execvpe(argv[0], argv, env)

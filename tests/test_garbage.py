@@ -104,6 +104,8 @@ def test_a_tail_that_jumps(broker, jump):
         wake_every_eventfd()
         # The worker finds an impossible index and drops the channel: no
         # spinning. Its user domain has no other channel, so it leaves.
+        # (Posting before that would write an honest tail over the bad one.)
+        assert wait_until(lambda: ch.worker_pid and ch.failed, 10)
         with pytest.raises(ChannelFailed, match="ring is corrupt"):
             ch.pread(0, 16)
         assert wait_until(lambda: dead(worker), 5)

@@ -23,6 +23,8 @@ import fcntl
 import logging
 import mmap
 import os
+import resource
+import select
 import selectors
 import signal
 import stat
@@ -65,6 +67,7 @@ class BrokerError(DrbError):
 
 
 MAX_CHANNELS = 64          # per user domain, by default
+MAX_PENDING = 16           # connections of one user domain that have no channel yet
 MAX_PINNED = 512 << 20     # bytes of user memory pinned as fixed buffers, per user domain
 
 
@@ -244,6 +247,10 @@ class Tenant:
         return self.extents
 
 
+def _readable(sock) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
 def _close_and_unlink(sock, path: str) -> None:
     """A listening socket, and its name in the file system."""
     sock.close()
@@ -278,6 +285,12 @@ class Broker:
                  host_ops: dict[str, Callable[[dict], dict]] | None = None,
                  worker_cpus: list[int] | None = None, monitor_restart: bool = False):
         self.control_path = control
+        # Every channel holds a handful of descriptors here (its grant ring
+        # and ring fds, its connection); 1024 would not hold 16 user domains
+        # with 64 channels each.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         # Bring a monitor that died back, and carry the channels on under it.
         self.monitor_restart = monitor_restart
         self.monitor_deaths: list[float] = []
@@ -426,6 +439,14 @@ class Broker:
             try:
                 if kind == "listen":
                     conn, _ = key.fileobj.accept()
+                    if obj is not None and sum(1 for _r, t in self.peers.values()
+                                               if t is obj) >= MAX_PENDING:
+                        # One user domain's idle connections must not use up
+                        # the broker's descriptors for everyone.
+                        conn.close()
+                        log.warning("user domain %s: more than %d connections without a "
+                                    "channel; refused one", obj.name, MAX_PENDING)
+                        continue
                     self._add(protocol.Peer(conn), "user" if obj else "host", obj)
                 elif kind == "conn":
                     if events & selectors.EVENT_WRITE:
@@ -435,7 +456,11 @@ class Broker:
                     if obj in self.peers:
                         self._settle(obj, key.data)
                 elif kind == "channel":
-                    self._on_channel_message(obj)
+                    if events & selectors.EVENT_WRITE and obj.peer is not None:
+                        obj.peer.flush()
+                    if events & selectors.EVENT_READ and obj.peer is not None:
+                        self._on_channel_message(obj)
+                    self._watch_channel(obj)
                 elif kind == "report":
                     self._on_report(*obj)
                 elif kind == "worker":
@@ -446,7 +471,11 @@ class Broker:
                 log.exception("while handling %s", kind)
         now = time.monotonic()
         if self.monitor_retry_at and now >= self.monitor_retry_at:
-            self._recover_monitor()
+            try:
+                self._recover_monitor()
+            except Exception:   # noqa: BLE001 - every channel hears it
+                log.exception("bringing the eBPF monitor back")
+                self._monitor_down("the eBPF monitor went away and could not be brought back")
         for t in list(self.tenants.values()):
             if t.awaiting and now >= t.resume_deadline:
                 self._resume_overdue(t)
@@ -454,6 +483,12 @@ class Broker:
                 try:
                     self._start_worker(t)
                 except Exception as e:      # noqa: BLE001 - told to every channel
+                    t.restart_at = 0.0
+                    if self.enforcer is not None and _readable(self.enforcer.sock):
+                        # The monitor died under the restart: its return
+                        # starts this user domain's worker too.
+                        self._service_gone()
+                        continue
                     log.exception("user domain %s: no worker could be started", t.name)
                     self._fail_tenant(t, f"backend worker died and none could be started "
                                          f"again: {e}")
@@ -501,12 +536,13 @@ class Broker:
         for t in self.tenants.values():
             for w in list(t.workers):
                 self._forget(t, w)
+            t.restart_at = 0.0          # the monitor's return starts the next worker
             t.death = "the eBPF monitor went away"
             # Answers sent between the programs' end and the workers' could
             # not be counted: the user sides must hear why at once.
             for ch in t.channels.values():
                 if ch.peer is not None and not ch.closing:
-                    ch.peer.send({"op": "monitor-down"})
+                    self._tell(ch, {"op": "monitor-down"})
             for ch in list(t.channels.values()):
                 if ch.closing:
                     self._finish(ch, None)
@@ -760,6 +796,21 @@ class Broker:
 
     # ---- workers -------------------------------------------------------------
 
+    def _tell(self, ch: BrokerChannel, msg: dict, fds=()) -> None:
+        """A notice to a channel's user side; what cannot be sent now waits
+        for room (the loop watches for it)."""
+        ch.peer.send(msg, list(fds))
+        self._watch_channel(ch)
+
+    def _watch_channel(self, ch: BrokerChannel) -> None:
+        if ch.peer is None or ch.peer not in self.sel.get_map():
+            return
+        if ch.peer.dead:
+            log.warning("channel %d: its user side does not read its notices", ch.id)
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if ch.peer.wants_write else 0)
+        if self.sel.get_key(ch.peer).events != want:
+            self.sel.modify(ch.peer, want, ("channel", ch))
+
     def _start_worker(self, t: Tenant, new: BrokerChannel | None = None,
                       tables: dict[int, int] | None = None) -> None:
         """Start the user domain's next worker with all its channels (and
@@ -767,7 +818,11 @@ class Broker:
         flight, and the next takes the rings over once it is gone (the
         gate). A worker cannot be handed a new grant ring while it runs:
         io_uring descriptors do not pass over Unix sockets."""
-        chans = [ch for ch in t.channels.values() if not ch.closing]
+        if self.enforce and self.enforcer is None:
+            raise BrokerError("no worker runs while the eBPF monitor is down")
+        # Closing channels too: the new worker lets go of them once the
+        # kernel is done with what they have in flight (asked just below).
+        chans = list(t.channels.values())
         if new is not None:
             chans.append(new)
         old = t.worker
@@ -776,8 +831,8 @@ class Broker:
         gate_r, hold_w = os.pipe()
         align = self.device.align
         restarted = bool(t.restart_at) or tables is not None
-        specs = [ch.spec(align).replace(held=tables is not None and ch.id in tables).to_dict()
-                 for ch in chans]
+        held = set(tables or ()) | t.awaiting
+        specs = [ch.spec(align).replace(held=ch.id in held).to_dict() for ch in chans]
         spec = WorkerSpec(channels=specs,
                           ctl_fd=ctl_r, report_fd=rep_w, gate_fd=old.gate_r if old else -1,
                           hold_fd=hold_w, spin_ns=self.worker_spin_ns, restarted=restarted)
@@ -812,16 +867,19 @@ class Broker:
         t.workers.append(w)
         t.restart_at = 0.0
         for ch in chans:
+            if ch.closing:
+                w.ask_drop(ch.id)
+        for ch in chans:
             if ch is new or ch.peer is None or ch.closing:
                 continue
             if restarted:
                 # What the dead worker had taken from the request ring: the
                 # user side settles those requests itself (see the client).
                 table = [tables[ch.id]] if tables and ch.id in tables else []
-                ch.peer.send({"op": "restarted", "pid": pid, "why": t.death,
-                              "consumed": t.consumed.get(ch.id, 0)}, table)
+                self._tell(ch, {"op": "restarted", "pid": pid, "why": t.death,
+                                "consumed": t.consumed.get(ch.id, 0)}, table)
             else:
-                ch.peer.send({"op": "worker", "pid": pid})
+                self._tell(ch, {"op": "worker", "pid": pid})
         if tables is not None:
             t.awaiting = {ch.id for ch in chans if ch.id in tables}
             t.resume_deadline = time.monotonic() + RESUME_GRACE
@@ -836,11 +894,14 @@ class Broker:
         """Channels whose user side did not take up its new task table in
         time are dropped, never served: their requests carry tasks only in
         the old table."""
+        if t.worker is None:
+            return                      # held by whichever worker comes next
         for cid in t.awaiting:
             ch = t.channels.get(cid)
-            if ch is not None and t.worker is not None:
+            if ch is not None:
                 ch.fail_reason = (f"the eBPF monitor came back, and the user side did not "
                                   f"take up its new task table within {RESUME_GRACE:.0f} s")
+                ch.closing = True
                 t.worker.ask_drop(cid)
         t.awaiting = set()
         t.resume_deadline = 0.0
@@ -907,8 +968,8 @@ class Broker:
 
     def _on_worker_exit(self, t: Tenant, w: WorkerProc) -> None:
         rc = w.proc.wait()
-        # Reports it wrote before it went still count.
-        if w.report_r >= 0 and w.report_r in self.sel.get_map():
+        # Reports it wrote before it went still count, every one.
+        while w.report_r >= 0 and w.report_r in self.sel.get_map():
             self._on_report(t, w)
         self._forget(t, w)
         if self.tenants.get(t.name) is not t:
@@ -964,9 +1025,8 @@ class Broker:
         death. What the dead one took from each request ring is read now,
         before anyone drives the rings again."""
         for ch in list(t.channels.values()):
-            if ch.closing:
-                self._finish(ch, ch.fail_reason)     # the kernel is done with it
-                continue
+            # Closing ones too: the next worker lets go of them once the
+            # kernel is done with them (its count starts from the ring).
             t.consumed[ch.id] = _request_head(ch.ring_fds[1])
         if not t.channels:
             t.consumed = {}

@@ -276,8 +276,11 @@ class Channel:
             if queued:
                 continue                    # the new worker has it
             if self.end.task_inflight(slot):
-                raise self._broken(f"{why}, and the kernel still had a request on "
-                                   f"slot {slot}")
+                # Still in the kernel (asynchronous I/O outlives its
+                # submitter): its completion comes through the new worker,
+                # and is checked as any answer is.
+                self.stale.discard(self.gen[slot] << SLOT_BITS | slot)
+                continue
             before = self.moved_before[slot]
             tag = self.gen[slot] << SLOT_BITS | slot
             self.stale.discard(tag)         # settled here, through _take
@@ -639,7 +642,12 @@ class Channel:
             if not self.failed:
                 # Answered once the worker is gone and the extent is free.
                 self.sock.settimeout(5.0)
-                protocol.request(self.sock, {"op": "close"})
+                protocol.send(self.sock, {"op": "close"})
+                while True:         # notices may come first: the answer is ok or failed
+                    reply, fds = protocol.recv(self.sock)
+                    protocol.close_fds(fds)
+                    if reply is None or reply["op"] in ("ok", "error", "failed"):
+                        break
         self.sock.close()
         self.pool.release()
         self.end.drop_task_table()

@@ -14,7 +14,6 @@ import dataclasses
 import errno
 import json
 import os
-import signal
 import sys
 
 from drb_uring import linux, procs, ring
@@ -92,7 +91,8 @@ class WorkerSpec(Spec):
 # What the loop needs once it is set up (measured with strace on a serving
 # worker, its stop and its exit), and nothing else.
 CALLS = ("io_uring_enter", "ppoll", "read", "write", "close", "munmap", "mmap", "brk", "madvise",
-         "futex", "rt_sigreturn", "rt_sigaction", "rt_sigprocmask", "sigaltstack", "getpid",
+         "futex", "rt_sigreturn", "rt_sigaction", "rt_sigprocmask", "rt_sigpending", "sigaltstack",
+         "getpid",
          "gettid", "clock_gettime", "clock_nanosleep", "newfstatat", "fstat", "lseek", "exit",
          "exit_group")
 
@@ -130,12 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.getppid() == 1:      # reparented: the parent died before prctl
         sys.exit("drb-worker: the broker is already gone")
     # Told to stop before the loop runs (a handover right after a start):
-    # still take the rings over cleanly, then stop at once.
-    told = []
-    signal.signal(signal.SIGTERM, lambda *_: told.append(1))
-    signal.signal(signal.SIGINT, lambda *_: told.append(1))
-    # The broker sends SIGTERM only once it has heard this: before it, the
-    # interpreter's default would end us mid-start.
+    # it still takes the rings over cleanly, then stops at once. The
+    # broker sends SIGTERM only once it has heard READY: before the
+    # handlers, the default would end us mid-start.
+    from drb_uring.channel import _worker
+    _worker.install_stop_handlers()
     os.write(spec.report_fd, READY)
     _wait_for_gate(spec.gate_fd)
     from drb_uring.channel._worker import WorkerLoop
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                  c.extent_base, c.extent_size, c.align, spec.restarted, c.held)
     confine()
     try:
-        rc = loop.serve(bool(told))
+        rc = loop.serve()
     finally:
         stats = loop.stats
         loop.close()

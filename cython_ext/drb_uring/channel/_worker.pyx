@@ -27,8 +27,8 @@ from drb_uring.includes.liburing cimport (io_uring, io_uring_params, io_uring_qu
                                 io_uring_queue_exit, io_uring_get_sqe, io_uring_submit,
                                 io_uring_peek_batch_cqe, io_uring_cq_advance,
                                 io_uring_cq_ready, io_uring_sq_space_left)
-from drb_uring.includes.sys cimport (pollfd, ppoll, timespec, POLLIN, read, write, errno, EINTR,
-                                     EAGAIN, EPROTO)
+from drb_uring.includes.sys cimport (pollfd, ppoll, timespec, sigset_t, POLLIN, read, write,
+                                     errno, EINTR, EAGAIN, EPROTO)
 from libc.stdlib cimport calloc, free
 from drb_uring.ring.spsc cimport (prod_space, prod_entry, prod_publish, cons_avail, cons_entry,
                    cons_release, drb_notify, drb_prod, drb_cons, drb_waiter, DRB_NEED_WAKEUP)
@@ -47,6 +47,12 @@ cdef extern from "<signal.h>" nogil:
     sighandler_t signal(int signum, sighandler_t handler)
     int SIGTERM
     int SIGINT
+    int SIG_BLOCK
+    int sigemptyset(sigset_t *s)
+    int sigaddset(sigset_t *s, int signum)
+    int sigismember(const sigset_t *s, int signum)
+    int sigpending(sigset_t *s)
+    int pthread_sigmask(int how, const sigset_t *s, sigset_t *old)
 
 # Set from a C signal handler: the loop sees it when ppoll returns EINTR.
 cdef volatile int g_stop = 0
@@ -54,6 +60,32 @@ cdef volatile int g_stop = 0
 cdef void _on_stop(int sig) noexcept nogil:
     global g_stop
     g_stop = 1
+
+# SIGTERM and SIGINT stay blocked but in ppoll (which unblocks them for
+# its sleep) and are looked for with sigpending while busy: one that lands
+# between a check and the sleep is never lost.
+cdef sigset_t g_stop_signals
+cdef sigset_t g_none
+
+
+def install_stop_handlers():
+    """Take SIGTERM and SIGINT as "finish what is in flight, then exit",
+    from now on (before anything else, so that none is lost)."""
+    signal(SIGTERM, _on_stop)
+    signal(SIGINT, _on_stop)
+    sigemptyset(&g_none)
+    sigemptyset(&g_stop_signals)
+    sigaddset(&g_stop_signals, SIGTERM)
+    sigaddset(&g_stop_signals, SIGINT)
+    pthread_sigmask(SIG_BLOCK, &g_stop_signals, NULL)
+
+
+cdef inline void check_stop() noexcept nogil:
+    global g_stop
+    cdef sigset_t pending
+    if sigpending(&pending) == 0 and (sigismember(&pending, SIGTERM) == 1
+                                      or sigismember(&pending, SIGINT) == 1):
+        g_stop = 1
 
 cdef enum:
     BATCH = 64
@@ -198,15 +230,24 @@ cdef class WorkerLoop:
         # tail at 0: a ring an earlier worker drove is further on.
         for i in range(c.ring.sq.kring_entries[0]):
             c.ring.sq.array[i] = i
+        if discard:
+            # Requests the dead worker published but never entered are not
+            # submitted now (the user side posts them again: it saw their
+            # slots unmoved), and its completions are dropped.
+            c.ring.sq.ktail[0] = c.ring.sq.khead[0]
+            io_uring_cq_advance(&c.ring, io_uring_cq_ready(&c.ring))
         c.ring.sq.sqe_head = c.ring.sq.ktail[0]
         c.ring.sq.sqe_tail = c.ring.sq.ktail[0]
-        if discard:
-            io_uring_cq_advance(&c.ring, io_uring_cq_ready(&c.ring))
         c.prod = &end.prod
         c.cons = &end.cons
         c.waiter = &end.waiter
         c.cid = cid
         c.cq_cap = p.cq_entries
+        # Requests the kernel took and has not completed yet (a dead
+        # worker's asynchronous I/O outlives it): one completion each.
+        c.inflight = c.ring.sq.khead[0] - c.ring.cq.ktail[0]
+        if c.inflight > c.cq_cap:
+            raise ValueError(f"grant ring indexes out of range ({c.inflight} in flight)")
         c.lim.pool_base = pool_base
         c.lim.slot_size = end.geometry.slot_size
         c.lim.slot_count = end.geometry.slot_count
@@ -264,12 +305,15 @@ cdef class WorkerLoop:
         if c.state == LIVE or c.state == HELD:
             c.state = DRAINING
             c.err = err
+        elif c.state == DRAINING and err < 0:
+            c.err = err             # its ring broke while it was being let go of
 
     cdef void settle(self, chan_t *c) noexcept nogil:
         cdef report_t rep
         if c.state == DRAINING and c.inflight == 0:
             c.state = DROPPED
-            self.publish(c)
+            if c.err >= 0:
+                self.publish(c)
             rep.cid = c.cid
             rep.err = c.err
             write(self.report_fd, &rep, sizeof(rep))
@@ -342,7 +386,9 @@ cdef class WorkerLoop:
         # Completions of the grant ring become responses, as many as fit.
         m = io_uring_peek_batch_cqe(&c.ring, cqes, BATCH)
         i = 0
-        while i < m:
+        if c.state == DRAINING and c.err < 0:
+            i = m                       # its response ring is no good: nobody to answer
+        while i < m and not (c.state == DRAINING and c.err < 0):
             r = self.respond(c, cqes[i].user_data, cqes[i].res)
             if r < 0:
                 self.drop(c, r)
@@ -352,9 +398,10 @@ cdef class WorkerLoop:
             i += 1
         if i:
             io_uring_cq_advance(&c.ring, i)
-            c.inflight -= i
+            c.inflight -= i if i <= c.inflight else c.inflight
             self.served += i
-            self.publish(c)
+            if not (c.state == DRAINING and c.err < 0):
+                self.publish(c)
         self.settle(c)
         return k + i
 
@@ -424,7 +471,7 @@ cdef class WorkerLoop:
         self.fd_chan[nf] = 0
         nf += 1
         self.sleeps += 1
-        r = ppoll(self.fds, nf, NULL, NULL)
+        r = ppoll(self.fds, nf, NULL, &g_none)
         self.wake_flags_off()
         if r < 0:
             return -errno
@@ -462,6 +509,7 @@ cdef class WorkerLoop:
             now = drb_now_ns()
             if now >= next_ctl:
                 self.read_ctl()
+                check_stop()
                 next_ctl = now + CTL_EVERY_NS
             if did:
                 continue
@@ -471,13 +519,9 @@ cdef class WorkerLoop:
             if r == 0:
                 self.read_ctl()
 
-    def serve(self, bint stopped=False):
+    def serve(self):
         """Serve until SIGTERM or SIGINT (then finish what is in flight);
-        returns 0 or a negative errno. `stopped`: told to stop already."""
-        global g_stop
-        g_stop = stopped
-        signal(SIGTERM, _on_stop)
-        signal(SIGINT, _on_stop)
+        returns 0 or a negative errno. install_stop_handlers() first."""
         cdef int64_t r
         with nogil:
             r = self.loop()

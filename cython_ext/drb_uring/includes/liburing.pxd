@@ -30,14 +30,20 @@ cdef extern from "<linux/io_uring.h>" nogil:
 
 cdef extern from "<liburing.h>" nogil:
     struct io_uring_sq:
+        unsigned *khead
         unsigned *ktail
         unsigned *array
         unsigned *kring_entries
         unsigned sqe_head
         unsigned sqe_tail
 
+    struct io_uring_cq:
+        unsigned *khead
+        unsigned *ktail
+
     struct io_uring:
         io_uring_sq sq
+        io_uring_cq cq
         int ring_fd
         unsigned features
 
