@@ -14,91 +14,27 @@ piece is accounted for until its response arrives or the channel fails.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
-import io
 import mmap
-import os
 import select
 import socket
 import struct
 import time
 
 from drb_uring import protocol, ring
+from drb_uring.channel.faces import AsyncChannel, ChannelFile, _readable
+from drb_uring.channel.request import ChannelClosed, ChannelFailed, Request
 from drb_uring.enforce import tasks
 from drb_uring.enforce.tasks import OP_FSYNC, OP_READ_FIXED, OP_WRITE_FIXED
-from drb_uring.errors import DrbError
 from drb_uring.ring import layout as L
+
+__all__ = ["AsyncChannel", "Channel", "ChannelClosed", "ChannelFailed", "ChannelFile",
+           "Request"]
 
 SLOT_BITS = 16
 NOTICE_WAIT = 1.0    # seconds an unproven answer waits for word that the monitor died
 _CQE = struct.Struct("<QiI")
-
-
-class ChannelClosed(DrbError):
-    """The channel was closed by this side."""
-
-
-class ChannelFailed(DrbError):
-    """The channel failed (its worker died, the monitor went away, or the
-    peer broke the protocol); the reason says which."""
-
-
-class Request:
-    """One call, possibly split in pieces; a future for its result."""
-
-    __slots__ = ("channel", "op", "buf", "lent_slot", "inner", "pending", "short", "error",
-                 "done", "callbacks")
-
-    def __init__(self, channel: "Channel", op: int, buf, n: int):
-        self.channel = channel
-        self.op = op
-        self.buf = buf           # read: destination (None: lend the slot); write: source
-        self.lent_slot: int | None = None   # a zero-copy read's slot, lent to the caller
-        # (start, length, destination) of what the caller asked for inside a
-        # larger aligned request (O_DIRECT); the destination is None for writes.
-        self.inner: tuple[int, int, object] | None = None
-        self.pending = 0
-        self.short = n           # bytes done before the first short piece
-        self.error: BaseException | None = None
-        self.done = False
-        self.callbacks: list = []
-
-    def _piece_done(self, pos: int, want: int, res: int) -> None:
-        if res < 0:
-            if self.error is None:
-                self.error = OSError(-res, os.strerror(-res))
-        elif res < want:
-            self.short = min(self.short, pos + res)
-        self.pending -= 1
-        if self.pending == 0:
-            self._finish()
-
-    def _fail(self, exc: BaseException) -> None:
-        if self.error is None:
-            self.error = exc
-        self.pending = 0
-        self._finish()
-
-    def _finish(self) -> None:
-        if self.inner is not None and self.error is None:
-            start, n, dest = self.inner
-            got = max(0, min(self.short - start, n))
-            if dest is not None:
-                dest[:got] = self.buf[start:start + got]
-                self.buf = dest
-            self.short = got
-        self.done = True
-        for cb in self.callbacks:
-            cb(self)
-
-    def result(self, timeout: float | None = None):
-        """Bytes read (bytes), bytes written (int), or None for flush."""
-        self.channel._drive(lambda: self.done, timeout)
-        if self.error is not None:
-            raise self.error
-        return None if self.op == OP_FSYNC else self.short
 
 
 class Channel:
@@ -662,128 +598,3 @@ class Channel:
 
     def __exit__(self, *exc):
         self.close()
-
-
-class ChannelFile(io.RawIOBase):
-    """A channel as an ordinary binary file: seek, read, readinto, write."""
-
-    def __init__(self, channel: Channel):
-        super().__init__()
-        self.channel = channel
-        self.pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.channel.size}[whence]
-        if base + offset < 0:
-            raise OSError(errno.EINVAL, "negative seek position")
-        self.pos = base + offset
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, b) -> int:
-        if self.pos >= self.channel.size:
-            return 0
-        n = self.channel.preadinto(self.pos, b)
-        self.pos += n
-        return n
-
-    def write(self, b) -> int:
-        n = self.channel.pwrite(self.pos, b)
-        self.pos += n
-        return n
-
-    def flush(self) -> None:
-        if not self.closed and not self.channel.closed:
-            self.channel.flush()
-
-
-class AsyncChannel:
-    """asyncio face of a channel: the ring's eventfd is a reader on the loop
-    (the worker is asked to signal after every publish) and so is the
-    control connection, so a failure wakes every waiter."""
-
-    def __init__(self, channel: Channel):
-        self.ch = channel
-        self.loop = asyncio.get_running_loop()
-        self.slot_freed = asyncio.Event()
-        channel.end.hold_wakeup(True)
-        self.loop.add_reader(channel.end.eventfd, self._ready)
-        self.loop.add_reader(channel.sock.fileno(), self._ready)
-
-    def _ready(self) -> None:
-        with contextlib.suppress(ChannelFailed, ChannelClosed, BlockingIOError):
-            os.eventfd_read(self.ch.end.eventfd)
-        try:
-            self.ch.end.hold_wakeup(True)
-            if self.ch.end.readable:
-                self.ch._reap(0)
-            elif self.ch.sock in _readable([self.ch.sock]):
-                self.ch._hear_monitor()
-        except (ChannelFailed, ChannelClosed):
-            pass
-        self.slot_freed.set()
-
-    async def _await(self, make) -> object:
-        while True:
-            try:
-                req = make()
-                break
-            except BlockingIOError:
-                self.slot_freed.clear()
-                await self.slot_freed.wait()
-        fut = self.loop.create_future()
-        if req.done:
-            fut.set_result(None)
-        else:
-            req.callbacks.append(lambda r: fut.done() or fut.set_result(None))
-        await fut
-        return req.result(0)
-
-    async def pread(self, offset: int, n: int) -> bytes:
-        holder = []
-
-        def make():
-            req = self.ch.submit_read(offset, n, wait=False)
-            holder.append(req)
-            return req
-        await self._await(make)
-        return bytes(holder[-1].buf[:holder[-1].short])
-
-    async def pwrite(self, offset: int, data) -> int:
-        mv = memoryview(data).cast("B")
-        if self.ch.aligned(offset, len(mv)):
-            return await self._await(lambda: self.ch.submit_write(offset, mv, wait=False))
-        # O_DIRECT and unaligned: the read-modify-write, awaiting each step.
-        lo, bounce, ends = self.ch._rmw_plan(offset, len(mv))
-        a = self.ch.align
-        for blk in ends:
-            await self._await(lambda blk=blk: self.ch.submit_readinto(
-                blk, memoryview(bounce)[blk - lo:blk - lo + a], wait=False))
-        bounce[offset - lo:offset - lo + len(mv)] = mv
-        await self._await(lambda: self.ch.submit_write(lo, bounce, wait=False))
-        return len(mv)
-
-    async def flush(self) -> None:
-        await self._await(lambda: self.ch.submit_flush(wait=False))
-
-    def close(self) -> None:
-        self.loop.remove_reader(self.ch.end.eventfd)
-        self.loop.remove_reader(self.ch.sock.fileno())
-        if not self.ch.closed:
-            self.ch.end.hold_wakeup(False)
-
-
-def _readable(socks) -> list:
-    r, _, _ = select.select(socks, [], [], 0)
-    return r

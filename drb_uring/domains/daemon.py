@@ -271,11 +271,7 @@ class Pair:
             raise PairError(f"removing user domain {name}: {errors[0]}")
 
     def _unwatch(self, name: str, group: str) -> None:
-        # The broker keeps the domains it counts (watch_domains) in a dict,
-        # and has no call to forget one.
-        self.broker.domains.pop(name, None)
-        if self.broker.enforcer:
-            self.broker.enforcer.unwatch(group)
+        self.broker.unwatch_domain(name)
 
     def _policies(self, role: str) -> None:
         a = self.cfg
