@@ -66,7 +66,8 @@ enum drb_reason {
     DRB_R_REFUSED = 11,        /* a request the ring refused before submitting it */
     DRB_R_OVERFLOW = 12,       /* a completion the grant ring could not post */
     DRB_R_FLAGS = 13,          /* read/write flags (RWF_*) a task never asks for */
-    DRB_R_COUNT = 14,
+    DRB_R_CLOSED = 14,         /* a submission on the ring of a channel that ended */
+    DRB_R_COUNT = 15,
 };
 
 /* One entry. The user side writes the first six fields with a sequence

@@ -10,7 +10,9 @@
  * table (an mmapable array written by the user side) and the channel's
  * extent (set by the broker alone). On a violation it kills the submitter
  * (the worker) with SIGKILL before the I/O runs, marks the channel failed
- * and reports an event.
+ * and reports an event. A channel that ended stays granted, closed, until
+ * the broker has the kernel's word that its ring is gone: any submission on
+ * it meanwhile is a violation.
  */
 #include <uapi/linux/ptrace.h>
 #include "drb_task.h"
@@ -31,7 +33,8 @@ struct grant {
     u32 slot_count;
     u32 failed;           /* enum drb_reason, written here, read by the service */
     u32 row;              /* this channel's index in task_tables and `lat` (< MAX_CHANNELS) */
-    u32 pad;
+    u32 closed;           /* the channel ended: every submission is a violation (the
+                           * grant stays until the kernel says the ring is gone) */
     u64 pool_base;
     u64 extent_base;
     u64 extent_size;
@@ -143,6 +146,10 @@ RAW_TRACEPOINT_PROBE(io_uring_submit_req)
         return 0;                           /* not a grant ring */
     u8 op = *(u8 *)(head + OFF_REQ_OPCODE);
     u64 user_data = *(u64 *)(head + OFF_REQ_USER_DATA);
+    /* A channel that ended has no task, and its worker said it let go:
+     * whoever still submits on the ring is hostile. */
+    if (g->closed)
+        return violation(g, DRB_R_CLOSED, 0, user_data, 0, 0, 0, op, 0);
     if (op == DRB_OP_FSYNC)
         return 0;                           /* touches no user memory */
     u16 slot = *(u16 *)(head + OFF_REQ_BUF_INDEX);

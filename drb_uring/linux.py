@@ -35,6 +35,17 @@ def die_with_parent(sig: int = 9) -> None:
     check(libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(sig), 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
 
 
+PR_SET_DUMPABLE = 4
+
+
+def not_dumpable() -> None:
+    """Make this process's memory and descriptors its own: no other process
+    of its user (not even root of its user namespace) may then open its
+    /proc/PID/mem, fd, environ and their kin, ptrace it, or read its
+    core dump. Only a capability in the host's namespace may."""
+    check(libc.prctl(PR_SET_DUMPABLE, ctypes.c_ulong(0), 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+
+
 def setns(fd: int, nstype: int, what: str = "setns") -> None:
     check(libc.setns(fd, nstype), what)
 

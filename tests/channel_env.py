@@ -32,7 +32,8 @@ class BrokerProc:
     the real worker (through the broker's spawn hook)."""
 
     def __init__(self, tmp_path, size=256 << 20, o_direct=False, device=None,
-                 enforce=True, rogue=None, limits=None, tenants=0, monitor_restart=False):
+                 enforce=True, rogue=None, limits=None, tenants=0, monitor_restart=False,
+                 worker_spin_ns=None):
         """tenants=N: N user domains, each on its own socket (sock_paths)
         with an equal share of the device (extents)."""
         self.sock_path = str(tmp_path / "monitor.sock")
@@ -49,6 +50,7 @@ class BrokerProc:
                           control=self.control_path,
                           device=device or self.backing, o_direct=o_direct, enforce=enforce,
                           limits=limits or {}, monitor_restart=monitor_restart,
+                          **({"worker_spin_ns": worker_spin_ns} if worker_spin_ns else {}),
                           tenants=[{"name": f"user{k}", "socket": p, "extent": list(e)}
                                    for k, (p, e) in enumerate(zip(self.sock_paths,
                                                                   self.extents,

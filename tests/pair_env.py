@@ -6,6 +6,11 @@ import subprocess
 import sys
 import time
 
+from channel_env import HELPERS
+
+from drb_uring import procs
+from drb_uring.domains.config import PairConfig
+
 DRB = os.path.join(os.path.dirname(sys.executable), "drb")
 
 
@@ -80,3 +85,18 @@ def wait_gone(pred, timeout=5.0):
     while time.monotonic() < end and not pred():
         time.sleep(0.02)
     return pred()
+
+
+def rogue_pair(name: str, mode: str, **config):
+    """A pair like `drb up NAME --size 16m` makes (with `config`), whose
+    workers are rogue (tests/helpers/rogue_worker.py MODE)."""
+    cfg = PairConfig(name=name, **{"size": 16 << 20, **config})
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, os.path.join(HELPERS, "pair_with_rogue.py"), mode,
+                             cfg.to_json(), str(w)], pass_fds=[w], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=procs.module_env())
+    os.close(w)
+    with os.fdopen(r) as f:
+        assert f.readline().strip() == "ok"
+    return proc

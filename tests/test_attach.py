@@ -117,11 +117,12 @@ def test_pairing_runc_containers(containers):
                                 stdout=subprocess.PIPE, text=True)
         worker, got = proc.stdout.readline().split()
         assert bytes.fromhex(got) == b"attached-device!"
-        # The worker: in their driver container, as its root (their host id),
+        # The worker: in their driver container, as a user of its own there,
         # without capabilities, with no_new_privs and two filters.
         with open(f"/proc/{worker}/status") as f:
             s = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-        assert int(s["Uid"].split()[0]) == (3 << 24) + (1 << 16)
+        uid = int(s["Uid"].split()[0])
+        assert (3 << 24) + (1 << 16) + 20000 <= uid < (3 << 24) + (1 << 16) + 60000, uid
         assert int(s["CapEff"], 16) == 0 and int(s["CapBnd"], 16) == 0
         assert s["NoNewPrivs"] == "1" and s["Seccomp_filters"] == "2"
         assert os.readlink(f"/proc/{worker}/ns/pid") == os.readlink(f"/proc/{dpid}/ns/pid")

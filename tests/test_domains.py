@@ -10,11 +10,19 @@ import textwrap
 import time
 
 import pytest
-from channel_env import HELPERS, PRIVATE_NS, dead
-from pair_env import DRB, bpf_prog_ids, drb, in_domain, leftovers, pairs_made, wait_gone
+from channel_env import PRIVATE_NS, dead
+from pair_env import (
+    DRB,
+    bpf_prog_ids,
+    drb,
+    in_domain,
+    leftovers,
+    pairs_made,
+    rogue_pair,
+    wait_gone,
+)
 
 from drb_uring import procs
-from drb_uring.domains.config import PairConfig
 
 PREFIX = "tdom"
 
@@ -343,20 +351,6 @@ with Channel({sock!r}, 1 << 20, geometry=L.Geometry(slot_size=S, slot_count=8)) 
         print("failed:", e)
     print("slot1 unchanged:", bytes(ch.pool[S:2 * S]) == b"P" * S)
 """
-
-
-def rogue_pair(name: str, mode: str):
-    """A pair like `drb up NAME --size 16m` makes, whose workers are rogue."""
-    cfg = PairConfig(name=name, size=16 << 20)
-    r, w = os.pipe()
-    proc = subprocess.Popen([sys.executable, os.path.join(HELPERS, "pair_with_rogue.py"), mode,
-                             cfg.to_json(), str(w)], pass_fds=[w], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=procs.module_env())
-    os.close(w)
-    with os.fdopen(r) as f:
-        assert f.readline().strip() == "ok"
-    return proc
 
 
 @pytest.mark.parametrize("mode, reason", [

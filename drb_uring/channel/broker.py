@@ -37,21 +37,23 @@ import sys
 import time
 from typing import Callable
 
-from drb_uring import procs, protocol, ring
+from drb_uring import procs, ring
 from drb_uring.channel import grants
+from drb_uring.channel.channels import Channels
 from drb_uring.channel.device import Device
-from drb_uring.channel.extents import ExtentError
 from drb_uring.channel.listeners import Listeners
 from drb_uring.channel.monitor_link import MonitorLink
+from drb_uring.channel.release import Limbo
 from drb_uring.channel.supervisor import SpawnFn, Supervisor, spawn_plain
 from drb_uring.channel.tenants import DEFAULT_TENANT, BrokerError, Limits, Tenant, check_extent
-from drb_uring.enforce import tasks
 from drb_uring.errors import DrbError
 from drb_uring.spec import Spec, SpecError
 
 __all__ = ["Broker", "BrokerError", "BrokerSpec", "Limits", "serve", "spawn_plain"]
 
 log = logging.getLogger("drb.broker")
+
+CLOSE_WAIT = 2.0      # seconds the rings' requests in flight get at the end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +91,12 @@ class Broker:
                  worker_spin_ns: int = ring.DEFAULT_SPIN_NS, spawn: SpawnFn = spawn_plain,
                  enforce: bool = True, limits: Limits | None = None,
                  host_ops: dict[str, Callable[[dict], dict]] | None = None,
-                 worker_cpus: list[int] | None = None, monitor_restart: bool = False):
+                 worker_cpus: list[int] | None = None, monitor_restart: bool = False,
+                 holders: Callable[[int], list[int]] | None = None,
+                 sweep: Callable[[int], None] | None = None):
+        """`holders(inode)` lists the driver domain's processes that hold a
+        ring open, `sweep(uid)` ends whatever a dead worker's user left
+        there: a pair's daemon gives both (see release, supervisor)."""
         # Every channel holds a handful of descriptors here (its grant ring
         # and ring fds, its connection); 1024 would not hold 16 user domains
         # with 64 channels each.
@@ -102,9 +109,10 @@ class Broker:
         self.device: Device | None = None
         self.tenants: dict[str, Tenant] = {}
         self.channels: dict[int, grants.BrokerChannel] = {}
-        self.next_id = 1
         self.stopping = False
-        self.supervisor = Supervisor(self, spawn, worker_spin_ns, worker_cpus)
+        self.chans = Channels(self)
+        self.limbo = Limbo(self, holders)
+        self.supervisor = Supervisor(self, spawn, worker_spin_ns, worker_cpus, sweep)
         self.link = MonitorLink(self, enforce, monitor_restart)
         self.listeners = Listeners(self, control)
         if path:
@@ -135,7 +143,12 @@ class Broker:
         if t is None:
             raise BrokerError(f"no user domain {name!r}")
         self.listeners.close_listener(t)
+        self.chans.retry_parked(t, give_up=True)
         self.supervisor.fail_tenant(t, "user domain removed")
+        # Its workers are dead: its rings go as soon as the kernel is done
+        # with them, and its share of the device stays taken until then
+        # (limbo.held_extents).
+        self.limbo.poke()
 
     def tenant_info(self) -> dict[str, dict]:
         return {t.name: {"extent": list(t.extent) if t.extent else None,
@@ -176,7 +189,8 @@ class Broker:
     def _step(self, timeout: float) -> None:
         """One round of the loop: whatever is ready within `timeout`, then
         what is due by the clock."""
-        if self.link.retry_at or self.supervisor.timers_due():
+        if self.link.retry_at or self.supervisor.timers_due() or len(self.limbo) or any(
+                t.parked for t in self.tenants.values()):
             timeout = min(timeout, 0.05)
         for key, events in self.sel.select(timeout=timeout):
             kind, obj = key.data
@@ -189,6 +203,9 @@ class Broker:
         now = time.monotonic()
         self.link.tick(now)
         self.supervisor.tick(now)
+        if len(self.limbo):
+            self.limbo.poke()
+        self.chans.tick(now)
 
     def _dispatch(self, kind: str, obj, key, events: int) -> None:
         if kind == "listen":
@@ -199,8 +216,8 @@ class Broker:
             if events & selectors.EVENT_WRITE and obj.peer is not None:
                 obj.peer.flush()
             if events & selectors.EVENT_READ and obj.peer is not None:
-                self._on_channel_message(obj)
-            self._watch_channel(obj)
+                self.chans.on_message(obj)
+            self.chans.watch(obj)
         elif kind == "report":
             self.supervisor.on_report(*obj)
         elif kind == "worker":
@@ -208,141 +225,23 @@ class Broker:
         elif kind == "service":
             self.link.service_gone()
 
-    # ---- channels ---------------------------------------------------------------------
-
-    def open(self, t: Tenant, peer: protocol.Peer, msg: dict,
-              fds: list[int]) -> tuple[dict, list[int]]:
-        if self.device is None:
-            raise BrokerError("the broker has no device")
-        extents = t.extents_of(self.device)
-        size = protocol.int_field(msg, "size", 1, extents.size)
-        if self.link.retry_at:
-            self.link.recover()         # the channels that wait for it first
-        enforcer = self.link.ensure()
-        ring_fds = ring.PeerFds.from_list(fds)
-        try:
-            geo = ring.validate_peer_fds(ring_fds)
-            t.check_limits(geo.pool_size)
-            if self.device.align and geo.slot_size % self.device.align:
-                raise BrokerError("slot size is not a multiple of the device alignment")
-            try:
-                rel = extents.alloc(size)
-            except ExtentError as e:
-                raise BrokerError(str(e)) from None
-        except BaseException:
-            ring_fds.close()
-            raise
-        ch = grants.BrokerChannel(self.next_id, t, peer, (t.extent[0] + rel[0], rel[1]),
-                                  geo.pool_size)
-        ch.geo = geo
-        tt_fd = -1
-        try:
-            tt_fd = grants.build(ch, ring_fds, self.device.fd, enforcer)
-            self.supervisor.start(t, ch)
-        except BaseException:
-            ring_fds.close()
-            ch.ring_fds = []
-            if ch.gid:
-                enforcer.ungrant(ch.gid)
-            ch.close_fds()
-            protocol.close_fds([tt_fd] if tt_fd >= 0 else [])
-            extents.release(*rel)
-            raise
-        self.next_id += 1
-        self.channels[ch.id] = ch
-        t.channels[ch.id] = ch
-        # From now on the connection is the channel's: it hears "failed".
-        self.listeners.hand_over(peer)
-        self.sel.modify(peer, selectors.EVENT_READ, ("channel", ch))
-        log.info("channel %d open for %s: extent %d+%d, worker pid %d%s", ch.id, t.name,
-                 ch.extent[0], ch.extent[1], t.worker.pid, "" if enforcer else " (UNMONITORED)")
-        reply = {"channel": ch.id, "extent_size": ch.extent[1], "worker_pid": t.worker.pid,
-                 "align": self.device.align}
-        if tt_fd >= 0:
-            reply["task_table_version"] = tasks.VERSION
-            reply["task_table_bytes"] = tasks.TABLE_BYTES
-            reply["reap_hist_offset"] = tasks.REAP_HIST_OFFSET
-            return reply, [tt_fd]
-        return reply, []
-
-    def _on_channel_message(self, ch: grants.BrokerChannel) -> None:
-        try:
-            got = ch.peer.recv()
-        except (protocol.ProtocolError, OSError):
-            got = (None, [])
-        if got is None:
-            return
-        msg, fds = got
-        protocol.close_fds(fds)
-        if msg is not None and msg["op"] == "resumed":
-            t = ch.tenant
-            if ch.id in t.awaiting and t.worker is not None:
-                t.awaiting.discard(ch.id)
-                t.worker.ask_go(ch.id)       # its tasks are in the new table now
-            return
-        # The extent is released only once the worker has let go: until then
-        # it could still be doing I/O there. A "close" is answered after
-        # that, so the user side may reuse the space as soon as it has the
-        # reply.
-        ch.reply_close = msg is not None and msg["op"] == "close"
-        self.sel.unregister(ch.peer)      # nothing more to read from this peer
-        ch.closing = True
-        w = ch.tenant.worker
-        if w is None:
-            self.finish(ch, None)
-        else:
-            w.ask_drop(ch.id)
-
-    def finish(self, ch: grants.BrokerChannel, reason: str | None) -> None:
-        """The channel is over: ungranted, its extent free, its user side
-        told (the reason if it failed), and no worker waits idle for it."""
-        enforcer = self.link.enforcer
-        if enforcer and ch.gid:
-            try:
-                enforcer.ungrant(ch.gid)
-            except (DrbError, OSError) as e:      # the user side must hear anyway
-                log.error("channel %d: ungrant failed: %s", ch.id, e)
-            ch.gid = 0
-        ch.close_fds()
-        t = ch.tenant
-        if self.device is not None and t.extents is not None:
-            t.extents.release(ch.extent[0] - t.extent[0], ch.extent[1])
-        if ch.peer is not None:
-            msg = {"op": "failed", "reason": reason} if reason else \
-                {"op": "ok"} if ch.reply_close else None
-            if msg:
-                ch.peer.send(msg)
-                ch.peer.flush()
-            if ch.peer in self.sel.get_map():
-                self.sel.unregister(ch.peer)
-            ch.peer.close()
-            ch.peer = None
-        self.channels.pop(ch.id, None)
-        t.channels.pop(ch.id, None)
-        log.info("channel %d closed", ch.id)
-        if not t.channels and t.worker is not None:
-            self.supervisor.retire_current(t)
-
-    def tell(self, ch: grants.BrokerChannel, msg: dict, fds=()) -> None:
-        """A notice to a channel's user side; what cannot be sent now waits
-        for room (the loop watches for it)."""
-        ch.peer.send(msg, list(fds))
-        self._watch_channel(ch)
-
-    def _watch_channel(self, ch: grants.BrokerChannel) -> None:
-        if ch.peer is None or ch.peer not in self.sel.get_map():
-            return
-        if ch.peer.dead:
-            log.warning("channel %d: its user side does not read its notices", ch.id)
-        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if ch.peer.wants_write else 0)
-        if self.sel.get_key(ch.peer).events != want:
-            self.sel.modify(ch.peer, want, ("channel", ch))
-
     def close(self) -> None:
         """Stop every worker and release everything. Idempotent."""
         for t in list(self.tenants.values()):
             self.listeners.close_listener(t)
+            self.chans.retry_parked(t, give_up=True)
             self.supervisor.fail_tenant(t, None)
+        # Every worker is dead; what the kernel still has in flight of the
+        # rings gets a moment to finish, then the rings go with us anyway.
+        end = time.monotonic() + CLOSE_WAIT
+        while len(self.limbo) and time.monotonic() < end:
+            self.limbo.poke()
+            if len(self.limbo):
+                time.sleep(0.01)
+        for ch in list(self.limbo.rings.values()):
+            log.warning("channel %d: its ring still had requests in flight at the end", ch.id)
+            self.chans.release(ch)
+        self.limbo.rings.clear()
         self.tenants.clear()
         if self.device:
             self.device.close()

@@ -35,6 +35,11 @@ class Extents:
         raise ExtentError(f"no free extent of {size} bytes on the device "
                           f"(largest free: {max((n for _, n in self.free), default=0)})")
 
+    def fits(self, size: int) -> bool:
+        """Whether alloc(size) would succeed now."""
+        size = -(-size // self.align) * self.align
+        return any(n >= size for _, n in self.free)
+
     def release(self, base: int, size: int) -> None:
         """Give an extent back; neighbours merge. Refuses what was not handed out."""
         end = base + size

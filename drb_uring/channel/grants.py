@@ -22,6 +22,7 @@ import struct
 
 from drb_uring import protocol, ring
 from drb_uring.channel import _grant, _worker
+from drb_uring.channel.release import ring_inode
 from drb_uring.channel.worker import ChannelSpec
 from drb_uring.enforce import tasks
 from drb_uring.ring import layout as L
@@ -44,7 +45,9 @@ class BrokerChannel:
         self.geo: ring.Geometry | None = None
         self.ring_fds: list[int] = []     # ctl_user, ctl_driver, -1, user_efd, driver_efd
         self.gid = 0            # the channel's id in the host's eBPF maps
+        self.ino = 0            # its grant ring's inode (unique per ring)
         self.closing = False
+        self.ended = False      # over; its ring waits for the kernel's word (release)
         self.reply_close = False   # answer "close" once the worker has let go
         self.fail_reason: str | None = None
 
@@ -87,6 +90,7 @@ def build(ch: BrokerChannel, ring_fds: ring.PeerFds, device_fd: int, enforcer) -
     geo = ch.geo
     tt_fd = -1
     ch.ring_fd, ch.params = _grant.setup_disabled(geo.sq_entries)
+    ch.ino = ring_inode(ch.ring_fd)
     ch.pool_base = _grant.register_pool(ch.ring_fd, ring_fds.pool, geo.slot_size,
                                         geo.slot_count)
     seal(ch.ring_fd, device_fd)
@@ -114,6 +118,8 @@ def regrant(ch: BrokerChannel, device_fd: int, enforcer) -> int:
     except BaseException:
         os.close(fd)
         raise
+    # The old ring's holders are dead (the monitor's death killed every
+    # worker, and the supervisor waited for each): this was the last copy.
     os.close(ch.ring_fd)
-    ch.ring_fd, ch.params, ch.gid = fd, params, gid
+    ch.ring_fd, ch.params, ch.gid, ch.ino = fd, params, gid, ring_inode(fd)
     return tt_fd

@@ -18,6 +18,7 @@ from __future__ import annotations
 import selectors
 
 from drb_uring import protocol
+from drb_uring.channel.channels import Parked
 from drb_uring.channel.tenants import MAX_PENDING, BrokerError, Tenant, close_and_unlink
 from drb_uring.errors import DrbError
 
@@ -108,6 +109,10 @@ class Listeners:
             return
         role, tenant = self.peers[peer]
         out_fds: list[int] = []
+        if hub.chans.parked_peer(peer):
+            protocol.close_fds(fds)
+            peer.send({"op": "error", "error": "an open of this connection is still waiting"})
+            return
         try:
             op = msg["op"]
             if op not in OPS_FOR[role] and not (role == "host" and op in hub.host_ops):
@@ -115,7 +120,11 @@ class Listeners:
             if op == "open":
                 if tenant is None or hub.tenants.get(tenant.name) is not tenant:
                     raise BrokerError("this user domain is not served any more")
-                reply, out_fds = hub.open(tenant, peer, msg, fds)
+                try:
+                    reply, out_fds = hub.chans.open(tenant, peer, msg, fds)
+                except Parked:
+                    hub.chans.park(tenant, peer, msg, fds)     # answered once it can be
+                    return
             elif op == "trace":
                 reply = hub.link.trace(hub.channels.values(), msg.get("lease", 0))
             else:

@@ -113,12 +113,19 @@ class MonitorLink:
         hub = self.hub
         hub.log.error("the eBPF monitor went away: stopping every monitored channel")
         hub.sel.unregister(self.enforcer.sock)
-        self.enforcer.close()
-        self.enforcer = None
-        for ch in hub.channels.values():
-            ch.gid = 0                      # the grant went with the service
+        dying, self.enforcer = self.enforcer, None
+        for ch in [*hub.channels.values(), *hub.limbo.rings.values()]:
+            ch.gid = 0                      # the grant goes with the service
         for w in hub.supervisor.workers():  # all of them first, at once
             w.kill()
+        for t in hub.tenants.values():
+            for w in list(t.workers):
+                hub.supervisor.forget(t, w)     # each one dead
+        # Only now may the programs go (this broker's copy of their
+        # attachments kept them checking and counting every submission until
+        # the last worker was dead): nothing ran unchecked, and no count is
+        # left half-made.
+        dying.close()
         if not self.restart:
             self.down("the eBPF monitor went away: the channel cannot run unmonitored")
             return
@@ -129,18 +136,16 @@ class MonitorLink:
                       f"{RESTART_WINDOW:.0f} s: not brought back again")
             return
         for t in hub.tenants.values():
-            for w in list(t.workers):
-                hub.supervisor.forget(t, w)
             t.restart_at = 0.0          # the monitor's return starts the next worker
             t.death = "the eBPF monitor went away"
             # Answers sent between the programs' end and the workers' could
             # not be counted: the user sides must hear why at once.
             for ch in t.channels.values():
                 if ch.peer is not None and not ch.closing:
-                    hub.tell(ch, {"op": "monitor-down"})
+                    hub.chans.tell(ch, {"op": "monitor-down"})
             for ch in list(t.channels.values()):
                 if ch.closing:
-                    hub.finish(ch, None)
+                    hub.chans.finish(ch, None)
                 else:
                     t.consumed[ch.id] = ch.request_head()
         self.retry_at = now + RESTART_PAUSE * 2 ** (len(self.deaths) - 1)

@@ -21,6 +21,7 @@ it was not given is ignored), and what it says is never the monitor's word.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import struct
 import subprocess
@@ -41,6 +42,12 @@ RESTART_LIMIT = 5
 RESTART_WINDOW = 10.0
 RESTART_PAUSE = 0.05
 RESUME_GRACE = 5.0         # for a user side to take up a new monitor's task table
+DEATH_WAIT = 5.0           # for a killed worker to be gone (it may be in the kernel)
+# Each worker runs as a user of its own in the driver domain, none of them
+# ever used twice at once and none the domain's own (its root is 0): no
+# other process there shares its user, so none may signal it, trace it or
+# open its /proc files, and whatever it leaves behind is found by its user.
+WORKER_UIDS = range(20000, 60000)
 
 REPORT = struct.Struct("<Ii")      # the worker's report_t
 READY_ID = 0xFFFFFFFF              # its first report: it hears SIGTERM now
@@ -72,7 +79,9 @@ class WorkerProc:
         self.report_r = report_r    # report_t records: channels dropped
         self.gate_r = gate_r        # ends when this worker is gone: the next one's gate
         self.cids = cids            # the channels it was started with
-        self.pidfd = -1
+        self.pidfd = -1             # the process to watch (the stand-in, if any)
+        self.wpidfd = -1            # the worker itself, when a stand-in started it
+        self.uid = -1
         self.kill_at = 0.0          # when a worker told to stop gets SIGKILL
         self.retired = False        # told to stop: the next worker takes over
         self.ready = False          # its SIGTERM handler is in (it said so)
@@ -99,10 +108,18 @@ class WorkerProc:
         if self.proc.poll() is None and self.proc.pid != self.pid:
             self.proc.kill()        # the stand-in that started it in the domain
 
+    def wait_gone(self, timeout: float) -> bool:
+        """Wait for the worker process itself to be gone (its descriptors
+        closed with it); True once it is."""
+        fd = self.wpidfd if self.wpidfd >= 0 else self.pidfd
+        if fd < 0:
+            return True
+        return bool(select.select([fd], [], [], timeout)[0])
+
     def close_fds(self) -> None:
-        protocol.close_fds([fd for fd in (self.ctl_w, self.report_r, self.gate_r, self.pidfd)
-                            if fd >= 0])
-        self.ctl_w = self.report_r = self.gate_r = self.pidfd = -1
+        protocol.close_fds([fd for fd in (self.ctl_w, self.report_r, self.gate_r, self.pidfd,
+                                          self.wpidfd) if fd >= 0])
+        self.ctl_w = self.report_r = self.gate_r = self.pidfd = self.wpidfd = -1
 
 
 class Supervisor:
@@ -110,11 +127,24 @@ class Supervisor:
     device, its monitor link, and what finishes a channel or tells its
     user side something."""
 
-    def __init__(self, hub, spawn: SpawnFn, spin_ns: int, cpus: list[int] | None):
+    def __init__(self, hub, spawn: SpawnFn, spin_ns: int, cpus: list[int] | None,
+                 sweep: Callable[[int], None] | None = None):
+        """`sweep(uid)`, if given, ends whatever a dead worker's user left
+        running in the driver domain."""
         self.hub = hub
         self.spawn = spawn
         self.spin_ns = spin_ns
         self.cpus = cpus
+        self.sweep = sweep
+        self.serial = 0
+
+    def _next_uid(self) -> int:
+        taken = {w.uid for w in self.workers()}
+        while True:
+            uid = WORKER_UIDS[self.serial % len(WORKER_UIDS)]
+            self.serial += 1
+            if uid not in taken:
+                return uid
 
     def workers(self) -> list[WorkerProc]:
         return [w for t in self.hub.tenants.values() for w in t.workers]
@@ -149,9 +179,12 @@ class Supervisor:
         restarted = bool(t.restart_at) or tables is not None
         held = set(tables or ()) | t.awaiting
         specs = [ch.spec(align).replace(held=ch.id in held).to_dict() for ch in chans]
+        uid = self._next_uid()
+        if self.sweep is not None:
+            self.sweep(uid)             # nothing of an earlier user of the id is left
         spec = WorkerSpec(channels=specs,
                           ctl_fd=ctl_r, report_fd=rep_w, gate_fd=old.gate_r if old else -1,
-                          hold_fd=hold_w, spin_ns=self.spin_ns, restarted=restarted)
+                          hold_fd=hold_w, spin_ns=self.spin_ns, restarted=restarted, uid=uid)
         try:
             proc, pid = self.spawn(spec, spec.fds())
         except BaseException:
@@ -160,8 +193,14 @@ class Supervisor:
         finally:
             protocol.close_fds([fd for fd in (ctl_r, rep_w, hold_w) if fd >= 0])
         w = WorkerProc(proc, pid, ctl_w, rep_r, gate_r, {ch.id for ch in chans})
+        w.uid = uid
         try:
             w.pidfd = os.pidfd_open(proc.pid)
+            if pid != proc.pid:
+                try:
+                    w.wpidfd = os.pidfd_open(pid)
+                except ProcessLookupError:
+                    pass                # already gone: the stand-in's exit says so
             if enforcer:
                 # Should this broker die, the service kills the worker.
                 for ch in chans:
@@ -192,10 +231,10 @@ class Supervisor:
                 # What the dead worker had taken from the request ring: the
                 # user side settles those requests itself (see the client).
                 table = [tables[ch.id]] if tables and ch.id in tables else []
-                hub.tell(ch, {"op": "restarted", "pid": pid, "why": t.death,
+                hub.chans.tell(ch, {"op": "restarted", "pid": pid, "why": t.death,
                               "consumed": t.consumed.get(ch.id, 0)}, table)
             else:
-                hub.tell(ch, {"op": "worker", "pid": pid})
+                hub.chans.tell(ch, {"op": "worker", "pid": pid})
         if tables is not None:
             t.awaiting = {ch.id for ch in chans if ch.id in tables}
             t.resume_deadline = time.monotonic() + RESUME_GRACE
@@ -231,13 +270,21 @@ class Supervisor:
         self.retire(w)
 
     def forget(self, t, w: WorkerProc) -> None:
+        """The worker is gone, or is made to be: once this returns, its
+        process is dead (not only its stand-in), and so are its copies of
+        every ring it was handed."""
         sel = self.hub.sel
         for fd in (w.pidfd, w.report_r):
             if fd >= 0 and fd in sel.get_map():
                 sel.unregister(fd)
-        if w.proc.poll() is None:
+        if w.proc.poll() is None or not w.wait_gone(0):
             w.kill()
             w.proc.wait()
+            if not w.wait_gone(DEATH_WAIT):
+                self.hub.log.error("worker %d is still not gone %.0f s after SIGKILL",
+                                   w.pid, DEATH_WAIT)
+        if self.sweep is not None and w.uid >= 0:
+            self.sweep(w.uid)
         w.close_fds()
         if w in t.workers:
             t.workers.remove(w)
@@ -314,7 +361,7 @@ class Supervisor:
                 self.hub.log.error("channel %d failed: %s", cid, ch.fail_reason)
             nxt = t.worker
             if w is nxt or nxt is None or cid not in nxt.cids:
-                self.hub.finish(ch, ch.fail_reason)
+                self.hub.chans.finish(ch, ch.fail_reason)
             else:
                 nxt.ask_drop(cid)           # the next worker has it too
 
@@ -333,7 +380,7 @@ class Supervisor:
             nxt = t.worker
             for ch in list(t.channels.values()):
                 if ch.closing and (nxt is None or ch.id not in nxt.cids):
-                    hub.finish(ch, ch.fail_reason)
+                    hub.chans.finish(ch, ch.fail_reason)
             return
         # A worker died with channels in its hands. Stopped by the monitor:
         # every channel of the user domain fails, and says why; it is not
@@ -343,7 +390,7 @@ class Supervisor:
             how = "killed by signal 9"
         enforcer = hub.link.enforcer
         violations = {}
-        for ch in t.channels.values():
+        for ch in [*t.channels.values(), *hub.limbo.of(t)]:
             v = enforcer.failed(ch.gid) if enforcer and ch.gid else None
             if v:
                 violations[ch.id] = v
@@ -372,7 +419,7 @@ class Supervisor:
             else:
                 reason = ch.fail_reason or give_up or f"backend worker {w.pid} {how}"
             hub.log.error("channel %d failed: %s", ch.id, reason)
-            hub.finish(ch, reason)
+            hub.chans.finish(ch, reason)
 
     def schedule_restart(self, t, pid: int, how: str, now: float) -> None:
         """The next worker, after a pause that doubles with each recent
@@ -405,4 +452,4 @@ class Supervisor:
                 pass
             self.forget(t, w)
         for ch in list(t.channels.values()):
-            self.hub.finish(ch, reason)
+            self.hub.chans.finish(ch, reason)

@@ -64,6 +64,9 @@ class Tenant:
         # until its user side has taken up its new task table.
         self.awaiting: set[int] = set()
         self.resume_deadline = 0.0
+        # Opens that wait for an extent a channel that ended still holds:
+        # [peer, msg, fds, deadline].
+        self.parked: list[list] = []
 
     def extents_of(self, device) -> Extents:
         if self.extents is None:

@@ -10,13 +10,16 @@ left them. Its spec (WorkerSpec, from the broker) is its only input.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import os
+import struct
 import sys
 
 from drb_uring import linux, procs, ring
+from drb_uring.ring import layout as L
 from drb_uring.spec import Spec, SpecError
 
 
@@ -61,6 +64,8 @@ class WorkerSpec(Spec):
     hold_fd: int               # held for life: the next worker's gate
     spin_ns: int
     restarted: bool = False    # the previous worker died: drop its completions
+    uid: int = -1              # the user it runs as in the driver domain (the spawner's
+                               # to apply; -1: the spawner's own)
 
     def check(self) -> None:
         for c in self.channels:
@@ -108,8 +113,9 @@ def confine() -> None:
     f.load()
 
 
-# report_t {channel id, errno}: this one says "my signal handlers are in".
-READY = (0xFFFFFFFF).to_bytes(4, "little") + bytes(4)
+# report_t {channel id, errno}; this one says "my signal handlers are in".
+REPORT = struct.Struct("<Ii")
+READY = REPORT.pack(0xFFFFFFFF, 0)
 
 
 def _wait_for_gate(fd: int) -> None:
@@ -123,6 +129,10 @@ def _wait_for_gate(fd: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Whoever could write our memory would drive every grant ring we hold:
+    # no other process of the driver domain may (the broker also gives each
+    # worker a user id of its own, so none shares ours to begin with).
+    linux.not_dumpable()
     spec = procs.spec_from_argv(WorkerSpec, argv)
     # No channel runs unmonitored: the kernel kills us when our parent (the
     # broker, or its stand-in that itself dies with the broker) goes.
@@ -141,11 +151,24 @@ def main(argv: list[str] | None = None) -> int:
     os.set_blocking(spec.ctl_fd, False)
     loop = WorkerLoop(spec.ctl_fd, spec.report_fd)
     for c in spec.channel_specs():
-        # Not sealed: the next worker maps the same driver page again.
-        end = ring.attach(ring.PeerFds.from_list(c.ring_fds), spin_ns=spec.spin_ns,
-                          map_pool=False, seal=False)
-        loop.add(end, c.id, c.ring_fd, bytes.fromhex(c.params), c.pool_base,
-                 c.extent_base, c.extent_size, c.align, spec.restarted, c.held)
+        end = None
+        try:
+            # Not sealed: the next worker maps the same driver page again.
+            end = ring.attach(ring.PeerFds.from_list(c.ring_fds), spin_ns=spec.spin_ns,
+                              map_pool=False, seal=False)
+            loop.add(end, c.id, c.ring_fd, bytes.fromhex(c.params), c.pool_base,
+                     c.extent_base, c.extent_size, c.align, spec.restarted, c.held)
+        except (L.LayoutError, OSError, ValueError) as e:
+            if end is not None:
+                end.close()
+            with contextlib.suppress(OSError):     # add() may have closed it
+                os.close(c.ring_fd)
+            # One channel whose ring is no good (a user side that kept a
+            # writable copy of its driver page and scribbled on it, say)
+            # costs that channel alone: the broker hears why, the others
+            # are served.
+            print(f"drb-worker[{os.getpid()}]: channel {c.id} dropped: {e}", file=sys.stderr)
+            os.write(spec.report_fd, REPORT.pack(c.id, -errno.EPROTO))
     confine()
     try:
         rc = loop.serve()

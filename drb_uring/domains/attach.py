@@ -168,6 +168,19 @@ def unbind(pid: int, dst: str, made: list[str]) -> None:
         pass        # the container is gone, and its mounts with it
 
 
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+
+
+def hide_others_in_proc(pid: int) -> None:
+    """Remount pid's /proc so that a process sees in it only the processes
+    it may trace (hidepid=invisible; runc does not pass the option on)."""
+    def action():
+        linux.mount(None, "/proc", None, MS_REMOUNT | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                    "hidepid=invisible")
+        return ""
+    _in_mount_ns(pid, action)
+
+
 def share_package(pid: int) -> list[str]:
     """drb's package, read-only, where a worker imports it from."""
     return bind_into(pid, package_dir(), f"{PACKAGE_AT}/drb_uring", readonly=True)
@@ -182,7 +195,7 @@ def _drop_capabilities() -> None:
     linux.libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
 
 
-def _join(pid: int, profile: dict) -> None:
+def _join(pid: int, profile: dict, uid: int = 0) -> None:
     """In the child, before exec: become a process of container `pid`,
     confined. A fork in the middle makes the pid namespace count; the first
     child stays behind, passing the program's exit status on."""
@@ -213,21 +226,32 @@ def _join(pid: int, profile: dict) -> None:
     linux.die_with_parent()
     os.chdir("/")
     os.setgroups([])
-    os.setresgid(0, 0, 0)
-    os.setresuid(0, 0, 0)            # root of the container's user namespace only
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)      # of the container's user namespace only
     _drop_capabilities()
     seccomp.load(profile)            # and no_new_privs
 
 
 def spawn_joined(pid: int, argv: list[str], fds=(), *, role: str,
-                 deny: tuple[str, ...] = (), **stdio) -> procs.Child:
+                 deny: tuple[str, ...] = (), uid: int = 0, **stdio) -> procs.Child:
     """Start argv in container `pid`, confined as a domain of `role`, with
-    fds[i] at 3 + i. The returned process stands in for it on the host and
-    exits with its status; the program itself is its only child."""
+    fds[i] at 3 + i, as user `uid` of the container (its root by default).
+    The returned process stands in for it on the host and exits with its
+    status; the program itself is its only child."""
     profile = seccomp.domain_profile(role, deny)
     env = dict(e.split("=", 1) for e in ENV)
-    return procs.spawn_at(argv, fds, env=env, before_exec=lambda: _join(pid, profile),
+    return procs.spawn_at(argv, fds, env=env, before_exec=lambda: _join(pid, profile, uid),
                           **stdio)
+
+
+def host_uid(pid: int, uid: int) -> int:
+    """The host uid that user `uid` of pid's user namespace is."""
+    with open(f"/proc/{pid}/uid_map") as f:
+        for line in f:
+            inside, outside, count = (int(x) for x in line.split())
+            if inside <= uid < inside + count:
+                return outside + uid - inside
+    raise AttachError(f"process {pid}: user {uid} of its user namespace is no host user")
 
 
 def root_host_id(pid: int) -> int:

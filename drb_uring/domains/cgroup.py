@@ -81,3 +81,63 @@ def kill_and_remove(path: str, timeout: float = 5.0) -> None:
             if time.monotonic() > end:
                 raise CgroupError(f"cannot remove {path}: processes remain {procs(path)}") from None
             time.sleep(0.01)
+
+
+def procs_below(path: str) -> list[int]:
+    """Every process in the group and in the groups below it."""
+    out: list[int] = []
+    for d, _dirs, _files in os.walk(path):
+        out += procs(d)
+    return out
+
+
+def _host_uid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def holders(path: str, inode: int) -> list[int]:
+    """The processes of the group (and below) that hold an io_uring with
+    this inode open (io_uring gives each ring an inode of its own)."""
+    out = []
+    for pid in procs_below(path):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.stat(f"/proc/{pid}/fd/{fd}").st_ino == inode and os.readlink(
+                        f"/proc/{pid}/fd/{fd}") == "anon_inode:[io_uring]":
+                    out.append(pid)
+                    break
+            except OSError:
+                continue
+    return out
+
+
+def kill_user(path: str, host_uid: int, timeout: float = 5.0) -> int:
+    """SIGKILL every process of the group (and below) whose real user is
+    `host_uid`, until none is left (what they fork meanwhile too).
+    Returns how many were killed."""
+    killed = 0
+    end = time.monotonic() + timeout
+    while True:
+        mine = [pid for pid in procs_below(path) if _host_uid(pid) == host_uid]
+        if not mine:
+            return killed
+        for pid in mine:
+            try:
+                os.kill(pid, 9)
+                killed += 1
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > end:
+            raise CgroupError(f"processes of user {host_uid} in {path} survive SIGKILL: {mine}")
+        time.sleep(0.005)

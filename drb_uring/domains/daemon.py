@@ -32,7 +32,7 @@ import time
 from drb_uring import linux, procs
 from drb_uring.channel.broker import Broker, Limits
 from drb_uring.channel.worker import WorkerSpec
-from drb_uring.domains import attach, runtime
+from drb_uring.domains import attach, cgroup, runtime
 from drb_uring.domains.config import (
     MAX_USERS,
     PairConfig,
@@ -170,6 +170,9 @@ class Pair:
     def _make_driver(self) -> None:
         self.ids["driver"] = reserve_ids(self.name, 1)[0]
         self._start_domain("driver", self._domain_spec("driver", self.ids["driver"], None))
+        # The domain's processes do not even see its workers (each a user of
+        # its own, none dumpable) in /proc.
+        attach.hide_others_in_proc(self.pids["driver"])
 
     def _attach_driver(self) -> None:
         pid = self.cfg.attach_driver
@@ -284,14 +287,16 @@ class Pair:
         return runtime.python_argv("drb_uring.channel.worker", spec)
 
     def _spawn_worker(self, spec: WorkerSpec, fds: list[int]):
-        """Start a worker inside the driver domain, through its runtime."""
+        """Start a worker inside the driver domain, through its runtime, as
+        the user of its own the broker chose (spec.uid)."""
         argv = self.worker_argv(spec.placed())
+        uid = spec.uid if spec.uid >= 0 else 0
         with private_file(self.worker_log, "ab") as out:
             if "driver" in self.domains:
                 with tempfile.TemporaryDirectory(dir=self.dir) as tmp:
                     pid_file = os.path.join(tmp, "pid")
                     child = procs.spawn_at(self.domains["driver"].exec_argv(
-                        argv, preserve_fds=len(fds), pid_file=pid_file), fds,
+                        argv, preserve_fds=len(fds), pid_file=pid_file, uid=uid), fds,
                         stdout=out.fileno(), stderr=out.fileno())
                     for _ in range(2000):
                         if os.path.exists(pid_file) or child.poll() is not None:
@@ -302,7 +307,7 @@ class Pair:
                             return child, int(f.read())
                     except (OSError, ValueError):
                         return child, child.pid
-            child = attach.spawn_joined(self.pids["driver"], argv, fds, role="driver",
+            child = attach.spawn_joined(self.pids["driver"], argv, fds, role="driver", uid=uid,
                                         stdout=out.fileno(), stderr=out.fileno())
         for _ in range(2000):
             pid = attach.child_of(child.pid)
@@ -310,6 +315,19 @@ class Pair:
                 return child, pid or child.pid
             time.sleep(0.005)
         return child, child.pid
+
+    def _ring_holders(self, inode: int) -> list[int]:
+        """The driver domain's processes that hold the ring `inode` open."""
+        group = self.groups.get("driver")
+        return cgroup.holders(group, inode) if group else []
+
+    def _sweep(self, uid: int) -> None:
+        """End whatever a worker that ran as `uid` left in the driver domain
+        (a worker cannot fork once confined; whatever holds its user's id
+        there came from it)."""
+        group, pid = self.groups.get("driver"), self.pids.get("driver")
+        if group and pid:
+            cgroup.kill_user(group, attach.host_uid(pid, uid))
 
     def _driver_cpus(self) -> list[int] | None:
         n = self.cfg.driver_cpus
@@ -346,6 +364,7 @@ class Pair:
                                  limits=self._limits(),
                                  worker_cpus=self._driver_cpus(),
                                  monitor_restart=a.restart,
+                                 holders=self._ring_holders, sweep=self._sweep,
                                  host_ops={"user_add": self._op_user_add,
                                            "user_rm": self._op_user_rm,
                                            "users": self._op_users})
@@ -426,8 +445,10 @@ class Pair:
                 raise PairError(f"user_add: bad {field} {v!r}")
         dev = self.broker.device
         try:
-            extent = free_extent(dev.size, [u.extent for u in self.users.values()],
-                                 size or self.extent_size, dev.align)
+            # A removed user domain's share is free only once the kernel is
+            # done with its rings (the broker's limbo).
+            taken = [u.extent for u in self.users.values()] + self.broker.limbo.held_extents()
+            extent = free_extent(dev.size, taken, size or self.extent_size, dev.align)
         except SpecError as e:
             raise PairError(str(e)) from None
         self.add_user(name, extent, pid)

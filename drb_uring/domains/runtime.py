@@ -232,14 +232,17 @@ class Domain:
         return int(state["pid"])
 
     def exec_argv(self, cmd: list[str], preserve_fds: int = 0,
-                  pid_file: str | None = None) -> list[str]:
+                  pid_file: str | None = None, uid: int | None = None) -> list[str]:
         """The command line that runs `cmd` inside the domain, with the
-        domain's user, limits and filters (fds 3..3+preserve_fds-1 kept)."""
+        domain's limits and filters (fds 3..3+preserve_fds-1 kept), as the
+        domain's root or as user and group `uid` of the domain."""
         argv = [runc(), "--root", self.root, "exec"]
         if preserve_fds:
             argv += ["--preserve-fds", str(preserve_fds)]
         if pid_file:
             argv += ["--pid-file", pid_file]
+        if uid is not None:
+            argv += ["--user", f"{uid}:{uid}"]
         return argv + ["--cwd", "/", self.id, *cmd]
 
     def stop(self) -> None:

@@ -18,9 +18,9 @@ from drb_uring.spec import Spec
 SERVICE_SOCK = "/run/drb-ebpfd.sock"
 SERVICE_LOCK = "/run/lock/drb-ebpfd.lock"
 SERVICE_LOG = "/var/log/drb-ebpfd.log"
-OPS = {op: (0,) for op in ("hello", "grant", "worker", "failed", "ungrant", "hist", "watch",
-                           "unwatch", "counters", "count", "error")}
-OPS["ok"] = (0, 1)
+OPS = {op: (0,) for op in ("hello", "grant", "worker", "failed", "close", "ungrant", "hist",
+                           "watch", "unwatch", "counters", "count", "error")}
+OPS["ok"] = tuple(range(protocol.MAX_FDS + 1))     # "hello" carries the programs' links
 
 
 class EnforceClient:
@@ -38,7 +38,15 @@ class EnforceClient:
                 self.sock = self._connect()
         finally:
             os.close(lock)
-        self._call("hello")          # the service knows who we are from the socket
+        # The service knows who we are from the socket. Its answer carries
+        # the enforcing programs' attachments: holding them keeps the
+        # programs checking every submission, should the service die, until
+        # close() (after this broker's workers are dead).
+        reply, self.links = self._call("hello")
+        if len(self.links) != reply.get("links"):
+            protocol.close_fds(self.links)
+            self.sock.close()
+            raise EnforceError("the eBPF service sent no program attachments")
 
     @staticmethod
     def _connect() -> socket.socket:
@@ -84,6 +92,11 @@ class EnforceClient:
         this broker goes away, so that no channel outlives its monitor."""
         self._call("worker", channel=gid, pid=pid)
 
+    def close_grant(self, gid: int) -> None:
+        """The channel ended: any submission on its ring is a violation from
+        now on, until ungrant()."""
+        self._call("close", channel=gid)
+
     def ungrant(self, gid: int) -> None:
         self._call("ungrant", channel=gid)
 
@@ -107,6 +120,10 @@ class EnforceClient:
         return self._call("counters", path=path)[0]["counters"]
 
     def close(self) -> None:
+        """Disconnect, and let go of the programs' attachments: call it once
+        no worker this broker started may still submit."""
         if getattr(self, "sock", None) is not None:
             self.sock.close()
             self.sock = None
+        protocol.close_fds(getattr(self, "links", []))
+        self.links = []

@@ -110,6 +110,15 @@ class Enforcer:
                   tasks.REASONS.get(ev.reason, ev.reason), ev.pid, ev.slot, ev.user_data, ev.addr,
                   ev.len, ev.pos, ev.opcode, ev.task_state)
 
+    def link_fds(self) -> list[int]:
+        """The attachments of the enforcing programs (every one but the
+        counters'). Each broker holds a copy: should this service die, the
+        programs stay attached, checking and counting every submission,
+        until the broker has killed its workers and let go of its copy."""
+        counters = {b"sys_enter", b"sched_switch"}
+        return [fd for tp, fd in sorted(self.b.raw_tracepoint_fds.items())
+                if tp not in counters]
+
     def poll(self) -> None:
         self.b.ring_buffer_consume()
 
@@ -189,6 +198,16 @@ class Enforcer:
         except KeyError:
             return None
         return leaf if leaf.channel == gid else None
+
+    def close_grant(self, gid: int) -> None:
+        """The channel ended: from now on any submission on its ring is a
+        violation. The grant itself stays until ungrant(), which the broker
+        calls only once the kernel says the ring is gone."""
+        leaf = self._grant_of(gid)
+        if leaf is not None:
+            leaf.closed = 1
+            g = self.b["grants"]
+            g[g.Key(self.tables[gid][0])] = leaf
 
     def ungrant(self, gid: int) -> None:
         if self._grant_of(gid) is not None:

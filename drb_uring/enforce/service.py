@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -24,6 +25,8 @@ from drb_uring.enforce.programs import EnforceError, Enforcer
 from drb_uring.spec import Spec
 
 log = logging.getLogger("drb.enforce")
+
+WORKER_DEATH_WAIT = 2.0     # seconds for a killed worker's pidfd to say it is gone
 
 
 class Client:
@@ -81,6 +84,8 @@ class Service:
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            # Ungranted only once it is gone: until then it could submit.
+            select.select([fd], [], [], WORKER_DEATH_WAIT)
         os.close(fd)
 
     def _drop(self, c: Client) -> None:
@@ -115,7 +120,9 @@ class Service:
                 c.registered = True
                 self.broker_refs[c.tgid] = self.broker_refs.get(c.tgid, 0) + 1
                 self.enforcer.add_broker(c.tgid)
-            return {}, []
+            # The programs' attachments: see Enforcer.link_fds.
+            links = self.enforcer.link_fds()
+            return {"links": len(links)}, links
         if not c.registered:
             raise protocol.ProtocolError("say hello first")
         if op == "grant":
@@ -139,6 +146,11 @@ class Service:
                 raise protocol.ProtocolError(f"channel {gid} is not this broker's")
             self._forget_worker(c, gid, kill=False)
             c.workers[gid] = os.pidfd_open(protocol.int_field(msg, "pid", 1, 1 << 22))
+            return {}, []
+        if op == "close":
+            gid = protocol.int_field(msg, "channel", 1, 1 << 31)
+            if gid_ok(gid):
+                self.enforcer.close_grant(gid)
             return {}, []
         if op == "ungrant":
             gid = protocol.int_field(msg, "channel", 1, 1 << 31)

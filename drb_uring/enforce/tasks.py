@@ -42,6 +42,7 @@ _TEXT = {
     "refused": "a request the grant ring refused before submitting it",
     "overflow": "a completion the grant ring could not post",
     "flags": "read/write flags a task never asks for",
+    "closed": "a submission on the ring of a channel that ended",
 }
 assert set(_TEXT) == set(_task.REASON_CODES), "a violation reason has no text"
 REASONS = {_task.REASON_CODES[k]: v for k, v in _TEXT.items()}

@@ -323,10 +323,14 @@ class Soak:
             if self.monitor_dead and _service_pid() not in (0, self.monitor_dead):
                 self.monitor_back += 1
                 self.monitor_dead = 0
-        for _ in range(10):     # a few quiet moments for descriptors to settle
+        # A few quiet moments for descriptors to settle; a leak is what stays
+        # through all of them (a handover caught mid-way holds a few fds).
+        after = None
+        for _ in range(10):
             for key, _ in self.sel.select(0.3):
                 self.hear(key.data)
-        after = self.snapshot()
+            now_ = self.snapshot()
+            after = now_ if after is None else {k: min(after[k], now_[k]) for k in after}
         # Stop the user sides themselves (runc exec's own process is only
         # their stand-in), and hear their last words.
         self.stopping = True
@@ -376,11 +380,12 @@ def run(seconds: float, users: int = 2, kill_every: float = 3.0, seed: int = 1,
         _say("checking the backing file against every acknowledged write")
         bad_blocks = verify(backing, soak.cells, extents)
         before, after = counts["before"], counts["after"]
-        # Descriptors and BPF objects must come back to what they were;
-        # memory and processes are reported.
+        # Descriptors and BPF objects must not grow; memory and processes
+        # are reported. (Fewer than at warm-up is no leak: the warm-up count
+        # may have caught a handover or a restart mid-way.)
         leaks = {k: after[k] - before[k] for k in before
                  if k in ("daemon fds", "monitor fds", "bpf programs", "bpf maps")
-                 and after[k] != before[k]}
+                 and after[k] > before[k]}
         summary = {
             "seconds": round(time.monotonic() - t0, 1), "user domains": users,
             "requests": sum(c.ops + c.ops_now for c in soak.cells),

@@ -19,6 +19,15 @@ hostile driver domain would try:
   probe:FILE      record what the ring refuses (nop, a non-fixed file, a
                   register call) to FILE, then wait to be stopped
 
+and, holding on to a ring the broker thinks it let go of:
+
+  keep-closed:OFF says it let go of a channel the broker asks it to drop,
+                  keeps its ring, and writes 4 KiB at device offset OFF
+                  through it (ignores SIGTERM, serves nothing)
+  fork-keep       forks a child that keeps every ring; 1.5 s after the
+                  worker is gone the child writes 4 KiB at each channel's
+                  extent, again and again, for 20 s
+
 and, lying to the user side instead of the kernel:
 
   answer-unrun    a success for the request, which it never submitted
@@ -101,7 +110,8 @@ class RawRing:
         names = ("opcode", "flags", "ioprio", "fd", "off", "addr", "len", "rw_flags",
                  "user_data", "buf_index", "personality", "file_index", "addr3", "pad2")
         SQE.pack_into(self.sqes, idx * 64, *(fields.get(n, 0) for n in names))
-        struct.pack_into("<I", self.rings, self.sq_array + 4 * idx, idx)
+        if self.sq_array:                   # none with IORING_SETUP_NO_SQARRAY
+            struct.pack_into("<I", self.rings, self.sq_array + 4 * idx, idx)
         struct.pack_into("<I", self.rings, self.sq_tail, (tail + 1) & 0xFFFFFFFF)
         return _sys(SYS_IO_URING_ENTER, self.fd, 1, 0, 0, None, 0)
 
@@ -141,10 +151,61 @@ def first_request(spec: dict):
     return req, end.geometry, end
 
 
+READY = struct.pack("<Ii", 0xFFFFFFFF, 0)
+
+
+def write_through(ch: dict, off: int) -> int:
+    """WRITE_FIXED of 4 KiB from the channel's slot 0 at device offset off."""
+    g = RawRing(ch["ring_fd"], bytes.fromhex(ch["params"]))
+    return g.submit(opcode=IORING_OP_WRITE_FIXED, flags=IOSQE_FIXED_FILE, fd=0, len=4096,
+                    user_data=0xbad, buf_index=0, addr=ch["pool_base"], off=off)
+
+
+def keep_closed(spec: dict, target: int) -> int:
+    import signal
+    # Handed over before it kept anything: it leaves as a worker would.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    os.write(spec["report_fd"], READY)
+    chans = {c["id"]: c for c in spec["channels"]}
+    while True:
+        word, = struct.unpack("<I", os.read(spec["ctl_fd"], 4))
+        if word >> 31 or word not in chans:
+            continue                        # "go" for a held channel, or not ours
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)               # now it holds on
+        os.write(spec["report_fd"], struct.pack("<Ii", word, 0))   # "let go"
+        time.sleep(0.5)                     # the broker has heard by now
+        print(f"rogue: write through closed ring -> {write_through(chans[word], target)}",
+              file=sys.stderr, flush=True)
+        time.sleep(5)
+        return 3
+
+
+def fork_keep(spec: dict) -> int:
+    os.write(spec["report_fd"], READY)
+    if os.fork() == 0:
+        parent = os.getppid()
+        while os.getppid() == parent:
+            time.sleep(0.02)
+        time.sleep(1.5)                     # until the broker has let go of the rings
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            for ch in spec["channels"]:
+                write_through(ch, ch["extent_base"])
+            time.sleep(0.3)
+        os._exit(0)
+    time.sleep(120)
+    return 0
+
+
 def main() -> int:
+    mode, whole = sys.argv[1], json.loads(sys.argv[2])
+    if mode.startswith("keep-closed:"):
+        return keep_closed(whole, int(mode.split(":", 1)[1]))
+    if mode == "fork-keep":
+        return fork_keep(whole)
     # A worker is handed every channel of its user domain; the rogue goes
     # for the newest.
-    mode, spec = sys.argv[1], json.loads(sys.argv[2])["channels"][-1]
+    spec = whole["channels"][-1]
     g = RawRing(spec["ring_fd"], bytes.fromhex(spec["params"]))
     if mode.startswith("probe:"):
         res = {}

@@ -46,12 +46,19 @@ cdef object _err(str what):
     return OSError(e, f"{what}: {os.strerror(e)}")
 
 
+# <linux/io_uring.h> of 6.6+ (Debian 12's headers are older).
+SETUP_NO_SQARRAY = 1 << 16
+
+
 def setup_disabled(uint32_t entries):
     """Create a disabled io_uring; returns (fd, params bytes for
-    io_uring_queue_mmap in the process that will use it)."""
+    io_uring_queue_mmap in the process that will use it). It has no SQ
+    index array (IORING_SETUP_NO_SQARRAY): the kernel then takes every
+    submission it is given, so its own counts of what it took and what it
+    completed (the ring's fdinfo) say exactly what is still in flight."""
     cdef io_uring_params p
     memset(&p, 0, sizeof(p))
-    p.flags = IORING_SETUP_R_DISABLED
+    p.flags = IORING_SETUP_R_DISABLED | SETUP_NO_SQARRAY
     cdef long fd = syscall(SYS_io_uring_setup, <long>entries, &p)
     if fd < 0:
         raise _err("io_uring_setup")

@@ -26,7 +26,7 @@ from drb_uring.includes.io_uring cimport (io_uring_sqe, io_uring_cqe, IORING_OP_
 from drb_uring.includes.liburing cimport (io_uring, io_uring_params, io_uring_queue_mmap,
                                 io_uring_queue_exit, io_uring_get_sqe, io_uring_submit,
                                 io_uring_peek_batch_cqe, io_uring_cq_advance,
-                                io_uring_cq_ready, io_uring_sq_space_left)
+                                io_uring_cq_ready, io_uring_sq_space_left, sq_array_identity)
 from drb_uring.includes.sys cimport (pollfd, ppoll, timespec, sigset_t, POLLIN, read, write,
                                      errno, EINTR, EAGAIN, EPROTO)
 from libc.stdlib cimport calloc, free
@@ -224,12 +224,9 @@ cdef class WorkerLoop:
         if r < 0:
             raise OSError(-r, f"mapping the grant ring: {os.strerror(-r)}")
         c.mapped = True
-        # io_uring_queue_mmap (unlike queue_init) leaves the SQ index array
-        # as the kernel made it, all zeros: map slot i to SQE i ourselves,
-        # or every submission would name SQE 0. And it starts its own SQ
-        # tail at 0: a ring an earlier worker drove is further on.
-        for i in range(c.ring.sq.kring_entries[0]):
-            c.ring.sq.array[i] = i
+        # io_uring_queue_mmap starts its own SQ tail at 0: a ring an earlier
+        # worker drove is further on (set below).
+        sq_array_identity(&c.ring, p.flags)
         if discard:
             # Requests the dead worker published but never entered are not
             # submitted now (the user side posts them again: it saw their
@@ -247,6 +244,8 @@ cdef class WorkerLoop:
         # worker's asynchronous I/O outlives it): one completion each.
         c.inflight = c.ring.sq.khead[0] - c.ring.cq.ktail[0]
         if c.inflight > c.cq_cap:
+            io_uring_queue_exit(&c.ring)      # unmaps it, and closes ring_fd
+            c.mapped = False
             raise ValueError(f"grant ring indexes out of range ({c.inflight} in flight)")
         c.lim.pool_base = pool_base
         c.lim.slot_size = end.geometry.slot_size
@@ -405,15 +404,17 @@ cdef class WorkerLoop:
         self.settle(c)
         return k + i
 
-    cdef void read_ctl(self) noexcept nogil:
-        """Drop the channels the broker asks to (a user side closed one)."""
+    cdef uint32_t read_ctl(self) noexcept nogil:
+        """Drop the channels the broker asks to (a user side closed one), or
+        serve the held ones it says may go. Returns how many words it read."""
         cdef uint32_t ids[64]
         cdef ssize_t got
-        cdef uint32_t i, j
+        cdef uint32_t i, j, words = 0
         while True:
             got = read(self.ctl_fd, ids, sizeof(ids))
             if got <= 0:
-                return
+                return words
+            words += <uint32_t>(got // 4)
             for i in range(<uint32_t>(got // 4)):
                 for j in range(self.n):
                     if self.ch[j].cid == (ids[i] & 0x7FFFFFFF):
@@ -428,7 +429,9 @@ cdef class WorkerLoop:
         """Spin for the budget, then sleep until a request, a completion or
         a message from the broker arrives. Returns 0, or -EINTR on a signal."""
         cdef uint64_t spin_ns = self.ch[0].waiter.spin_ns if self.n else 0
-        cdef uint64_t end_ns = drb_now_ns() + spin_ns
+        cdef uint64_t now = drb_now_ns()
+        cdef uint64_t end_ns = now + spin_ns
+        cdef uint64_t next_ctl = now + CTL_EVERY_NS
         cdef uint64_t drain
         cdef uint32_t i, nf = 0
         cdef int j, r
@@ -436,7 +439,17 @@ cdef class WorkerLoop:
         if spin_ns:
             # Looked at after every pause, not every 64: at queue depth 1 a
             # request's whole round trip is a few microseconds.
-            while drb_now_ns() < end_ns:
+            while True:
+                now = drb_now_ns()
+                if now >= end_ns:
+                    break
+                if now >= next_ctl:
+                    # A long spin (a polling worker) still hears the broker
+                    # (a channel to let go of) and a stop signal.
+                    next_ctl = now + CTL_EVERY_NS
+                    check_stop()
+                    if g_stop or self.read_ctl():
+                        return 0
                 for j in range(64):
                     drb_cpu_relax()
                     for i in range(self.n):

@@ -10,7 +10,7 @@ from drb_uring.enforce.tasks cimport (
     DRB_HIST_BUCKETS, DRB_TASK_ACTIVE, DRB_STATUS_ENTRY, DRB_OP_FSYNC, DRB_OP_READ_FIXED, DRB_OP_WRITE_FIXED,
     DRB_R_OPCODE, DRB_R_SLOT, DRB_R_TASK_INACTIVE, DRB_R_TORN, DRB_R_OP_MISMATCH,
     DRB_R_BUF_RANGE, DRB_R_LEN_MISMATCH, DRB_R_EXTENT, DRB_R_OFFSET_MISMATCH, DRB_R_REGISTER,
-    DRB_R_REFUSED, DRB_R_OVERFLOW, DRB_R_FLAGS, DRB_R_COUNT)
+    DRB_R_REFUSED, DRB_R_OVERFLOW, DRB_R_FLAGS, DRB_R_CLOSED, DRB_R_COUNT)
 from drb_uring.includes.io_uring cimport IORING_OP_FSYNC, IORING_OP_READ_FIXED, IORING_OP_WRITE_FIXED
 
 # The channel's opcodes are io_uring's own: refuse to build otherwise.
@@ -39,6 +39,7 @@ REASON_CODES = {
     "len_mismatch": DRB_R_LEN_MISMATCH, "extent": DRB_R_EXTENT,
     "offset_mismatch": DRB_R_OFFSET_MISMATCH, "register": DRB_R_REGISTER,
     "refused": DRB_R_REFUSED, "overflow": DRB_R_OVERFLOW, "flags": DRB_R_FLAGS,
+    "closed": DRB_R_CLOSED,
 }
 REASON_COUNT = DRB_R_COUNT
 FIELD_OFFSETS = {

@@ -34,6 +34,7 @@ cdef extern from "drb_task.h" nogil:
         DRB_R_REFUSED
         DRB_R_OVERFLOW
         DRB_R_FLAGS
+        DRB_R_CLOSED
         DRB_R_COUNT
 
     struct drb_task:

@@ -56,6 +56,24 @@ cdef extern from "<liburing.h>" nogil:
     unsigned io_uring_cq_ready(const io_uring *ring)
     unsigned io_uring_sq_space_left(const io_uring *ring)
 
+# IORING_SETUP_NO_SQARRAY, from <linux/io_uring.h> of 6.6+ (Debian 12's
+# headers are older): the ring has no SQ index array.
+cdef enum:
+    DRB_SETUP_NO_SQARRAY = 1 << 16
+
+
+cdef inline void sq_array_identity(io_uring *ring, uint32_t setup_flags) noexcept nogil:
+    """io_uring_queue_mmap (unlike queue_init) leaves the SQ index array as
+    the kernel made it, all zeros: map slot i to SQE i, or every submission
+    would name SQE 0. A ring without the array (NO_SQARRAY) is left alone:
+    liburing 2.3 then points `array` at the ring's start, not to be written."""
+    cdef unsigned i
+    if setup_flags & DRB_SETUP_NO_SQARRAY:
+        return
+    for i in range(ring.sq.kring_entries[0]):
+        ring.sq.array[i] = i
+
+
 # Waiting with a timeout, for the `direct` baseline (the user side driving
 # an io_uring on the device itself).
 cdef extern from "<liburing.h>" nogil:

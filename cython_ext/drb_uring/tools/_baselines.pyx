@@ -26,7 +26,7 @@ from drb_uring.includes.liburing cimport (io_uring, io_uring_params, io_uring_qu
                                           io_uring_queue_exit, io_uring_get_sqe,
                                           io_uring_submit_and_wait, io_uring_wait_cqe_timeout,
                                           io_uring_peek_batch_cqe, io_uring_cq_advance,
-                                          __kernel_timespec, iovec)
+                                          __kernel_timespec, iovec, sq_array_identity)
 from drb_uring.includes.sys cimport (mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED,
                                      MAP_FAILED, read, write, errno, EINTR, EPROTO, EPIPE,
                                      ETIMEDOUT)
@@ -482,11 +482,7 @@ cdef class DirectUser(Transport):
         # liburing would wait by queueing a timeout SQE of its own, whose
         # completion the batch peek would hand us as a response.
         self.ring.features = p.features
-        # io_uring_queue_mmap (unlike queue_init) leaves the SQ index array
-        # as the kernel made it, all zeros: every entry would name SQE 0.
-        cdef uint32_t i
-        for i in range(self.ring.sq.kring_entries[0]):
-            self.ring.sq.array[i] = i
+        sq_array_identity(&self.ring, p.flags)
 
     def close(self):
         if self.ready:
