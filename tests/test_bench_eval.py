@@ -11,7 +11,7 @@ import pytest
 from pair_env import DRB, leftovers, wait_gone
 
 from drb_uring.enforce.client import EnforceClient
-from drb_uring.tools import bench, report
+from drb_uring.tools import bench, benchpair, report
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "bench-quick.json")
 
@@ -48,7 +48,7 @@ def pairs(device, tmp_path_factory):
 def _cell(pairs, device, transport, op="randread", bs=4096, qd=8, seconds=0.3):
     made, log = pairs
     cell = bench.Cell(transport, op, bs, qd)
-    return bench.run_cell(made[bench._pair_key(cell)], cell, device, seconds, log)
+    return bench.run_cell(made[benchpair.pair_key(cell)], cell, device, seconds, log)
 
 
 def _sha_at(path, off, n):
@@ -77,7 +77,7 @@ def test_the_check_fails_on_other_bytes(pairs, device, tmp_path):
     other = tmp_path / "other.img"
     other.write_bytes(os.urandom(bench.EXTENT >> 4) + bytes(bench.EXTENT - (bench.EXTENT >> 4)))
     with pytest.raises(bench.BenchError, match="integrity check failed"):
-        bench.check_bytes(str(other), r["integrity"], "socket")
+        benchpair.check_bytes(str(other), r["integrity"], "socket")
 
 
 def test_per_io_counters_agree_with_a_hand_count(pairs, device):

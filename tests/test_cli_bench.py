@@ -117,3 +117,31 @@ def test_ctrl_c_leaves_nothing(tmp_path, sig):
     assert "drb: interrupted" in err
     prefix = f"bench-{proc.pid}-"
     assert wait_gone(lambda: not leftovers(prefix), 10), leftovers(prefix)
+
+
+def test_quick_smoke_runs_every_quick_cell(tmp_path):
+    """`drb bench --quick --smoke`: the exact cells of --quick, through the
+    same steps (pairs, 16 user domains, integrity checks, counted passes,
+    fio), a fraction of a second each: the README's headline command runs
+    here, whatever it would measure."""
+    from drb_uring.tools import bench
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run([DRB, "bench", "--quick", "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "a smoke run" in proc.stdout
+    rep = json.loads(out.read_text())
+    ran = [(r["transport"], r["op"], r["bs"], r["qd"], r["users"], r["monitor"])
+           for r in rep["runs"]]
+    want = [(c.transport, c.op, c.bs, c.qd, c.users, c.monitor) for c in bench.quick_cells()]
+    assert ran == want and rep["skipped"] == []
+    for r in rep["runs"]:
+        assert r["ios"] > 0 and r["seconds"] < 2, r
+        assert r["counted"]["ios"] > 0
+    (u16,) = [r for r in rep["runs"] if r["users"] == 16]
+    assert len(u16["shares"]) == 16 and sum(u16["shares"]) == u16["iops"]
+    assert {(f["op"], f["bs"], f["qd"]) for f in rep["fio"]} == {
+        ("randread", 4096, 1), ("randread", 4096, 32), ("randread", 65536, 1),
+        ("read", 1 << 20, 8)}
+    assert wait_gone(lambda: not [x for x in leftovers("bench-") if "state" in x
+                                  or "cgroup" in x or "process" in x], 10), leftovers("bench-")

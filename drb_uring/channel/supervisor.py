@@ -21,16 +21,22 @@ it was not given is ignored), and what it says is never the monitor's word.
 from __future__ import annotations
 
 import os
-import select
 import signal
-import struct
 import subprocess
 import time
 from typing import Callable
 
-from drb_uring import procs, protocol
+from drb_uring import protocol
 from drb_uring.channel.tenants import BrokerError
-from drb_uring.channel.worker import WorkerSpec
+from drb_uring.channel.worker import REPORT, WorkerSpec
+from drb_uring.channel.workerproc import READY_ID, SpawnFn, WorkerProc, spawn_plain
+
+__all__ = ["NoMonitor", "Supervisor", "spawn_plain"]
+
+
+class NoMonitor(BrokerError):
+    """No worker may start: the eBPF monitor is down."""
+
 
 WORKER_STOP_GRACE = 1.0    # seconds between SIGTERM and SIGKILL
 WORKER_START_GRACE = 30.0  # for a worker told to stop before it could hear it
@@ -48,79 +54,6 @@ DEATH_WAIT = 5.0           # for a killed worker to be gone (it may be in the ke
 # other process there shares its user, so none may signal it, trace it or
 # open its /proc files, and whatever it leaves behind is found by its user.
 WORKER_UIDS = range(20000, 60000)
-
-REPORT = struct.Struct("<Ii")      # the worker's report_t
-READY_ID = 0xFFFFFFFF              # its first report: it hears SIGTERM now
-GO_BIT = 1 << 31                   # in a control word: serve this held channel (else drop it)
-
-# spawn(spec, fds) -> (a process to watch, the pid of the worker itself): the
-# worker inherits `fds`, which the spec names.
-SpawnFn = Callable[["WorkerSpec", list[int]], tuple[subprocess.Popen, int]]
-
-
-class NoMonitor(BrokerError):
-    """No worker may start: the eBPF monitor is down."""
-
-
-def spawn_plain(spec: WorkerSpec, fds: list[int]) -> tuple[subprocess.Popen, int]:
-    """Start a worker as a child of the broker (no domain)."""
-    proc = procs.spawn("drb_uring.channel.worker", spec, fds)
-    return proc, proc.pid
-
-
-class WorkerProc:
-    """One worker process of a user domain, and the broker's pipes to it."""
-
-    def __init__(self, proc: subprocess.Popen, pid: int, ctl_w: int, report_r: int,
-                 gate_r: int, cids: set[int]):
-        self.proc = proc
-        self.pid = pid
-        self.ctl_w = ctl_w          # ids of channels to drop
-        self.report_r = report_r    # report_t records: channels dropped
-        self.gate_r = gate_r        # ends when this worker is gone: the next one's gate
-        self.cids = cids            # the channels it was started with
-        self.pidfd = -1             # the process to watch (the stand-in, if any)
-        self.wpidfd = -1            # the worker itself, when a stand-in started it
-        self.uid = -1
-        self.kill_at = 0.0          # when a worker told to stop gets SIGKILL
-        self.retired = False        # told to stop: the next worker takes over
-        self.ready = False          # its SIGTERM handler is in (it said so)
-        self.termed = False
-
-    def ask_drop(self, cid: int) -> None:
-        self._tell(cid)
-
-    def ask_go(self, cid: int) -> None:
-        """A held channel may be served now."""
-        self._tell(cid | GO_BIT)
-
-    def _tell(self, word: int) -> None:
-        try:
-            os.write(self.ctl_w, struct.pack("<I", word))
-        except OSError:             # it is gone; its exit finishes the channel
-            pass
-
-    def kill(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if self.proc.poll() is None and self.proc.pid != self.pid:
-            self.proc.kill()        # the stand-in that started it in the domain
-
-    def wait_gone(self, timeout: float) -> bool:
-        """Wait for the worker process itself to be gone (its descriptors
-        closed with it); True once it is."""
-        fd = self.wpidfd if self.wpidfd >= 0 else self.pidfd
-        if fd < 0:
-            return True
-        return bool(select.select([fd], [], [], timeout)[0])
-
-    def close_fds(self) -> None:
-        protocol.close_fds([fd for fd in (self.ctl_w, self.report_r, self.gate_r, self.pidfd,
-                                          self.wpidfd) if fd >= 0])
-        self.ctl_w = self.report_r = self.gate_r = self.pidfd = self.wpidfd = -1
-
 
 class Supervisor:
     """Every user domain's workers. `hub` is the broker: its selector, its

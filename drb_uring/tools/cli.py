@@ -28,6 +28,7 @@ EXAMPLES = """examples:
   drb status db --json
   drb down db
   drb bench --quick --json io.json   # drb against the baselines, ~3 minutes
+  drb bench --quick --smoke           # the same cells, a fraction of a second each
   drb report io.json --out report/   # the table and plots from it
   drb bench --transport drb,grant-map --op randread --bs 4k --qd 1,32 --seconds 3
   drb bench-ring                      # ring round trip vs raw cache line, stream rates
@@ -82,7 +83,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
         raise CliError("block sizes must be at most 16m")
     if any(u < 1 or u > 64 for u in users):
         raise CliError("--users must be in [1, 64]")
-    if a.seconds <= 0 or a.seconds > 3600:
+    seconds = a.seconds if a.seconds is not None else \
+        bench.SMOKE_SECONDS if a.smoke else bench.CELL_SECONDS
+    if seconds <= 0 or seconds > 3600:
         raise CliError("--seconds must be in (0, 3600]")
     mons = bench.parse_list(a.monitor, ["on", "off"])
     if a.quick:
@@ -93,9 +96,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
         cells = bench.matrix(transports, ops, sizes, depths, users,
                              tuple(m == "on" for m in mons))
     require_root()
-    print(f"Benchmarking {len(cells)} cells in real domains, {a.seconds:g} s each "
+    what = " (a smoke run: every cell once, through the same steps, too short to measure)" \
+        if a.smoke else ""
+    print(f"Benchmarking {len(cells)} cells in real domains, {seconds:g} s each{what} "
           "(Ctrl-C to stop).")
-    rep = bench.run(cells, a.seconds, progress=_progress, repeat=a.repeat, fio=not a.no_fio)
+    rep = bench.run(cells, seconds, progress=_progress, repeat=a.repeat, fio=not a.no_fio)
     print(bench.table(rep))
     if a.json:
         bench.write_json(rep, a.json)
@@ -332,7 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every transport, op, block size (512..1m), depth (1..128), "
                         "user count and monitor setting (hours)")
     c.add_argument("--no-fio", action="store_true", help="skip fio's reference runs")
-    c.add_argument("--seconds", type=float, default=3.0, help="per cell (default 3)")
+    c.add_argument("--seconds", type=float,
+                   help="per cell (default 3; 0.2 with --smoke)")
+    c.add_argument("--smoke", action="store_true",
+                   help="every cell for a fraction of a second, through the same steps: "
+                        "proves the matrix runs here, measures nothing")
     c.add_argument("--repeat", type=_positive, default=1,
                    help="run every cell this many times, alternating monitor settings")
     c.add_argument("--monitor", default="on",
