@@ -214,7 +214,7 @@ def test_a_driver_container_that_cannot_run_the_worker():
         dpid = json.loads(subprocess.run(["runc", "--root", ROOT, "state", f"{PREFIX}-bare"],
                                          capture_output=True, text=True).stdout)["pid"]
         proc = drb("up", f"{PREFIX}-q", "--size", "16m", "--attach-user", str(upid),
-                   "--attach-driver", str(dpid), check=False)
+                   "--attach-driver", str(dpid), "--allow-host-userns", check=False)
         assert proc.returncode == 1
         assert "cannot run drb's worker" in proc.stderr, proc.stderr
         assert drb("status", f"{PREFIX}-q", check=False).returncode == 1

@@ -237,3 +237,23 @@ def test_request_larger_than_free_slots_completes_whole(monitor):
         assert ch.pwrite(4096, data) == len(data)
         for _ in range(20):
             assert ch.pread(4096, len(data)) == data
+
+
+def test_wrong_arguments_get_clear_errors(monitor, tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        Channel(str(tmp_path / "no.sock"), EXTENT, geometry=GEO)
+    assert e.value.filename == str(tmp_path / "no.sock") and "is the pair up?" in str(e.value)
+    with pytest.raises(TypeError, match="size must be an int, not str"):
+        Channel(monitor.sock_path, "1m", geometry=GEO)
+    with pytest.raises(ValueError, match="offset must be at least 0, got -1"):
+        Channel(monitor.sock_path, EXTENT, offset=-1, geometry=GEO)
+    with Channel(monitor.sock_path, EXTENT, geometry=GEO) as ch:
+        with pytest.raises(TypeError, match="offset must be an int, not str"):
+            ch.pread("0", 5)
+        with pytest.raises(TypeError, match="n must be an int, not float"):
+            ch.pread(0, 5.0)
+        with pytest.raises(TypeError, match="data must be a bytes-like object, not str"):
+            ch.pwrite(0, "text")
+        with pytest.raises(TypeError, match="buffer must be writable"):
+            ch.preadinto(0, b"read-only")
+        assert ch.pwrite(0, b"ok") == 2 and ch.base == 0

@@ -1,6 +1,7 @@
 """`drb bench` end to end: real pairs, monitor, workers, baselines and file."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -143,5 +144,6 @@ def test_quick_smoke_runs_every_quick_cell(tmp_path):
     assert {(f["op"], f["bs"], f["qd"]) for f in rep["fio"]} == {
         ("randread", 4096, 1), ("randread", 4096, 32), ("randread", 65536, 1),
         ("read", 1 << 20, 8)}
-    assert wait_gone(lambda: not [x for x in leftovers("bench-") if "state" in x
-                                  or "cgroup" in x or "process" in x], 10), leftovers("bench-")
+    # The run's pairs are named bench-PID-KIND: state, groups and processes.
+    mine = lambda: [x for x in leftovers("bench-") if re.search(r"\bbench-\d+-", x)]  # noqa: E731
+    assert wait_gone(lambda: not mine(), 10), mine()

@@ -204,8 +204,9 @@ def test_killing_the_monitor_stops_workers_and_fails_calls(pair):
     for w in workers:
         assert wait_gone(lambda w=w: dead(w), 2.0), (w, open(f"/proc/{w}/cmdline").read()[:300],
                                                     workers)
-    status = drb("status", st["name"]).stdout
-    assert "DOWN: its monitor is not running" in status
+    status = drb("status", st["name"], check=False)
+    assert "DOWN: its monitor is not running" in status.stdout
+    assert status.returncode == 3              # as systemctl status: not running
 
 
 def test_attach_mode_with_unshare_containers(clean, tmp_path):
@@ -227,9 +228,16 @@ def test_attach_mode_with_unshare_containers(clean, tmp_path):
             assert wait_gone(lambda p=p: open(f"/proc/{p.pid}/task/{p.pid}/children").read())
             pids.append(int(open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()[0]))
         name = f"{PREFIX}-att"
-        drb("up", name, "--size", "16m", "--attach-user", str(pids[0]),
-            "--attach-driver", str(pids[1]))
+        # Bare unshare containers share the host's user namespace: refused,
+        # unless asked for, since drb exec there runs as host uid 0.
         try:
+            refused = drb("up", name, "--size", "16m", "--attach-user", str(pids[0]),
+                          "--attach-driver", str(pids[1]), check=False)
+            assert refused.returncode == 1 and "the host's user namespace" in refused.stderr, \
+                refused.stderr
+            assert "--allow-host-userns" in refused.stderr
+            drb("up", name, "--size", "16m", "--attach-user", str(pids[0]),
+                "--attach-driver", str(pids[1]), "--allow-host-userns")
             st = json.loads(drb("status", name, "--json").stdout)
             assert st["attached"] and st["domains"]["user"]["cgroup"] == groups[0]
             with open(st["device"], "r+b") as f:
@@ -324,9 +332,12 @@ def test_trace_prints_bpftrace_histograms_and_rates(pair):
             from drb_uring.ring import layout as L; from drb_uring.tools import _load
             with Channel({st['socket']!r}, 32 << 20,
                          geometry=L.Geometry(slot_size=65536, slot_count=16)) as ch:
+                print("open", flush=True)
                 _load.run(ch.end, 4, 4096, 8, 3.0, 32 << 20, True, 1, 1)
-        """)])
+        """)], stdout=subprocess.PIPE, text=True)
     try:
+        # Traced once the load runs: its start-up (imports) is not per I/O.
+        assert load.stdout.readline().strip() == "open"
         out = drb("trace", st["name"], "--seconds", "2", "--interval", "1").stdout
     finally:
         load.wait(30)

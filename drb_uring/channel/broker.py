@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import resource
 import selectors
 import signal
@@ -93,10 +94,14 @@ class Broker:
                  host_ops: dict[str, Callable[[dict], dict]] | None = None,
                  worker_cpus: list[int] | None = None, monitor_restart: bool = False,
                  holders: Callable[[int], list[int]] | None = None,
-                 sweep: Callable[[int], None] | None = None):
+                 sweep: Callable[[int], None] | None = None,
+                 gone: Callable[[str, tuple[int, int] | None], None] | None = None):
         """`holders(inode)` lists the driver domain's processes that hold a
         ring open, `sweep(uid)` ends whatever a dead worker's user left
-        there: a pair's daemon gives both (see release, supervisor)."""
+        there (see release, supervisor), and `gone(name, extent)` hears
+        that a removed user domain's rings are all gone, its extent free to
+        wipe: a pair's daemon gives all three."""
+        self.gone = gone
         # Every channel holds a handful of descriptors here (its grant ring
         # and ring fds, its connection); 1024 would not hold 16 user domains
         # with 64 channels each.
@@ -125,15 +130,29 @@ class Broker:
     # ---- user domains, the device, the domains counted --------------------------------
 
     def add_tenant(self, name: str, socket_path: str, extent: tuple[int, int] | None = None,
-                   limits: Limits | None = None) -> None:
+                   limits: Limits | None = None, device_fd: int = -1) -> None:
         """Serve a user domain on its own socket. Its channels get parts of
         `extent` (base, size) of the device; None: the whole device (one
-        user domain only)."""
-        if name in self.tenants:
-            raise BrokerError(f"user domain {name!r} is already served")
-        check_extent(self.tenants, extent, self.device.size if self.device else None)
+        user domain only). With `device_fd` (taken over, closed when the
+        user domain's rings are gone), its grant rings reach that device,
+        which is its extent, instead of the shared one."""
         t = Tenant(name, socket_path, None, extent, limits or self.limits)
-        self.listeners.listen(t)
+        try:
+            if name in self.tenants:
+                raise BrokerError(f"user domain {name!r} is already served")
+            check_extent(self.tenants, extent, self.device.size if self.device else None)
+            if device_fd >= 0:
+                t.device, device_fd = Device(device_fd), -1
+                if extent is not None and t.device.size != extent[1]:
+                    raise BrokerError(f"the device for {name} has {t.device.size} bytes, "
+                                      f"its extent {extent[1]}")
+            self.listeners.listen(t)
+        except BaseException:
+            if t.device is not None:
+                t.device.close()
+            elif device_fd >= 0:
+                os.close(device_fd)
+            raise
         self.tenants[name] = t
 
     def remove_tenant(self, name: str) -> None:
@@ -147,8 +166,19 @@ class Broker:
         self.supervisor.fail_tenant(t, "user domain removed")
         # Its workers are dead: its rings go as soon as the kernel is done
         # with them, and its share of the device stays taken until then
-        # (limbo.held_extents).
+        # (limbo.held_extents, then gone()).
         self.limbo.poke()
+        if not self.limbo.of(t):
+            self.tenant_gone(t)
+
+    def tenant_gone(self, t: Tenant) -> None:
+        """A removed user domain's last ring is gone: its own device goes,
+        and the pair hears that its extent may be wiped and given out."""
+        if t.device is not None:
+            t.device.close()
+            t.device = None
+        if self.gone is not None:
+            self.gone(t.name, t.extent)
 
     def tenant_info(self) -> dict[str, dict]:
         return {t.name: {"extent": list(t.extent) if t.extent else None,
@@ -168,6 +198,10 @@ class Broker:
         """Open the device, here on the host: the trusted side opens it, and
         the driver domain reaches it only through the grant rings."""
         self.device = Device.open(path, o_direct)
+
+    def adopt_device(self, fd: int) -> None:
+        """The device, opened (and held exclusively) by the pair's daemon."""
+        self.device = Device(fd)
 
     # ---- the loop ------------------------------------------------------------------
 
@@ -238,10 +272,14 @@ class Broker:
             self.limbo.poke()
             if len(self.limbo):
                 time.sleep(0.01)
-        for ch in list(self.limbo.rings.values()):
+        for cid, ch in list(self.limbo.rings.items()):
             log.warning("channel %d: its ring still had requests in flight at the end", ch.id)
+            del self.limbo.rings[cid]
             self.chans.release(ch)
-        self.limbo.rings.clear()
+        for t in self.tenants.values():
+            if t.device is not None:
+                t.device.close()
+                t.device = None
         self.tenants.clear()
         if self.device:
             self.device.close()

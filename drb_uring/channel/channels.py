@@ -49,9 +49,11 @@ class Channels:
         hub = self.hub
         if hub.device is None:
             raise BrokerError("the broker has no device")
+        dev, base0 = t.device_of(hub.device)
         extents = t.extents_of(hub.device)
         size = protocol.int_field(msg, "size", 1, extents.size)
-        if not extents.fits(size) and hub.limbo.of(t):
+        at = protocol.int_field(msg, "offset", 0, extents.size - 1) if "offset" in msg else None
+        if not extents.fits(size, at) and hub.limbo.of(t):
             raise Parked(f"waiting for {size} bytes that channels which ended still hold")
         if hub.link.retry_at:
             hub.link.recover()          # the channels that wait for it first
@@ -60,21 +62,21 @@ class Channels:
         try:
             geo = ring.validate_peer_fds(ring_fds)
             t.check_limits(geo.pool_size)
-            if hub.device.align and geo.slot_size % hub.device.align:
+            if dev.align and geo.slot_size % dev.align:
                 raise BrokerError("slot size is not a multiple of the device alignment")
             try:
-                rel = extents.alloc(size)
+                rel = extents.alloc(size) if at is None else extents.alloc_at(at, size)
             except DrbError as e:
                 raise BrokerError(str(e)) from None
         except BaseException:
             ring_fds.close()
             raise
-        ch = grants.BrokerChannel(self.next_id, t, peer, (t.extent[0] + rel[0], rel[1]),
+        ch = grants.BrokerChannel(self.next_id, t, peer, (base0 + rel[0], rel[1]),
                                   geo.pool_size)
         ch.geo = geo
         tt_fd = -1
         try:
-            tt_fd = grants.build(ch, ring_fds, hub.device.fd, enforcer)
+            tt_fd = grants.build(ch, ring_fds, dev.fd, enforcer)
             hub.supervisor.start(t, ch)
         except BaseException:
             ring_fds.close()
@@ -94,8 +96,8 @@ class Channels:
         hub.log.info("channel %d open for %s: extent %d+%d, worker pid %d%s", ch.id, t.name,
                      ch.extent[0], ch.extent[1], t.worker.pid,
                      "" if enforcer else " (UNMONITORED)")
-        reply = {"channel": ch.id, "extent_size": ch.extent[1], "worker_pid": t.worker.pid,
-                 "align": hub.device.align}
+        reply = {"channel": ch.id, "extent_size": ch.extent[1], "base": rel[0],
+                 "worker_pid": t.worker.pid, "align": dev.align}
         if tt_fd >= 0:
             reply["task_table_version"] = tasks.VERSION
             reply["task_table_bytes"] = tasks.TABLE_BYTES
@@ -247,11 +249,13 @@ class Channels:
         t = ch.tenant
         served = hub.tenants.get(t.name) is t
         if served and hub.device is not None and t.extents is not None:
-            t.extents.release(ch.extent[0] - t.extent[0], ch.extent[1])
+            t.extents.release(ch.extent[0] - t.device_of(hub.device)[1], ch.extent[1])
         self._hang_up(ch, {"op": "ok"} if ch.reply_close else None)
         hub.log.info("channel %d released", ch.id)
         if served:
             self.retry_parked(t)
+        elif not hub.limbo.of(t):
+            hub.tenant_gone(t)
 
     def tick(self, now: float) -> None:
         for t in self.hub.tenants.values():

@@ -24,6 +24,7 @@ import time
 
 from drb_uring import protocol, ring
 from drb_uring.channel.faces import AsyncChannel, ChannelFile, _readable
+from drb_uring.channel.odirect import DirectAlignment
 from drb_uring.channel.request import ChannelClosed, ChannelFailed, Request
 from drb_uring.enforce import tasks
 from drb_uring.enforce.tasks import OP_FSYNC, OP_READ_FIXED, OP_WRITE_FIXED
@@ -37,17 +38,25 @@ NOTICE_WAIT = 1.0    # seconds an unproven answer waits for word that the monito
 _CQE = struct.Struct("<QiI")
 
 
-class Channel:
-    """A channel to the device's extent that the monitor gave us."""
+class Channel(DirectAlignment):
+    """A channel to part of its user domain's extent, which the monitor gives it."""
 
-    def __init__(self, socket_path: str, size: int, *, geometry: L.Geometry | None = None,
+    def __init__(self, socket_path: str, size: int, *, offset: int | None = None,
+                 geometry: L.Geometry | None = None,
                  spin_ns: int = ring.DEFAULT_SPIN_NS, reconnect: bool = True,
                  retry_writes: bool = True):
-        """reconnect: when the worker dies (not stopped by the monitor) and
+        """size bytes of the user domain's extent: at `offset` in it (the
+        same offset reaches the same bytes every time, across channels and
+        restarts of the pair), or wherever there is room (None). `base`
+        says where it is.
+        reconnect: when the worker dies (not stopped by the monitor) and
         another takes over, carry on (see _resume); False: fail instead.
         retry_writes: a write the dead worker had taken and the kernel did
         not finish is posted again (the same bytes to the same place); False:
         it fails with EIO, and reads alone are posted again."""
+        _need_int("size", size, 1)
+        if offset is not None:
+            _need_int("offset", offset, 0)
         self.closed = True
         self.failed: str | None = None
         self.reconnect = reconnect
@@ -60,15 +69,22 @@ class Channel:
         self.geometry = geometry or L.Geometry()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
-            self.sock.connect(socket_path)
+            try:
+                self.sock.connect(socket_path)
+            except FileNotFoundError:
+                raise FileNotFoundError(errno.ENOENT, "no monitor socket there (is the pair "
+                                        "up? inside a user domain it is "
+                                        "/run/drb/NAME/monitor.sock)", socket_path) from None
             self.end, peer = ring.create(self.geometry, spin_ns=spin_ns)
         except BaseException:
             self.sock.close()
             raise
         try:
             try:
-                reply, rfds = protocol.request(self.sock, {"op": "open", "size": size},
-                                               peer.as_list(), keep_fds=True)
+                msg = {"op": "open", "size": size}
+                if offset is not None:
+                    msg["offset"] = offset
+                reply, rfds = protocol.request(self.sock, msg, peer.as_list(), keep_fds=True)
             finally:
                 peer.close()
             self.tasks = None
@@ -86,6 +102,8 @@ class Channel:
                     protocol.close_fds(rfds)
                 self.end.set_task_table(self.tasks, reply.get("reap_hist_offset", 0))
             self.size = reply["extent_size"]
+            # Where in the user domain's extent this channel's offset 0 is.
+            self.base = reply.get("base", 0)
             # O_DIRECT devices take offsets and lengths in multiples of this.
             self.align = reply.get("align") or 1
             self._worker_pid = reply["worker_pid"]
@@ -441,71 +459,24 @@ class Channel:
 
     # ---- the API -------------------------------------------------------------
 
-    # ---- O_DIRECT alignment ----------------------------------------------------
-
-    def aligned(self, offset: int, n: int) -> bool:
-        """Whether the device takes [offset, offset+n) as it is."""
-        return (offset | n) % self.align == 0
-
-    def _span(self, offset: int, n: int) -> tuple[int, int]:
-        """The aligned range that covers [offset, offset+n), inside the extent."""
-        lo = offset - offset % self.align
-        return lo, min(-(-(offset + n) // self.align) * self.align, self.size)
-
-    def _read_bounced(self, offset: int, n: int, dest, wait: bool) -> Request:
-        """An unaligned read on an O_DIRECT device: read the aligned range
-        that covers it, then hand over only the part asked for."""
-        n = max(0, min(n, self.size - offset))
-        lo, hi = self._span(offset, n)
-        return self._submit(OP_READ_FIXED, lo, hi - lo, bytearray(hi - lo), wait,
-                            inner=(offset - lo, n, bytearray(n) if dest is None else dest))
-
-    def _rmw_plan(self, offset: int, n: int) -> tuple[int, bytearray, list[int]]:
-        """For an unaligned write: the aligned start, a buffer for the aligned
-        range, and the partial blocks at its ends that must be read first."""
-        if offset < 0 or offset + n > self.size:
-            raise OSError(errno.ERANGE, f"offset {offset}+{n} is beyond the extent "
-                                        f"of {self.size} bytes")
-        lo, hi = self._span(offset, n)
-        ends = set()
-        if offset % self.align:
-            ends.add(lo)
-        if (offset + n) % self.align:
-            ends.add(hi - self.align)
-        return lo, bytearray(hi - lo), sorted(ends)
-
-    def _write_bounced(self, offset: int, data, wait: bool) -> Request:
-        """An unaligned write on an O_DIRECT device: read-modify-write of the
-        partial blocks at either end, then one aligned write."""
-        if not wait:
-            raise OSError(errno.EINVAL, f"this device is opened with O_DIRECT and takes "
-                                        f"offsets and lengths in multiples of {self.align} "
-                                        "bytes; an unaligned write is a read-modify-write, "
-                                        "which cannot be posted without waiting")
-        lo, bounce, ends = self._rmw_plan(offset, len(data))
-        for blk in ends:
-            self.submit_readinto(blk, memoryview(bounce)[blk - lo:blk - lo + self.align]
-                                 ).result()
-        bounce[offset - lo:offset - lo + len(data)] = data
-        return self._submit(OP_WRITE_FIXED, lo, len(bounce), bounce, True,
-                            inner=(offset - lo, len(data), None))
-
-    # ---- the API -------------------------------------------------------------
-
     def submit_read(self, offset: int, n: int, *, wait: bool = True) -> Request:
+        _need_int("offset", offset)
+        _need_int("n", n)
         if not self.aligned(offset, n) and offset >= 0 and n >= 0:
             return self._read_bounced(offset, n, None, wait)
         buf = bytearray(max(0, min(n, self.size - offset)))
         return self._submit(OP_READ_FIXED, offset, n, buf, wait)
 
     def submit_readinto(self, offset: int, buffer, *, wait: bool = True) -> Request:
-        mv = memoryview(buffer).cast("B")
+        _need_int("offset", offset)
+        mv = _bytes_view("buffer", buffer, writable=True)
         if not self.aligned(offset, len(mv)) and offset >= 0:
             return self._read_bounced(offset, len(mv), mv, wait)
         return self._submit(OP_READ_FIXED, offset, len(mv), mv, wait)
 
     def submit_write(self, offset: int, data, *, wait: bool = True) -> Request:
-        mv = memoryview(data).cast("B")
+        _need_int("offset", offset)
+        mv = _bytes_view("data", data)
         if not self.aligned(offset, len(mv)):
             return self._write_bounced(offset, mv, wait)
         return self._submit(OP_WRITE_FIXED, offset, len(mv), mv, wait)
@@ -598,3 +569,22 @@ class Channel:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _need_int(name: str, v, lo: int | None = None) -> None:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, not {type(v).__name__}")
+    if lo is not None and v < lo:
+        raise ValueError(f"{name} must be at least {lo}, got {v}")
+
+
+def _bytes_view(name: str, obj, writable: bool = False) -> memoryview:
+    try:
+        mv = memoryview(obj).cast("B")
+    except TypeError:
+        raise TypeError(f"{name} must be a bytes-like object{' (writable)' if writable else ''}"
+                        f", not {type(obj).__name__}") from None
+    if writable and mv.readonly:
+        raise TypeError(f"{name} must be writable (a bytearray, memoryview, ...), "
+                        f"not read-only {type(obj).__name__}")
+    return mv

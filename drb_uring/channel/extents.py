@@ -35,9 +35,32 @@ class Extents:
         raise ExtentError(f"no free extent of {size} bytes on the device "
                           f"(largest free: {max((n for _, n in self.free), default=0)})")
 
-    def fits(self, size: int) -> bool:
-        """Whether alloc(size) would succeed now."""
+    def alloc_at(self, base: int, size: int) -> tuple[int, int]:
+        """The extent [base, base + size) itself (size rounded up to the
+        alignment), if every byte of it is free."""
+        if size <= 0 or base < 0:
+            raise ValueError(f"bad extent {base}+{size}")
+        if base % self.align:
+            raise ExtentError(f"offset {base} is not a multiple of the device's alignment "
+                              f"({self.align})")
         size = -(-size // self.align) * self.align
+        for i, (b, n) in enumerate(self.free):
+            if b <= base and base + size <= b + n:
+                rest = [(b, base - b)] if base > b else []
+                if base + size < b + n:
+                    rest.append((base + size, b + n - base - size))
+                self.free[i:i + 1] = rest
+                return base, size
+        if base + size > self.size:
+            raise ExtentError(f"{base}+{size} runs past the user domain's extent of "
+                              f"{self.size} bytes")
+        raise ExtentError(f"{base}+{size} overlaps another channel of the user domain")
+
+    def fits(self, size: int, base: int | None = None) -> bool:
+        """Whether alloc(size), or alloc_at(base, size), would succeed now."""
+        size = -(-size // self.align) * self.align
+        if base is not None:
+            return any(b <= base and base + size <= b + n for b, n in self.free)
         return any(n >= size for _, n in self.free)
 
     def release(self, base: int, size: int) -> None:

@@ -174,7 +174,8 @@ class MonitorLink:
                 tables = {}
                 try:
                     for ch in t.channels.values():
-                        tables[ch.id] = grants.regrant(ch, hub.device.fd, self.enforcer)
+                        tables[ch.id] = grants.regrant(ch, t.device_of(hub.device)[0].fd,
+                                                       self.enforcer)
                     if t.channels:
                         hub.supervisor.start(t, tables=tables)
                 finally:

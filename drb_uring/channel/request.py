@@ -70,8 +70,13 @@ class Request:
         for cb in self.callbacks:
             cb(self)
 
-    def result(self, timeout: float | None = None):
-        """Bytes read (bytes), bytes written (int), or None for flush."""
+    def result(self, timeout: float | None = None) -> int | None:
+        """Wait for the whole request (at most `timeout` seconds: TimeoutError
+        after) and return how many bytes it read or wrote (fewer than asked
+        only at the end of the extent), or None for a flush. A read's bytes
+        are in `buf` (its first result() bytes); channel.pread() returns
+        them. Raises the request's error: OSError with the device's or the
+        worker's errno, ChannelFailed, or ChannelClosed."""
         self.channel._drive(lambda: self.done, timeout)
         if self.error is not None:
             raise self.error

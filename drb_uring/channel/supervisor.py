@@ -108,7 +108,7 @@ class Supervisor:
         ctl_r, ctl_w = os.pipe()
         rep_r, rep_w = os.pipe()
         gate_r, hold_w = os.pipe()
-        align = hub.device.align
+        align = t.device_of(hub.device)[0].align
         restarted = bool(t.restart_at) or tables is not None
         held = set(tables or ()) | t.awaiting
         specs = [ch.spec(align).replace(held=ch.id in held).to_dict() for ch in chans]

@@ -52,6 +52,7 @@ class Tenant:
         self.sock = sock
         self.extent = extent
         self.extents: Extents | None = None
+        self.device = None                      # a Device of its own, if it has one
         self.limits = limits
         self.channels: dict = {}                # id -> BrokerChannel
         self.worker = None                      # the WorkerProc serving now
@@ -68,11 +69,20 @@ class Tenant:
         # [peer, msg, fds, deadline].
         self.parked: list[list] = []
 
-    def extents_of(self, device) -> Extents:
+    def device_of(self, shared):
+        """The device this user domain's grant rings reach, and where its
+        extent starts on it: its own (a loop device that is its extent) at
+        0, or the pair's shared device at its extent's base."""
+        if self.device is not None:
+            return self.device, 0
+        return shared, (self.extent or (0, 0))[0]
+
+    def extents_of(self, shared) -> Extents:
         if self.extents is None:
             if self.extent is None:
-                self.extent = (0, device.size)
-            self.extents = Extents(self.extent[1], device.align or 1)
+                self.extent = (0, shared.size)
+            dev, _ = self.device_of(shared)
+            self.extents = Extents(self.extent[1], dev.align or 1)
         return self.extents
 
     def check_limits(self, pool_size: int) -> None:

@@ -92,11 +92,41 @@ def child_of(pid: int) -> int | None:
     return int(kids[0]) if kids else None
 
 
-def check_container(role: str, pid: int, others: list[str]) -> str:
+# The kernel's initial user and pid namespaces have fixed inode numbers
+# (PROC_USER_INIT_INO, PROC_PID_INIT_INO); the host's mount namespace is
+# the one drb's daemon started in (it makes a private one of its own).
+HOST_NS = {"user": 0xEFFFFFFD, "pid": 0xEFFFFFFC,
+           "mnt": os.stat("/proc/self/ns/mnt").st_ino}
+
+
+def _host_shared(pid: int) -> list[str]:
+    """The namespaces (user, pid, mnt) pid shares with the host."""
+    out = []
+    for ns, ino in HOST_NS.items():
+        try:
+            if os.stat(f"/proc/{pid}/ns/{ns}").st_ino == ino:
+                out.append(ns)
+        except OSError:
+            pass
+    return out
+
+
+def check_container(role: str, pid: int, others: list[str],
+                    allow_host_userns: bool = False) -> str:
     """The container's cgroup v2 group, after checking that drb may put a
-    policy on it: its own, not the root, not drb's, not the other side's."""
+    policy on it: its own, not the root, not drb's, not the other side's;
+    and that it is a container at all: not in the host's user, pid or mount
+    namespace (where a process drb starts in it would be host root, see the
+    host's processes, or mount on the host), unless `allow_host_userns`."""
     if not os.path.exists(f"/proc/{pid}"):
         raise AttachError(f"--attach-{role} {pid}: no such process")
+    shared = _host_shared(pid)
+    if shared and not allow_host_userns:
+        raise AttachError(f"--attach-{role} {pid}: the process is in the host's "
+                          f"{', '.join(shared)} namespace{'s' if len(shared) > 1 else ''}: "
+                          "drb exec there would run as host root or on the host's own "
+                          "mounts. Use a container with its own user namespace (podman "
+                          "--userns=auto, runc with uidMappings), or --allow-host-userns")
     group = cgroup.path_of(pid)
     if os.path.realpath(group) == os.path.realpath(cgroup.cgroup2_root()):
         raise AttachError(f"--attach-{role} {pid}: the process is in the root cgroup; "

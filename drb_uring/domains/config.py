@@ -101,6 +101,23 @@ def free_extent(device_size: int, taken: list[tuple[int, int]], size: int,
     return at, size
 
 
+RESERVED_IN_DOMAIN = ("/proc", "/sys", "/dev", "/run", "/tmp", "/usr", "/etc")
+
+
+def check_share(item: str) -> tuple[str, str]:
+    """HOST_DIR:DOMAIN_DIR, both absolute; the domain's own places are not
+    to be covered."""
+    host, sep, inside = item.partition(":")
+    if not sep or not host.startswith("/") or not inside.startswith("/"):
+        raise SpecError(f"--share {item!r}: give HOST_DIR:DOMAIN_DIR, both absolute "
+                        "(e.g. /srv/app:/app)")
+    norm = "/" + inside.strip("/")
+    if norm == "/" or any(norm == r or norm.startswith(r + "/") for r in RESERVED_IN_DOMAIN):
+        raise SpecError(f"--share {item!r}: {norm} is the domain's own; choose another "
+                        "place (e.g. /app, /data, /srv)")
+    return host, norm
+
+
 def check_name(name: str) -> None:
     if not NAME_RE.match(name):
         raise SpecError(f"bad pair name {name!r}: use 1-31 of a-z, 0-9, '-', '_', "
@@ -136,6 +153,19 @@ class PairConfig(Spec):
     # Bring the eBPF monitor back if it dies, and carry the channels on
     # (drb up --restart); without it they fail with the reason.
     restart: bool = False
+    # Use a backing file its mode says is read-only (drb would write it).
+    force: bool = False
+    # Hold the backing file (or block device) exclusively: drb bench's
+    # pairs share one data file, one cell at a time, and say False.
+    exclusive: bool = True
+    # Host directories shown read-only in every user domain: ["HOST:DOMAIN", ...].
+    share: list[str] = dataclasses.field(default_factory=list)
+    # Attach mode: pair a container in the host's user (pid, mount) namespace.
+    allow_host_userns: bool = False
+    # Give each user domain a loop device that is its extent (the kernel
+    # then refuses I/O past it): None = with O_DIRECT, where the monitor's
+    # kill comes too late to stop a direct write (see docs/security.md).
+    loop_extents: bool | None = None
 
     def check(self) -> None:
         check_name(self.name)
@@ -177,6 +207,13 @@ class PairConfig(Spec):
             check_extent(self.extent)
         if self.backing is None and self.blockdev is None:
             split_device(self.size, self.users, self.extent)    # a new file: its size is known
+        for item in self.share:
+            check_share(item)
+            if self.attached:
+                raise SpecError("--share is for domains drb makes; an attached container "
+                                "has its own mounts")
+        if self.allow_host_userns and not self.attached:
+            raise SpecError("--allow-host-userns is for --attach-* only")
         bad = [f for f in self.deny if f not in FAMILIES]
         if bad:
             raise SpecError(f"unknown address family {bad[0]!r}; choose from "
@@ -185,3 +222,7 @@ class PairConfig(Spec):
     @property
     def attached(self) -> bool:
         return self.attach_user is not None
+
+    @property
+    def uses_loop_extents(self) -> bool:
+        return self.o_direct if self.loop_extents is None else self.loop_extents

@@ -16,8 +16,15 @@ import subprocess
 import time
 
 from drb_uring import procs
-from drb_uring.domains import attach, cgroup, daemon, runtime, seccomp
-from drb_uring.domains.config import MIN_SIZE, PairConfig, check_name, split_device, user_index
+from drb_uring.domains import attach, backing, cgroup, daemon, runtime, seccomp
+from drb_uring.domains.config import (
+    MIN_SIZE,
+    PairConfig,
+    check_name,
+    check_share,
+    split_device,
+    user_index,
+)
 from drb_uring.domains.state import (
     RUN,
     PairError,
@@ -78,6 +85,7 @@ def _check_device(cfg: PairConfig) -> None:
             raise PairError(f"block device {cfg.blockdev} does not exist")
         if not stat.S_ISBLK(os.stat(cfg.blockdev).st_mode):
             raise PairError(f"{cfg.blockdev} is not a block device")
+        os.close(backing.take(cfg.blockdev, False, cfg.exclusive))   # not mounted, not held
         return
     if cfg.backing:
         path = cfg.backing
@@ -99,6 +107,8 @@ def _check_device(cfg: PairConfig) -> None:
             raise PairError(f"backing file {path} is on a read-only file system")
         if not os.access(path, os.W_OK):
             raise PairError(f"backing file {path} is not writable")
+        backing.check_mode(path, cfg.force)
+        os.close(backing.take(path, False, cfg.exclusive))      # no other pair holds it
         return
     # A new backing file, under the pair's state directory.
     free = os.statvfs(os.path.dirname(RUN) if not os.path.isdir(RUN) else RUN)
@@ -120,6 +130,13 @@ def _preflight(cfg: PairConfig) -> None:
     except ImportError:
         raise PairError("bcc is missing: install python3-bpfcc (make setup does)") from None
     _check_device(cfg)
+    shares = [check_share(x) for x in cfg.share]
+    for host, _inside in shares:
+        if not os.path.isdir(host):
+            raise PairError(f"--share: {host} is not a directory on the host")
+    for role, rootfs in (("user", cfg.user_rootfs), ("driver", cfg.driver_rootfs)):
+        if rootfs:
+            runtime.check_rootfs(rootfs, role, shares if role == "user" else ())
     pid = daemon_pid(cfg.name)
     if pid:
         raise PairError(f"pair {cfg.name!r} is already up (daemon pid {pid})")
@@ -220,7 +237,7 @@ def exec_in(name: str, role: str, cmd: list[str], **kw) -> subprocess.Popen:
                         f"take the pair down with: drb down {name}")
     if dm.get("runc_id"):
         return subprocess.Popen([runtime.runc(), "--root", st["runc_root"], "exec", "--cwd", "/",
-                                 dm["runc_id"], *cmd], **kw)
+                                 dm["runc_id"], *_found_or_say(cmd, role)], **kw)
     deny = tuple(st["deny"]) if role != "driver" else ()
     std = {}
     for k in ("stdin", "stdout", "stderr"):
@@ -229,6 +246,16 @@ def exec_in(name: str, role: str, cmd: list[str], **kw) -> subprocess.Popen:
             raise PairError("a pipe to a command in an attached container is not supported")
         std[k] = procs.NULL if v == subprocess.DEVNULL else v
     return attach.spawn_joined(dm["pid"], cmd, role=role, deny=deny, **std)
+
+
+def _found_or_say(cmd: list[str], role: str) -> list[str]:
+    """`cmd`, run through the domain's sh so that a command the domain does
+    not have is one line of ours (exit 127, as a shell says it) rather than
+    runc's log line."""
+    say = (f'echo "drb exec: $0: no such command in the {role} domain (its /usr is the '
+           'host'"'"'s; a host directory gets in with drb up --share)" >&2')
+    return ["/bin/sh", "-c", f'command -v -- "$0" >/dev/null 2>&1 || {{ {say}; exit 127; }}; '
+            'exec "$0" "$@"', *cmd]
 
 
 def ask_daemon(name: str, msg: dict, timeout: float = 120) -> dict:

@@ -32,10 +32,11 @@ import time
 from drb_uring import linux, procs
 from drb_uring.channel.broker import Broker, Limits
 from drb_uring.channel.worker import WorkerSpec
-from drb_uring.domains import attach, cgroup, runtime
+from drb_uring.domains import attach, backing, cgroup, runtime
 from drb_uring.domains.config import (
     MAX_USERS,
     PairConfig,
+    check_share,
     free_extent,
     split_device,
     user_index,
@@ -57,6 +58,8 @@ from drb_uring.errors import DrbError
 from drb_uring.spec import Spec, SpecError
 
 log = logging.getLogger("drb.pair")
+
+WIPE_WAIT = 10.0     # seconds a user add waits for a removed user domain's extent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +83,7 @@ class UserDomain:
     host_id: int = 0                 # root inside is this host id
     reserved: bool = False           # host_id is the pair's (reserve_ids), to give back
     tenant: bool = False             # the broker serves its socket
+    loop: str | None = None          # the loop device that is its extent, if it has one
 
     @property
     def sock(self) -> str:
@@ -111,6 +115,10 @@ class Pair:
         self.ids: dict[str, int] = {}
         self.extent_size = 0             # a user domain's extent, unless --extent says
         self.broker: Broker | None = None
+        # Extents of removed user domains: zeroed once their rings are gone
+        # (wiping), or, if that failed, never given out again (unwipeable).
+        self.wiping: set[tuple[int, int]] = set()
+        self.unwipeable: set[tuple[int, int]] = set()
         self.state: dict = {}
         self.worker_log = os.path.join(self.dir, "workers.log")
 
@@ -155,7 +163,8 @@ class Pair:
             socket_dir=socket_dir,
             rootfs=a.user_rootfs if user else a.driver_rootfs,
             pids=a.domain_pids, memory=a.domain_memory,
-            io_uring=a.user_io_uring and user)
+            io_uring=a.user_io_uring and user,
+            shares=tuple(check_share(x) for x in a.share) if user else ())
 
     def _start_domain(self, role: str, spec: runtime.DomainSpec) -> None:
         dom = runtime.Domain(self.dir, spec)
@@ -176,7 +185,8 @@ class Pair:
 
     def _attach_driver(self) -> None:
         pid = self.cfg.attach_driver
-        self.groups["driver"] = attach.check_container("driver", pid, list(self.groups.values()))
+        self.groups["driver"] = attach.check_container("driver", pid, list(self.groups.values()),
+                                                       self.cfg.allow_host_userns)
         self.pids["driver"] = pid
         # drb's package, read-only: the worker runs from it.
         self.mounts["driver"] = [(f"{runtime.PACKAGE_AT}/drb_uring", attach.share_package(pid))]
@@ -203,11 +213,19 @@ class Pair:
         self.users[name] = u
         try:
             os.makedirs(u.sock_dir, mode=0o700)
-            self.broker.add_tenant(name, u.sock, extent, limits=self._limits())
+            device_fd = -1
+            if self.cfg.uses_loop_extents:
+                # Its grant rings reach this device only: the kernel refuses
+                # a request past the extent, whatever the monitor saw in time.
+                dev = self.broker.device
+                u.loop, device_fd = backing.loop_device(dev.fd, extent[0], extent[1],
+                                                        max(dev.align, 512), self.cfg.o_direct)
+            self.broker.add_tenant(name, u.sock, extent, limits=self._limits(),
+                                   device_fd=device_fd)
             u.tenant = True
             if attach_pid is not None:
                 self.groups[name] = attach.check_container(
-                    "user", attach_pid, list(self.groups.values()))
+                    "user", attach_pid, list(self.groups.values()), self.cfg.allow_host_userns)
                 self.pids[name] = attach_pid
                 u.host_id = attach.root_host_id(attach_pid)
                 self._share_socket(u, u.host_id)
@@ -224,7 +242,12 @@ class Pair:
                 self._start_domain(name, self._domain_spec(name, u.host_id, u.sock_dir))
             self.broker.watch_domains({name: self.groups[name]})
         except BaseException:
-            self.remove_user(name)
+            # What went wrong is what the caller hears; a clean-up step that
+            # fails too (its group never made, say) is only logged.
+            try:
+                self.remove_user(name)
+            except Exception:   # noqa: BLE001
+                log.exception("cleaning up after user domain %s failed to come up", name)
             raise
         log.info("user domain %s up: pid %d, extent %d+%d", name, self.pids[name], *extent)
 
@@ -316,6 +339,23 @@ class Pair:
             time.sleep(0.005)
         return child, child.pid
 
+    def _tenant_gone(self, name: str, extent: tuple[int, int] | None) -> None:
+        """The broker: a removed user domain's last ring is gone. An extent
+        its removal was asked for (drb user rm) is zeroed now, before
+        anyone else may have it; one that only failed to come up, or the
+        pair going down, keeps its bytes."""
+        if extent is None or extent not in self.wiping:
+            return
+        try:
+            how, took = backing.wipe_timed(self.broker.device.fd, *extent)
+            log.info("user domain %s's extent %d+%d wiped (%s) in %.3f s", name, *extent,
+                     how, took)
+        except OSError as e:
+            log.error("user domain %s's extent %d+%d could not be wiped: %s; it stays "
+                      "taken", name, *extent, e)
+            self.unwipeable.add(extent)
+        self.wiping.discard(extent)
+
     def _ring_holders(self, inode: int) -> list[int]:
         """The driver domain's processes that hold the ring `inode` open."""
         group = self.groups.get("driver")
@@ -365,6 +405,7 @@ class Pair:
                                  worker_cpus=self._driver_cpus(),
                                  monitor_restart=a.restart,
                                  holders=self._ring_holders, sweep=self._sweep,
+                                 gone=self._tenant_gone,
                                  host_ops={"user_add": self._op_user_add,
                                            "user_rm": self._op_user_rm,
                                            "users": self._op_users})
@@ -372,9 +413,10 @@ class Pair:
             compiling.join()
         if errors:
             raise errors[0]
-        # The device, opened here on the host: the driver domain reaches it
-        # only through the grant rings.
-        self.broker.open_device(dev_path, a.o_direct)
+        # The device, opened here on the host (exclusively: a mounted block
+        # device or a file another pair holds is refused): the driver domain
+        # reaches it only through the grant rings.
+        self.broker.adopt_device(backing.take(dev_path, a.o_direct, a.exclusive))
         dev = self.broker.device
         try:
             extents = split_device(dev.size, a.users, a.extent, dev.align)
@@ -407,7 +449,7 @@ class Pair:
         u = self.users.get(role)
         if u is not None:
             out.update(index=u.index, extent=list(u.extent), socket=self.inside_sock,
-                       socket_host=u.sock)
+                       socket_host=u.sock, device=u.loop)
         return out
 
     def write_state(self) -> None:
@@ -444,13 +486,21 @@ class Pair:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 1):
                 raise PairError(f"user_add: bad {field} {v!r}")
         dev = self.broker.device
-        try:
-            # A removed user domain's share is free only once the kernel is
-            # done with its rings (the broker's limbo).
-            taken = [u.extent for u in self.users.values()] + self.broker.limbo.held_extents()
-            extent = free_extent(dev.size, taken, size or self.extent_size, dev.align)
-        except SpecError as e:
-            raise PairError(str(e)) from None
+        # A removed user domain's share is free only once the kernel is done
+        # with its rings (the broker's limbo) and it is wiped: an add that
+        # needs it waits for both, a while.
+        end = time.monotonic() + WIPE_WAIT
+        while True:
+            taken = ([u.extent for u in self.users.values()] + self.broker.limbo.held_extents()
+                     + sorted(self.wiping | self.unwipeable))
+            try:
+                extent = free_extent(dev.size, taken, size or self.extent_size, dev.align)
+                break
+            except SpecError as e:
+                if not self.wiping or time.monotonic() > end:
+                    raise PairError(str(e)) from None
+            self.broker.limbo.poke()
+            time.sleep(0.02)
         self.add_user(name, extent, pid)
         self.write_state()
         return {"user": name, "domain": self.state["domains"][name]}
@@ -462,6 +512,9 @@ class Pair:
         name = user_name(name)
         if name not in self.users:
             raise PairError(f"pair {self.name} has no user domain {name}")
+        # Its extent is zeroed once its rings are gone, before anyone else
+        # may have it (see _tenant_gone).
+        self.wiping.add(self.users[name].extent)
         try:
             self.remove_user(name)
         finally:

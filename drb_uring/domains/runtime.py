@@ -44,7 +44,12 @@ PYTHON = "/usr/bin/python3"
 # runc 1.1's `runc spec` defaults.
 MASKED = ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
           "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
-          "/proc/scsi"]
+          "/proc/scsi",
+          # The host's block devices, and what backs them: a loop device's
+          # backing_file names a host path (a pair's own backing file among
+          # them), /proc/partitions and the block lists name the host's disks.
+          "/sys/block", "/sys/class/block", "/sys/devices/virtual/block", "/sys/dev/block",
+          "/proc/partitions", "/proc/diskstats", "/sys/kernel/debug", "/proc/swaps"]
 READ_ONLY = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
 ENV = ["PATH=/usr/bin:/usr/sbin:/bin:/sbin", "HOME=/tmp", "LANG=C.UTF-8",
        f"PYTHONPATH={PACKAGE_AT}", "PYTHONDONTWRITEBYTECODE=1"]
@@ -84,6 +89,7 @@ class DomainSpec:
     pids: int = 512
     memory: int = 4 << 30
     io_uring: bool = False            # may drive a handed io_uring (drb bench's direct)
+    shares: tuple[tuple[str, str], ...] = ()   # (host dir, domain dir), shown read-only
 
 
 class Domain:
@@ -109,7 +115,8 @@ class Domain:
         # Every mount point on the root exists beforehand: the root is host
         # root's, and runc init, the domain's root already, may not make
         # them (those under /run it makes in the tmpfs).
-        for d in ("usr", "proc", "sys", "dev", "tmp", "run", "etc"):
+        for d in ("usr", "proc", "sys", "dev", "tmp", "run", "etc",
+                  *(inside.lstrip("/") for _host, inside in self.spec.shares)):
             os.makedirs(os.path.join(rootfs, d), exist_ok=True)
         etc = {"passwd": "root:x:0:0:root:/tmp:/bin/sh\n"
                          "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
@@ -152,6 +159,10 @@ class Domain:
         if not s.rootfs:
             mounts.insert(6, {"destination": "/usr", "type": "bind", "source": "/usr",
                               "options": ro})
+        for host, inside in s.shares:
+            # Read-only, as `docker -v HOST:DIR:ro`: a way in for programs.
+            mounts.append({"destination": inside, "type": "bind", "source": host,
+                           "options": ["rbind", "ro", "nosuid", "nodev"]})
         if s.socket_dir:
             # A directory, not the socket file: a bind of a file would keep
             # an old inode if the socket were made again.
@@ -251,6 +262,47 @@ class Domain:
             subprocess.run([runc(), "--root", self.root, "delete", "--force", self.id],
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, timeout=30)
+
+
+def _inside(rootfs: str, path: str) -> str:
+    """`path` of the root `rootfs`, with its symlinks resolved inside it
+    (an absolute link means the domain's /, not the host's)."""
+    cur = rootfs
+    parts = [p for p in path.split("/") if p]
+    for _ in range(64):
+        if not parts:
+            return cur
+        nxt = os.path.join(cur, parts.pop(0))
+        if os.path.islink(nxt):
+            target = os.readlink(nxt)
+            parts = [p for p in target.split("/") if p] + parts
+            if target.startswith("/"):
+                cur = rootfs
+            continue
+        cur = nxt
+    raise RuntimeError_(f"too many symbolic links under {rootfs} for {path}")
+
+
+def check_rootfs(rootfs: str, role: str, shares=()) -> None:
+    """What a domain's own root must hold, named if missing: drb's python3,
+    the worker's liburing (driver), and every mount point (runc cannot make
+    one in a root it does not own)."""
+    if not os.path.isdir(rootfs):
+        raise RuntimeError_(f"--{role}-rootfs {rootfs}: not a directory")
+    missing = []
+    if not os.path.isfile(_inside(rootfs, PYTHON)):
+        missing.append(f"{PYTHON} (drb's {'worker' if role == 'driver' else 'client'} "
+                       "runs on it)")
+    if role == "driver" and not any(os.path.exists(_inside(rootfs, f"{d}/liburing.so.2"))
+                                    for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib",
+                                              "/lib/x86_64-linux-gnu", "/lib")):
+        missing.append("liburing.so.2 (the worker's io_uring library)")
+    for d in ("/proc", "/sys", "/dev", "/tmp", "/run",
+              *(inside for _host, inside in shares)):
+        if not os.path.isdir(_inside(rootfs, d)):
+            missing.append(f"the mount point {d}")
+    if missing:
+        raise RuntimeError_(f"--{role}-rootfs {rootfs} lacks: {'; '.join(missing)}")
 
 
 def _group_roots() -> set[str]:

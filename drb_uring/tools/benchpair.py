@@ -73,7 +73,8 @@ class BenchPair:
         kind, monitor, users = (*key, 1)[:3]
         self.name = (f"bench-{os.getpid()}-{kind}{'' if monitor else '-nm'}"
                      f"{f'-u{users}' if users > 1 else ''}")[:31]
-        cfg = PairConfig(name=self.name, backing=device, no_monitor=not monitor,
+        # The pairs of a run share one data file, one cell at a time.
+        cfg = PairConfig(name=self.name, backing=device, no_monitor=not monitor, exclusive=False,
                          worker_spin_ns=POLL_NS if kind == "drb-poll" else None,
                          user_io_uring=kind == "direct", users=users)
         saved = os.sched_getaffinity(0)

@@ -20,9 +20,10 @@ EXAMPLES = """examples:
   drb demo                            # a pair on a temporary file, a workload, teardown
   drb up db --size 1g                 # a pair named db on a new 1 GiB backing file
   drb up db --blockdev /dev/loop0 --o-direct
-  drb exec db user -- python3 app.py  # run inside the user domain (user0)
-  drb up web --size 1g --users 4      # one driver domain, user domains user0..user3
-  drb exec web user2 -- python3 app.py
+  drb up app --size 1g --share $PWD:/app     # this directory, read-only, at /app inside
+  drb exec app user -- python3 /app/app.py   # run it inside the user domain (user0)
+  drb up web --size 1g --users 4 --extent 128m   # user0..user3, 128 MiB each, 512 MiB free
+  drb exec web user2 -- hostname
   drb user add web                    # user4, on a free extent of the same size
   drb user rm web user1
   drb status db --json
@@ -130,7 +131,9 @@ def _config(a: argparse.Namespace):
                       user_rootfs=_abs(a.user_rootfs), driver_rootfs=_abs(a.driver_rootfs),
                       domain_pids=a.domain_pids, domain_memory=parse_size(a.domain_memory),
                       users=a.users, driver_cpus=a.driver_cpus, restart=a.restart,
-                      extent=parse_size(a.extent) if a.extent is not None else None)
+                      extent=parse_size(a.extent) if a.extent is not None else None,
+                      share=list(a.share), force=a.force,
+                      allow_host_userns=a.allow_host_userns)
 
 
 def _abs(path: str | None) -> str | None:
@@ -203,7 +206,8 @@ def cmd_status(a: argparse.Namespace) -> int:
             _print_status(st, condition)
     if a.json:
         print(json.dumps(out if not a.name else out[0], indent=2))
-    return 0
+    # As systemctl status: 3 when what was asked about is not running well.
+    return 0 if all(o["state"] == "up" for o in out) else 3
 
 
 def cmd_ls(a: argparse.Namespace) -> int:
@@ -398,6 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--driver-cpus", type=int, default=1, metavar="N",
                    help="CPUs the driver domain's workers share (one worker per user "
                         "domain): the first N of this host's; 0 = any (default 1)")
+    u.add_argument("--share", action="append", default=[], metavar="HOST_DIR:DOMAIN_DIR",
+                   help="show a host directory read-only in every user domain, as docker "
+                        "-v DIR:DIR:ro does: how programs get in (repeatable)")
+    u.add_argument("--force", action="store_true",
+                   help="use a backing file even though its mode says it is read-only")
+    u.add_argument("--allow-host-userns", action="store_true",
+                   help="with --attach-*: pair a container that shares the host's user, pid "
+                        "or mount namespace (refused by default)")
     u.add_argument("--no-monitor", action="store_true",
                    help="run WITHOUT the eBPF monitor: no I/O task table is enforced "
                         "(an explicit, loudly logged opt-out)")
