@@ -42,7 +42,7 @@ cdef extern from "<errno.h>" nogil:
 
 OPS = {"read": DISK_READ, "write": DISK_WRITE, "fsync": DISK_FSYNC,
        "fallocate": DISK_FALLOCATE}
-NO_SLOT = DISK_NO_SLOT
+NO_SLOT = 0xffffffff      # DISK_NO_SLOT (a C enum would read back as -1)
 F_DATASYNC = DISK_F_DATASYNC
 
 

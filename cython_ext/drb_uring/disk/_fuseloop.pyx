@@ -121,6 +121,7 @@ cdef struct stats_t:
     uint64_t eagain          # backend submissions refused for a full queue
     uint64_t resent          # requests that came with FUSE_UNIQUE_RESEND
     uint64_t uring_enters
+    uint64_t max_inflight    # most requests held at once
 
 
 def _check(int ret, what):
@@ -379,7 +380,8 @@ cdef class FuseServer:
                 "control": self.st.control, "dev_reads": self.st.dev_reads,
                 "dev_writes": self.st.dev_writes, "sleeps": self.st.sleeps,
                 "eagain": self.st.eagain, "resent": self.st.resent,
-                "uring_enters": self.st.uring_enters}
+                "uring_enters": self.st.uring_enters,
+                "max_inflight": self.st.max_inflight}
 
     @property
     def in_flight(self):
@@ -414,6 +416,8 @@ cdef class FuseServer:
         cdef uint32_t i = self.free_rec
         self.free_rec = self.recs[i].next_free
         self.nfree_rec -= 1
+        if self.nrec - self.nfree_rec > self.st.max_inflight:
+            self.st.max_inflight = self.nrec - self.nfree_rec
         self.gen = (self.gen + 1) & 0xffffff
         if self.gen == 0:
             self.gen = 1
