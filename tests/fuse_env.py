@@ -137,7 +137,9 @@ class Disk:
     so servers may come and go."""
 
     def __init__(self, domain: Domain, backing: str, size: int, *, name="disk",
-                 mode=0o600, fill: bytes | None = None, start=True, **spec):
+                 mode=0o600, fill: bytes | None = None, start=True, trusted_ring=False,
+                 **spec):
+        self.trusted_ring = trusted_ring
         self.domain = domain
         self.backing = backing
         with open(backing, "wb") as f:
@@ -158,8 +160,17 @@ class Disk:
 
     def start(self, restart: bool = False, **changes) -> None:
         assert self.server is None
-        self.server = S.spawn(self.spec.replace(restart=restart, **changes), self.fd,
-                              stdout=self._out())
+        spec = self.spec.replace(restart=restart, **changes)
+        ring = None
+        if spec.uring and self.trusted_ring:
+            # As for a server in a domain: the ring is made here and inherited.
+            ring, params = S.trusted_ring(spec.slot_count)
+            spec = spec.replace(uring_params=params)
+        try:
+            self.server = S.spawn(spec, self.fd, ring_fd=ring, stdout=self._out())
+        finally:
+            if ring is not None:
+                os.close(ring)
 
     def _out(self):
         # The server's last line (why it ended, its counters) goes to a file.

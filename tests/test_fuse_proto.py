@@ -89,6 +89,7 @@ def test_constants_are_the_kernels():
     assert (c["FUSE_IO_URING_CMD_REGISTER"], c["FUSE_IO_URING_CMD_COMMIT_AND_FETCH"]) == (1, 2)
     # A WRITE's payload starts right after the header area the loop reads into.
     assert c["HDR"] == LITERAL["fuse_in_header"][0] + LITERAL["fuse_write_in"][0]
+    assert c["HDR_WORDS"] * 8 == c["HDR"]
 
 
 def test_opcode_names():

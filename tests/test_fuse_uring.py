@@ -56,8 +56,9 @@ def test_requests_come_on_the_ring(tmp_path):
     need("fio")
     old = _enable()
     dom = Domain(str(tmp_path / "dom"))
+    # The ring is the trusted side's, restricted to IORING_OP_URING_CMD.
     disk = Disk(dom, str(tmp_path / "backing.img"), 8 * MiB, fill=os.urandom(8 * MiB),
-                uring=True, slot_size=128 << 10, slot_count=32)
+                uring=True, slot_size=128 << 10, slot_count=32, trusted_ring=True)
     try:
         dom.python(RW, disk.path, user=65534)
         dom.run("fio", "--name=v", f"--filename={disk.path}", "--size=8m", "--rw=randwrite",

@@ -28,6 +28,7 @@ from drb_uring.spec import Spec, SpecError
 
 FUSE_FD = 3
 READY_FD = 4
+RING_FD = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,7 @@ class DiskServerSpec(Spec):
     restart: bool = False              # the connection's INIT was answered before
     uring: bool = False                # FUSE over io_uring
     uring_queues: int = 0              # 0: one per possible CPU (what the kernel wants)
+    uring_params: str = ""             # hex: the ring at fd 5 is the trusted side's
     spin_us: int = 0                   # poll this long before sleeping
     max_background: int = 64
     ready_fd: bool = False             # fd 4: closed once serving (signals are handled)
@@ -64,20 +66,44 @@ class DiskServerSpec(Spec):
             raise SpecError(f"max_background {self.max_background} is not in 1..65535")
         if self.spin_us < 0:
             raise SpecError("spin_us is negative")
+        if self.uring_params and not self.uring:
+            raise SpecError("uring_params without uring")
 
 
-def spawn(spec: DiskServerSpec, fuse_fd: int, *, wait_ready: float | None = 10.0,
-          **kw) -> procs.Child:
-    """Start a server on `fuse_fd` (it gets its own copy as fd 3) and, with
-    `wait_ready`, wait until it serves (its signal handlers are in place)."""
-    if wait_ready is None:
-        return procs.spawn_at(procs.argv("drb_uring.disk.server", spec), [fuse_fd], **kw)
+def trusted_ring(entries: int) -> tuple[int, str]:
+    """For FUSE over io_uring in a domain, which may not call io_uring_setup:
+    the ring, made here (128-byte SQEs), restricted to IORING_OP_URING_CMD
+    with no SQE flag and no register operation, then enabled. Returns its fd
+    (to pass by inheritance: io_uring fds cannot cross a Unix socket) and
+    the params the server maps it with, as hex for the spec."""
+    from drb_uring.channel import _grant
+    from drb_uring.disk import _fuseloop
+    fd, params = _fuseloop.setup_ring(entries)
+    try:
+        _grant.restrict(fd, [_fuseloop.CONSTANTS["IORING_OP_URING_CMD"]], 0, 0)
+        ret = _grant.register(fd, _grant.REGISTER_ENABLE_RINGS, None, 0)
+        if ret < 0:
+            raise OSError(-ret, f"enabling the ring: {os.strerror(-ret)}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, params.hex()
+
+
+def spawn(spec: DiskServerSpec, fuse_fd: int, *, ring_fd: int | None = None,
+          wait_ready: float | None = 10.0, **kw) -> procs.Child:
+    """Start a server on `fuse_fd` (it gets its own copy as fd 3; a trusted
+    ring as fd 5) and, with `wait_ready`, wait until it serves (its signal
+    handlers are in place)."""
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
+        fds = [fuse_fd, w] + ([ring_fd] if ring_fd is not None else [])
         child = procs.spawn_at(procs.argv("drb_uring.disk.server", spec.replace(ready_fd=True)),
-                               [fuse_fd, w], **kw)
+                               fds, **kw)
         os.close(w)
         w = -1
+        if wait_ready is None:
+            return child
         import select
         if not select.select([r], [], [], wait_ready)[0]:
             child.kill()
@@ -109,6 +135,8 @@ def serve(spec: DiskServerSpec, fd: int = FUSE_FD) -> dict:
                             gid=spec.gid, mtime=mtime, page_cache=spec.page_cache,
                             read_only=spec.read_only, initialized=spec.restart,
                             uring=spec.uring, uring_queues=spec.uring_queues,
+                            uring_fd=RING_FD if spec.uring_params else -1,
+                            uring_params=bytes.fromhex(spec.uring_params) or None,
                             max_background=spec.max_background)
         if spec.restart:
             server.notify_resend()

@@ -38,12 +38,19 @@ from drb_uring.includes.liburing cimport (io_uring, io_uring_params, io_uring_qu
                                           io_uring_cq_ready, io_uring_queue_init_params,
                                           io_uring_sqe_set_data64, io_uring_sq_ready,
                                           iovec, IORING_SETUP_SQE128, IORING_SETUP_CQSIZE,
-                                          IORING_OP_URING_CMD)
+                                          IORING_OP_URING_CMD, IORING_SETUP_R_DISABLED,
+                                          io_uring_queue_mmap, sq_array_identity)
 from drb_uring.includes.sys cimport (pollfd, ppoll, timespec, POLLIN, read, write, errno,
                                      EINTR, EAGAIN)
 from drb_uring.includes.atomic cimport drb_now_ns
 
 import os
+
+cdef extern from "<sys/syscall.h>" nogil:
+    long SYS_io_uring_setup
+
+cdef extern from "<unistd.h>" nogil:
+    long syscall(long number, ...)
 
 cdef extern from "<sys/uio.h>" nogil:
     ssize_t readv(int fd, const iovec *iov, int iovcnt)
@@ -51,6 +58,7 @@ cdef extern from "<sys/uio.h>" nogil:
 
 cdef extern from "<errno.h>" nogil:
     int ENOENT
+    int EBUSY
     int ENOSYS
     int ENODEV
     int ECONNABORTED
@@ -73,6 +81,7 @@ cdef extern from "<sys/stat.h>" nogil:
 
 cdef enum:
     HDR = sizeof(fuse_in_header) + sizeof(fuse_write_in)   # 80: a WRITE's payload starts after it
+    HDR_WORDS = 10
     SCRATCH = 8192          # a control request, gathered in one piece
     MAX_SLOTLESS = 64       # FSYNC/FALLOCATE in flight beside the slotted requests
     MAX_PARTS = 4096
@@ -106,7 +115,7 @@ cdef struct rec_t:
     uint32_t entry         # uring mode: the ring entry it came on
     uint8_t live
     uint8_t via_ring       # came on a ring entry (its slot is that entry's)
-    char hdr[HDR]
+    uint64_t hdr[HDR_WORDS]  # the request's header and op args, 8-byte aligned
 
 
 cdef struct stats_t:
@@ -122,6 +131,7 @@ cdef struct stats_t:
     uint64_t resent          # requests that came with FUSE_UNIQUE_RESEND
     uint64_t uring_enters
     uint64_t max_inflight    # most requests held at once
+    uint64_t kicks           # backend kicks that handed over a batch
 
 
 def _check(int ret, what):
@@ -231,7 +241,25 @@ CONSTANTS = {
     "FUSE_IO_URING_CMD_REGISTER": FUSE_IO_URING_CMD_REGISTER,
     "FUSE_IO_URING_CMD_COMMIT_AND_FETCH": FUSE_IO_URING_CMD_COMMIT_AND_FETCH,
     "HDR": HDR,
+    "HDR_WORDS": HDR_WORDS,
+    "IORING_OP_URING_CMD": IORING_OP_URING_CMD,
 }
+
+
+def setup_ring(uint32_t entries):
+    """The trusted side's half of FUSE over io_uring, for a server that may
+    not call io_uring_setup: a ring of 128-byte SQEs (the command area holds
+    struct fuse_uring_cmd_req), created disabled so that it can be
+    restricted before it is enabled. Returns (fd, params): the server maps
+    it with io_uring_queue_mmap; the fd passes by inheritance only."""
+    cdef io_uring_params p
+    memset(&p, 0, sizeof(p))
+    p.flags = IORING_SETUP_SQE128 | IORING_SETUP_CQSIZE | IORING_SETUP_R_DISABLED
+    p.cq_entries = 2 * entries
+    cdef long fd = syscall(SYS_io_uring_setup, <long>entries, &p)
+    if fd < 0:
+        raise OSError(errno, f"io_uring_setup (SQE128): {os.strerror(errno)}")
+    return <int>fd, (<char *>&p)[:sizeof(p)]
 
 
 cdef inline uint32_t ceil_div(uint64_t a, uint64_t b) noexcept nogil:
@@ -302,7 +330,8 @@ cdef class FuseServer:
                  uint32_t mode=0o600, uint32_t uid=0, uint32_t gid=0, uint64_t mtime=0,
                  uint32_t attr_valid=60, uint16_t max_background=64, bint page_cache=False,
                  bint read_only=False, bint initialized=False, uint32_t minor=0,
-                 bint uring=False, uint32_t uring_queues=0):
+                 bint uring=False, uint32_t uring_queues=0, int uring_fd=-1,
+                 bytes uring_params=None):
         cdef uint32_t i
         if backend.base == NULL or backend.slot_count == 0:
             raise ValueError("the backend has no slots")
@@ -356,7 +385,7 @@ cdef class FuseServer:
             self.slot_stack[i] = backend.slot_count - 1 - i
         self.nfree_slots = backend.slot_count
         if uring:
-            self._uring_setup(uring_queues)
+            self._uring_setup(uring_queues, uring_fd, uring_params)
 
     def __dealloc__(self):
         if self.ring_up:
@@ -381,7 +410,7 @@ cdef class FuseServer:
                 "dev_writes": self.st.dev_writes, "sleeps": self.st.sleeps,
                 "eagain": self.st.eagain, "resent": self.st.resent,
                 "uring_enters": self.st.uring_enters,
-                "max_inflight": self.st.max_inflight}
+                "max_inflight": self.st.max_inflight, "kicks": self.st.kicks}
 
     @property
     def in_flight(self):
@@ -532,6 +561,8 @@ cdef class FuseServer:
             busy = 0
             n = self.reap()
             if n < 0:
+                self.st_errno = -n
+                self.finish(END_ERROR)
                 return
             busy += n
             if self.end == END_NONE and not self.destroying and self.dev_ready:
@@ -545,10 +576,15 @@ cdef class FuseServer:
                     return
                 busy += n
             self.submit_queued()
-            if self.be.kick() < 0:
-                # The backend could not take the batch now; it stays queued
-                # in the backend and goes with the next kick.
-                pass
+            n = self.be.kick()
+            if n > 0:
+                self.st.kicks += 1
+            if n < 0 and n != -EAGAIN and n != -EINTR and n != -EBUSY:
+                # EAGAIN/EBUSY: the backend cannot take the batch now; it
+                # stays queued there and goes with the next kick.
+                self.st_errno = -n
+                self.finish(END_ERROR)
+                return
             if self.uring and io_uring_sq_ready(&self.ring):
                 self.st.uring_enters += 1
                 io_uring_submit(&self.ring)
@@ -566,7 +602,10 @@ cdef class FuseServer:
                 if spin_until == 0:
                     spin_until = drb_now_ns() + spin_ns
                 if drb_now_ns() < spin_until:
-                    self.dev_ready = True
+                    # With the ring, /dev/fuse brings only FORGET and
+                    # INTERRUPT: poll finds those.
+                    if not self.uring:
+                        self.dev_ready = True
                     continue
             # Idle: sleep on /dev/fuse (when a request could be taken), the
             # backend and the stop descriptor.
@@ -635,7 +674,7 @@ cdef class FuseServer:
         while self.can_take() and self.end == END_NONE and not self.destroying:
             ri = self.rec_alloc()
             r = &self.recs[ri]
-            self.iov[0].iov_base = r.hdr
+            self.iov[0].iov_base = <char *>r.hdr
             self.iov[0].iov_len = HDR
             for j in range(self.k):
                 self.nfree_slots -= 1
@@ -728,7 +767,7 @@ cdef class FuseServer:
             self.reply(ri, ENOSYS, NULL, 0)
             self.rec_free(ri)
             return
-        memcpy(self.scratch, r.hdr, HDR if n > HDR else n)
+        memcpy(self.scratch, <char *>r.hdr, HDR if n > HDR else n)
         if n > HDR:
             memcpy(self.scratch + HDR, self.slot_ptr(self.rec_slots[<size_t>ri * self.k]),
                    n - HDR)
@@ -740,8 +779,8 @@ cdef class FuseServer:
         """READ or WRITE, its slots still all reserved; payload: the bytes
         of a WRITE that came after the header area, in the slots."""
         cdef rec_t *r = &self.recs[ri]
-        cdef fuse_read_in *rd = <fuse_read_in *>(r.hdr + sizeof(fuse_in_header))
-        cdef fuse_write_in *wr = <fuse_write_in *>(r.hdr + sizeof(fuse_in_header))
+        cdef fuse_read_in *rd = <fuse_read_in *>(<char *>r.hdr + sizeof(fuse_in_header))
+        cdef fuse_write_in *wr = <fuse_write_in *>(<char *>r.hdr + sizeof(fuse_in_header))
         cdef uint64_t offset, size
         cdef bint is_write = r.opcode == FUSE_WRITE
         if is_write:
@@ -1137,7 +1176,7 @@ cdef class FuseServer:
 
     # -- FUSE over io_uring --------------------------------------------------
 
-    cdef void _uring_setup(self, uint32_t nqueues) except *:
+    cdef void _uring_setup(self, uint32_t nqueues, int ring_fd, bytes params) except *:
         cdef io_uring_params p
         cdef int ret
         cdef uint32_t e
@@ -1162,10 +1201,22 @@ cdef class FuseServer:
         if self.devbuf == NULL:
             raise MemoryError()
         memset(&p, 0, sizeof(p))
-        p.flags = IORING_SETUP_SQE128 | IORING_SETUP_CQSIZE
-        p.cq_entries = 2 * self.nent
-        ret = io_uring_queue_init_params(self.nent, &self.ring, &p)
-        _check(ret, "io_uring_queue_init_params (SQE128)")
+        if ring_fd >= 0:
+            # A ring the trusted side made (setup_ring) and this process
+            # inherited, already restricted and enabled.
+            if params is None or len(params) != sizeof(io_uring_params):
+                raise ValueError(f"io_uring params must be {sizeof(io_uring_params)} bytes")
+            memcpy(&p, <const char *>params, sizeof(p))
+            if not p.flags & IORING_SETUP_SQE128 or p.sq_entries < self.nent:
+                raise ValueError(f"the ring needs 128-byte SQEs and {self.nent} entries")
+            ret = io_uring_queue_mmap(ring_fd, &p, &self.ring)
+            _check(ret, "io_uring_queue_mmap")
+            sq_array_identity(&self.ring, p.flags)
+        else:
+            p.flags = IORING_SETUP_SQE128 | IORING_SETUP_CQSIZE
+            p.cq_entries = 2 * self.nent
+            ret = io_uring_queue_init_params(self.nent, &self.ring, &p)
+            _check(ret, "io_uring_queue_init_params (SQE128)")
         self.ring_up = True
         # Every slot belongs to a ring entry for good; the read path takes
         # none (INIT, FORGET and INTERRUPT carry no payload).
@@ -1252,8 +1303,8 @@ cdef class FuseServer:
         r.via_ring = 1
         r.unique = h.unique
         r.opcode = h.opcode
-        memcpy(r.hdr, u.in_out, sizeof(fuse_in_header))
-        memcpy(r.hdr + sizeof(fuse_in_header), u.op_in, sizeof(fuse_write_in))
+        memcpy(<char *>r.hdr, u.in_out, sizeof(fuse_in_header))
+        memcpy(<char *>r.hdr + sizeof(fuse_in_header), u.op_in, sizeof(fuse_write_in))
         self.rec_slots[<size_t>ri * self.k] = e
         self.st.requests += 1
         if h.opcode == FUSE_READ or h.opcode == FUSE_WRITE:
