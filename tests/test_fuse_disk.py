@@ -304,3 +304,19 @@ def test_the_mount_point_must_be_the_users_own_regular_file(tmp_path):
     finally:
         os.close(fd)
         dom.close()
+
+
+def test_a_pidfd_tells_a_live_process_from_a_reused_pid():
+    import subprocess
+    p = subprocess.Popen(["sleep", "100"])
+    pidfd = os.pidfd_open(p.pid)
+    try:
+        assert M.pidfd_pid(pidfd) == p.pid
+        p.kill()
+        p.wait()
+        assert M.pidfd_pid(pidfd) == -1
+        # What took the pid since, if anything, is not who asked.
+        with pytest.raises(ProcessLookupError):
+            M.in_namespace(os.getpid(), os.getpid, pidfd=pidfd)
+    finally:
+        os.close(pidfd)

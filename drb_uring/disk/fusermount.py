@@ -11,7 +11,9 @@ opens /dev/fuse, mounts it in the asking process's mount namespace, and
 hands the descriptor back, which the stand-in passes on as fusermount does.
 
 Whom it distrusts: the asking process. Who it is comes from SO_PEERCRED,
-never from the request; the mount goes into that process's mount namespace,
+never from the request, and its SO_PEERPIDFD makes sure the namespace
+entered is that process's and not one that took its pid after it exited;
+the mount goes into that process's mount namespace,
 on a directory that must belong to its uid (or it is root on the host),
 with that uid and gid as the mount's user_id and group_id, always nosuid
 and nodev; an option it does not know is refused, not passed on. It only
@@ -32,6 +34,7 @@ import sys
 from drb_uring.disk import mount as M
 
 MAX_MSG = 8192
+SO_PEERPIDFD = 77      # Linux 6.5; Python 3.11's socket module does not name it
 
 # fusermount's own flags, which it handles (or libfuse's, which pass
 # through it); none of them lets the asker widen what it gets.
@@ -117,10 +120,12 @@ class FusermountService:
     def handle(self, conn: socket.socket) -> None:
         conn.settimeout(5)
         fd = -1
+        pidfd = -1
         try:
             try:
                 data = conn.recv(MAX_MSG)
                 pid, uid, gid = peer(conn)
+                pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
                 fields = data.split(b"\0")
                 if len(fields) != 4 or fields[3] != b"":
                     raise Refused(errno.EINVAL, "malformed request")
@@ -128,9 +133,9 @@ class FusermountService:
                 if not path.startswith("/") or "\0" in path:
                     raise Refused(errno.EINVAL, f"{path!r} is not an absolute path")
                 if op == "mount":
-                    fd = self.mount(pid, uid, gid, path, arg)
+                    fd = self.mount(pid, pidfd, uid, gid, path, arg)
                 elif op == "umount":
-                    self.umount(pid, path, arg)
+                    self.umount(pid, pidfd, path, arg)
                 else:
                     raise Refused(errno.EINVAL, f"unknown request {op!r}")
             except Refused as e:
@@ -151,6 +156,8 @@ class FusermountService:
         finally:
             if fd >= 0:
                 os.close(fd)
+            if pidfd >= 0:
+                os.close(pidfd)
 
     @staticmethod
     def reply_error(conn: socket.socket, err: int, text: str) -> None:
@@ -159,19 +166,19 @@ class FusermountService:
         except OSError:
             pass
 
-    def mount(self, pid: int, uid: int, gid: int, path: str, opts: str) -> int:
+    def mount(self, pid: int, pidfd: int, uid: int, gid: int, path: str, opts: str) -> int:
         kw = parse_options(opts, allow_other=self.allow_other)
         source = kw.pop("source")
         fd = M.open_device()
         try:
-            m = M.mount_dir(fd, pid, path, uid, gid, source=source, **kw)
+            m = M.mount_dir(fd, pid, path, uid, gid, source=source, pidfd=pidfd, **kw)
         except BaseException:
             os.close(fd)
             raise
         self.mounts[(mount_ns(pid), path)] = m
         return fd
 
-    def umount(self, pid: int, path: str, how: str) -> None:
+    def umount(self, pid: int, pidfd: int, path: str, how: str) -> None:
         key = (mount_ns(pid), path)
         m = self.mounts.get(key)
         if m is None:
@@ -184,7 +191,7 @@ class FusermountService:
         if current is not None and (current.major, current.minor) == (m.major, m.minor):
             # auto_unmount asks once the file system is gone: abort first,
             # so that nothing waits on a server that will never answer.
-            M.unmount(here, abort_first=(how == "auto"))
+            M.unmount(here, abort_first=(how == "auto"), pidfd=pidfd)
         del self.mounts[key]
 
 

@@ -147,12 +147,29 @@ def _setfs(uid: int, gid: int) -> None:
         raise PermissionError(errno.EPERM, f"setfsuid/setfsgid to {uid}:{gid}")
 
 
-def in_namespace(pid: int, fn, *args, **kwargs):
+def pidfd_pid(pidfd: int) -> int:
+    """The pid a pidfd refers to, or -1 once that process has exited."""
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise OSError(errno.EBADF, f"fd {pidfd} is not a pidfd")
+
+
+def in_namespace(pid: int, fn, *args, pidfd: int | None = None, **kwargs):
     """Run fn(*args, **kwargs) in a child that entered `pid`'s mount
     namespace and root; return its JSON result or raise its OSError.
-    setns(CLONE_NEWNS) needs a single-threaded caller, hence the fork."""
+    setns(CLONE_NEWNS) needs a single-threaded caller, hence the fork.
+
+    With `pidfd` (a process that asked over a socket: SO_PEERPIDFD), the
+    namespace is checked to be that very process's: it is still alive after
+    its /proc entries were opened, so the pid was not reused meanwhile."""
     ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    if pidfd is not None and pidfd_pid(pidfd) != pid:
+        os.close(ns)
+        os.close(root)
+        raise ProcessLookupError(errno.ESRCH, f"process {pid} went away")
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         child = os.fork()
@@ -253,14 +270,16 @@ def mount_file(fuse_fd: int, pid: int, path: str, uid: int, gid: int, *, mode: i
 def mount_dir(fuse_fd: int, pid: int, path: str, uid: int, gid: int, *,
               allow_other: bool = False, default_permissions: bool = False,
               read_only: bool = False, max_read: int | None = None,
-              subtype: str | None = None, source: str = SOURCE) -> Mount:
+              subtype: str | None = None, source: str = SOURCE,
+              pidfd: int | None = None) -> Mount:
     """Mount connection `fuse_fd` on the directory `path` in `pid`'s mount
     namespace (rootmode 40000), which must exist and belong to uid (what
     fusermount asks of an unprivileged user); nosuid, nodev."""
     if not path.startswith("/"):
         raise ValueError(f"{path} is not absolute")
     in_namespace(pid, _mount_dir_here, path, fuse_fd, uid, gid,
-                 _opts(allow_other, default_permissions, read_only, max_read, subtype, source))
+                 _opts(allow_other, default_permissions, read_only, max_read, subtype, source),
+                 pidfd=pidfd)
     return find(pid, path)
 
 
@@ -302,12 +321,12 @@ def _detach_here(path):
     return path
 
 
-def detach(pid: int, path: str) -> None:
+def detach(pid: int, path: str, *, pidfd: int | None = None) -> None:
     """Lazily detach the mount on `path` in `pid`'s namespace."""
-    in_namespace(pid, _detach_here, path)
+    in_namespace(pid, _detach_here, path, pidfd=pidfd)
 
 
-def unmount(m: Mount, *, abort_first: bool = True) -> None:
+def unmount(m: Mount, *, abort_first: bool = True, pidfd: int | None = None) -> None:
     """Take a mount away whatever state its server is in: abort the
     connection (nothing can block after that), then detach it lazily."""
     if abort_first:
@@ -317,7 +336,7 @@ def unmount(m: Mount, *, abort_first: bool = True) -> None:
     except (FileNotFoundError, ProcessLookupError):
         return
     if (current.major, current.minor) == (m.major, m.minor):
-        detach(m.pid, m.path)
+        detach(m.pid, m.path, pidfd=pidfd)
 
 
 __all__ = ["Mount", "open_device", "mountinfo", "find", "mount_file", "mount_dir",
