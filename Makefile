@@ -29,7 +29,7 @@ $(VENV)/.stamp-venv: requirements-dev.txt
 $(VENV)/.stamp-build: $(VENV)/.stamp-venv $(SRC)
 	@echo "setup: building the Cython extensions"
 	@$(PY) setup.py -q build_ext --inplace 2>&1 | grep -vE '^(Compiling|\[|warning: no files)' || true
-	@$(PY) -c 'import drb_uring.ring._spsc, drb_uring.channel._worker, drb_uring.enforce._task'
+	@$(PY) -c 'import drb_uring.ring._spsc, drb_uring.channel._worker, drb_uring.enforce._task, drb_uring.disk._fuseloop'
 	@$(PIP) install --no-build-isolation --no-deps --force-reinstall . 2>&1 | grep -v 'DEPRECATION' || true
 	@touch $@
 

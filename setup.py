@@ -4,9 +4,11 @@ The Cython sources live in cython_ext/, outside the package, so every
 extension is named explicitly and the include path is given.
 """
 import os
+import subprocess
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXT = os.path.join(HERE, "cython_ext")
@@ -25,10 +27,13 @@ MODULES = [
     "drb_uring.enforce._task",    # the task table contract as Python values
     "drb_uring.tools._load",      # the load generator, one loop for every transport
     "drb_uring.tools._baselines", # the mechanisms drb is measured against
+    "drb_uring.disk._backend",    # the disk's backend contract and its local-file backend
+    "drb_uring.disk._fuseloop",   # the disk's FUSE server loop
 ]
 
 # The worker's hot loop drives its grant ring with liburing.
-LIBRARIES = {"drb_uring.channel._worker": ["uring"], "drb_uring.tools._baselines": ["uring"]}
+LIBRARIES = {"drb_uring.channel._worker": ["uring"], "drb_uring.tools._baselines": ["uring"],
+             "drb_uring.disk._backend": ["uring"], "drb_uring.disk._fuseloop": ["uring"]}
 
 # drb_atomic.h, and the contract headers shared with the eBPF programs.
 INCLUDE_DIRS = [os.path.join(EXT, "drb_uring", "includes"), os.path.join(HERE, "bpf")]
@@ -40,7 +45,26 @@ extensions = [
     for name in MODULES
 ]
 
+# drb-fusermount, the program a domain runs in place of fusermount: plain C,
+# built beside the extensions and installed with the package.
+HELPERS = {os.path.join("drb_uring", "disk", "fusermount.c"): "drb-fusermount"}
+
+
+class BuildExtAndHelpers(build_ext):
+    def run(self):
+        super().run()
+        cc = os.environ.get("CC", "cc")
+        for src, name in HELPERS.items():
+            out_dir = os.path.dirname(src) if self.inplace else \
+                os.path.join(self.build_lib, os.path.dirname(src))
+            os.makedirs(out_dir, exist_ok=True)
+            out = os.path.join(out_dir, name)
+            subprocess.check_call([cc, "-O2", "-Wall", "-Werror", "-o", out,
+                                   os.path.join(HERE, src)])
+
+
 setup(
+    cmdclass={"build_ext": BuildExtAndHelpers},
     ext_modules=cythonize(
         extensions,
         include_path=[EXT],

@@ -85,3 +85,28 @@ cdef extern from "<liburing.h>" nogil:
         size_t iov_len
     int io_uring_submit_and_wait(io_uring *ring, unsigned wait_nr)
     int io_uring_wait_cqe_timeout(io_uring *ring, io_uring_cqe **cqe_ptr, __kernel_timespec *ts)
+
+
+# The disk's local backend and FUSE-over-io_uring loop (drb_uring.disk):
+# a ring of their own, fixed buffers and files, and 128-byte SQEs.
+cdef extern from "<linux/io_uring.h>" nogil:
+    enum:
+        IORING_SETUP_SQE128
+        IORING_SETUP_CQSIZE
+        IORING_FSYNC_DATASYNC
+        IORING_OP_URING_CMD
+
+cdef extern from "<liburing.h>" nogil:
+    int io_uring_queue_init(unsigned entries, io_uring *ring, unsigned flags)
+    int io_uring_queue_init_params(unsigned entries, io_uring *ring, io_uring_params *p)
+    int io_uring_register_buffers(io_uring *ring, const iovec *iovecs, unsigned nr_iovecs)
+    int io_uring_register_files(io_uring *ring, const int *files, unsigned nr_files)
+    unsigned io_uring_sq_ready(const io_uring *ring)
+    void io_uring_sqe_set_data64(io_uring_sqe *sqe, uint64_t data)
+    void io_uring_prep_read_fixed(io_uring_sqe *sqe, int fd, void *buf, unsigned nbytes,
+                                  uint64_t offset, int buf_index)
+    void io_uring_prep_write_fixed(io_uring_sqe *sqe, int fd, const void *buf, unsigned nbytes,
+                                   uint64_t offset, int buf_index)
+    void io_uring_prep_fsync(io_uring_sqe *sqe, int fd, unsigned fsync_flags)
+    void io_uring_prep_fallocate(io_uring_sqe *sqe, int fd, int mode, uint64_t offset,
+                                 uint64_t len)
