@@ -29,6 +29,7 @@ MODULES = [
     "drb_uring.tools._baselines", # the mechanisms drb is measured against
     "drb_uring.disk._backend",    # the disk's backend contract and its local-file backend
     "drb_uring.disk._fuseloop",   # the disk's FUSE server loop
+    "drb_uring.disk._ringbackend",  # the disk's backend over a channel
 ]
 
 # The worker's hot loop drives its grant ring with liburing.

@@ -194,6 +194,15 @@ class Broker:
     def unwatch_domain(self, role: str) -> None:
         self.link.unwatch(role)
 
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call callback() from the loop whenever fd polls readable (the
+        pair's other parts: a disk server's exit, say)."""
+        self.sel.register(fd, selectors.EVENT_READ, ("watch", callback))
+
+    def unwatch(self, fd: int) -> None:
+        if fd in self.sel.get_map():
+            self.sel.unregister(fd)
+
     def open_device(self, path: str, o_direct: bool) -> None:
         """Open the device, here on the host: the trusted side opens it, and
         the driver domain reaches it only through the grant rings."""
@@ -258,6 +267,8 @@ class Broker:
             self.supervisor.on_exit(*obj)
         elif kind == "service":
             self.link.service_gone()
+        elif kind == "watch":
+            obj()
 
     def close(self) -> None:
         """Stop every worker and release everything. Idempotent."""

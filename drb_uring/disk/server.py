@@ -33,7 +33,8 @@ RING_FD = 5
 
 @dataclasses.dataclass(frozen=True)
 class DiskServerSpec(Spec):
-    backing: str                       # the local file (or block device) behind the disk
+    backing: str = ""                  # the local file (or block device) behind the disk,
+    channel: str = ""                  # or a channel: the monitor socket (drb's disk)
     size: int | None = None            # bytes shown; default: the whole backing file
     slot_size: int = 128 * 1024
     slot_count: int = 256
@@ -54,8 +55,13 @@ class DiskServerSpec(Spec):
     ready_fd: bool = False             # fd 4: closed once serving (signals are handled)
 
     def check(self) -> None:
-        if not self.backing.startswith("/"):
-            raise SpecError(f"backing {self.backing!r} is not an absolute path")
+        if bool(self.backing) == bool(self.channel):
+            raise SpecError("a disk serves a backing file or a channel, one of them")
+        for what in (self.backing, self.channel):
+            if what and not what.startswith("/"):
+                raise SpecError(f"{what!r} is not an absolute path")
+        if self.channel and self.size is None:
+            raise SpecError("a channel's disk needs its size")
         if self.slot_size <= 0 or self.slot_size % 4096:
             raise SpecError(f"slot_size {self.slot_size} is not a positive multiple of 4096")
         if not 1 <= self.slot_count <= 16384:
@@ -116,20 +122,49 @@ def spawn(spec: DiskServerSpec, fuse_fd: int, *, ring_fd: int | None = None,
             os.close(w)
 
 
+def _backend(spec: DiskServerSpec):
+    """The local file, or a channel of the disk's size at offset 0 of the
+    user domain's extent (the same bytes every time: the disk survives its
+    server and the pair)."""
+    if not spec.channel:
+        from drb_uring.disk._backend import LocalFile
+        return LocalFile(spec.backing, size=spec.size, slot_size=spec.slot_size,
+                         slot_count=spec.slot_count, direct=spec.direct)
+    from drb_uring.channel.client import Channel
+    from drb_uring.disk._ringbackend import RingBackend
+    from drb_uring.ring import layout as L
+    geo = L.Geometry(sq_entries=L.next_pow2(spec.slot_count, 2),
+                     cq_entries=L.next_pow2(spec.slot_count, 2),
+                     slot_size=spec.slot_size, slot_count=spec.slot_count)
+    ch = Channel(spec.channel, spec.size, offset=0, geometry=geo)
+    try:
+        return RingBackend(ch)
+    except BaseException:
+        ch.close()
+        raise
+
+
+def _run(server, backend, stop_r: int, spin_ns: int) -> str:
+    """Serve until the end, hearing the backend's notices in the pauses."""
+    while True:
+        why = server.run(stop_r, spin_ns)
+        if why != "notice":
+            return why
+        backend.hear()
+
+
 def serve(spec: DiskServerSpec, fd: int = FUSE_FD) -> dict:
-    from drb_uring.disk._backend import LocalFile
     from drb_uring.disk._fuseloop import FuseServer
 
     os.set_blocking(fd, False)
-    mtime = spec.mtime or int(os.stat(spec.backing).st_mtime)
+    mtime = spec.mtime or (int(os.stat(spec.backing).st_mtime) if spec.backing else 0)
     # SIGTERM/SIGINT reach the loop (which runs without the GIL) through the
     # wake-up descriptor Python's C-level handler writes to.
     stop_r, stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(stop_w, warn_on_full_buffer=False)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    backend = LocalFile(spec.backing, size=spec.size, slot_size=spec.slot_size,
-                        slot_count=spec.slot_count, direct=spec.direct)
+    backend = _backend(spec)
     try:
         server = FuseServer(fd, backend, max_write=spec.max_write, mode=spec.mode, uid=spec.uid,
                             gid=spec.gid, mtime=mtime, page_cache=spec.page_cache,
@@ -142,10 +177,14 @@ def serve(spec: DiskServerSpec, fd: int = FUSE_FD) -> dict:
             server.notify_resend()
         if spec.ready_fd:
             os.close(READY_FD)
-        why = server.run(stop_r, spec.spin_us * 1000)
-        return {"end": why, **server.stats}
+        why = _run(server, backend, stop_r, spec.spin_us * 1000)
+        return {"end": why, **server.stats, **({"backend": backend.stats}
+                                              if spec.channel else {})}
     finally:
-        backend.close()
+        if spec.channel:
+            backend.ch.close()
+        else:
+            backend.close()
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ FAMILIES = {"unix": 1, "inet": 2, "inet6": 10, "netlink": 16, "packet": 17}
 DEFAULT_DENY = ("inet", "inet6", "packet")
 MIN_SIZE = 1 << 20
 MAX_USERS = 64                     # user domains on one driver domain
+FILE_SYSTEMS = ("ext4",)           # what --fs can put on the disk (formatted in the domain)
 EXTENT_UNIT = 1 << 20              # a default split rounds each user domain's extent down to this
 EXTENT_ALIGN = 4096                # an --extent must be a multiple of this
 USER_RE = re.compile(r"^user(0|[1-9][0-9]?)$")
@@ -162,6 +163,14 @@ class PairConfig(Spec):
     share: list[str] = dataclasses.field(default_factory=list)
     # Attach mode: pair a container in the host's user (pid, mount) namespace.
     allow_host_userns: bool = False
+    # Every user domain gets its extent as a disk, a regular file at
+    # disk_path inside (drb up --disk), served by a FUSE server of its own;
+    # with fs ("ext4") formatted once and mounted at fs_mount by fuse2fs.
+    disk: bool = False
+    disk_path: str = "/dev/drb/disk"
+    fs: str | None = None
+    fs_mount: str = "/data"
+    disk_page_cache: bool = False
     # Give each user domain a loop device that is its extent (the kernel
     # then refuses I/O past it): None = with O_DIRECT, where the monitor's
     # kill comes too late to stop a direct write (see docs/security.md).
@@ -212,6 +221,14 @@ class PairConfig(Spec):
             if self.attached:
                 raise SpecError("--share is for domains drb makes; an attached container "
                                 "has its own mounts")
+        if self.fs is not None and self.fs not in FILE_SYSTEMS:
+            raise SpecError(f"--fs {self.fs!r}: choose from {', '.join(FILE_SYSTEMS)}")
+        if self.fs and not self.disk:
+            raise SpecError("--fs goes with --disk (the file system is on the disk)")
+        for opt, path in (("--disk-path", self.disk_path), ("--fs-mount", self.fs_mount)):
+            if not path.startswith("/") or path.rstrip("/") in ("", "/proc", "/sys", "/run",
+                                                                "/usr", "/etc", "/tmp"):
+                raise SpecError(f"{opt} must be an absolute path of its own, got {path!r}")
         if self.allow_host_userns and not self.attached:
             raise SpecError("--allow-host-userns is for --attach-* only")
         bad = [f for f in self.deny if f not in FAMILIES]

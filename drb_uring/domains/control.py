@@ -277,10 +277,13 @@ def ask_daemon(name: str, msg: dict, timeout: float = 120) -> dict:
     return reply
 
 
-def add_user(name: str, attach_pid: int | None = None, extent: int | None = None) -> dict:
+def add_user(name: str, attach_pid: int | None = None, extent: int | None = None,
+             disk: bool = False) -> dict:
     """A user domain more for a running pair (drb user add); returns its
-    name and state."""
-    return ask_daemon(name, {"op": "user_add", "attach": attach_pid, "extent": extent})
+    name and state. With `disk`, it gets a disk whether or not the pair's
+    others have one."""
+    return ask_daemon(name, {"op": "user_add", "attach": attach_pid, "extent": extent,
+                             **({"disk": True} if disk else {})})
 
 
 def remove_user(name: str, user: str) -> dict:

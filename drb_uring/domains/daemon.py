@@ -32,6 +32,7 @@ import time
 from drb_uring import linux, procs
 from drb_uring.channel.broker import Broker, Limits
 from drb_uring.channel.worker import WorkerSpec
+from drb_uring.disk.frontend import DiskConfig, UserDisk
 from drb_uring.domains import attach, backing, cgroup, runtime
 from drb_uring.domains.config import (
     MAX_USERS,
@@ -84,6 +85,7 @@ class UserDomain:
     reserved: bool = False           # host_id is the pair's (reserve_ids), to give back
     tenant: bool = False             # the broker serves its socket
     loop: str | None = None          # the loop device that is its extent, if it has one
+    disk: UserDisk | None = None     # its disk (drb up --disk)
 
     @property
     def sock(self) -> str:
@@ -164,7 +166,8 @@ class Pair:
             rootfs=a.user_rootfs if user else a.driver_rootfs,
             pids=a.domain_pids, memory=a.domain_memory,
             io_uring=a.user_io_uring and user,
-            shares=tuple(check_share(x) for x in a.share) if user else ())
+            shares=tuple(check_share(x) for x in a.share) if user else (),
+            own_dirs=(a.fs_mount,) if user and a.fs else ())
 
     def _start_domain(self, role: str, spec: runtime.DomainSpec) -> None:
         dom = runtime.Domain(self.dir, spec)
@@ -203,10 +206,14 @@ class Pair:
     def _limits(self) -> Limits:
         return Limits(channels=self.cfg.max_channels, pinned=self.cfg.max_pinned)
 
-    def add_user(self, name: str, extent: tuple[int, int], attach_pid: int | None = None) -> None:
+    def add_user(self, name: str, extent: tuple[int, int], attach_pid: int | None = None,
+                 disk: bool | None = None) -> None:
         """Bring up user domain `name` on `extent` of the device: its socket
         (the broker's tenant), then its container (made here, or an existing
-        one in attach mode). On failure whatever was made is removed."""
+        one in attach mode), then its disk (`disk`, or the pair's --disk). On
+        failure whatever was made is removed."""
+        if disk is None:
+            disk = self.cfg.disk
         if name in self.users:
             raise PairError(f"pair {self.name} already has a user domain {name}")
         u = UserDomain(name, extent, os.path.join(self.users_dir, name))
@@ -241,6 +248,8 @@ class Pair:
                 self._share_socket(u, u.host_id)
                 self._start_domain(name, self._domain_spec(name, u.host_id, u.sock_dir))
             self.broker.watch_domains({name: self.groups[name]})
+            if disk:
+                self._disk_up(u)
         except BaseException:
             # What went wrong is what the caller hears; a clean-up step that
             # fails too (its group never made, say) is only logged.
@@ -268,6 +277,9 @@ class Pair:
             except Exception as e:       # the rest must still go
                 log.exception("removing user domain %s", name)
                 errors.append(e)
+        if u.disk is not None:
+            step(u.disk.down)            # its server's channel goes with it
+            u.disk = None
         if u.tenant and self.broker is not None:
             step(self.broker.remove_tenant, name)
             u.tenant = False
@@ -312,13 +324,21 @@ class Pair:
     def _spawn_worker(self, spec: WorkerSpec, fds: list[int]):
         """Start a worker inside the driver domain, through its runtime, as
         the user of its own the broker chose (spec.uid)."""
-        argv = self.worker_argv(spec.placed())
-        uid = spec.uid if spec.uid >= 0 else 0
-        with private_file(self.worker_log, "ab") as out:
-            if "driver" in self.domains:
+        return self.spawn_in("driver", self.worker_argv(spec.placed()), fds, self.worker_log,
+                             uid=spec.uid if spec.uid >= 0 else 0)
+
+    def spawn_in(self, role: str, argv: list[str], fds: list[int], log_path: str,
+                 uid: int = 0, env: dict | None = None):
+        """Start argv inside domain `role` (fds[i] as its fd 3 + i, output to
+        `log_path`), as user `uid` of the domain. Returns (the process
+        standing in for it on the host, the pid of the program itself)."""
+        if env:
+            argv = ["/usr/bin/env", *(f"{k}={v}" for k, v in env.items()), *argv]
+        with private_file(log_path, "ab") as out:
+            if role in self.domains:
                 with tempfile.TemporaryDirectory(dir=self.dir) as tmp:
                     pid_file = os.path.join(tmp, "pid")
-                    child = procs.spawn_at(self.domains["driver"].exec_argv(
+                    child = procs.spawn_at(self.domains[role].exec_argv(
                         argv, preserve_fds=len(fds), pid_file=pid_file, uid=uid), fds,
                         stdout=out.fileno(), stderr=out.fileno())
                     for _ in range(2000):
@@ -330,14 +350,50 @@ class Pair:
                             return child, int(f.read())
                     except (OSError, ValueError):
                         return child, child.pid
-            child = attach.spawn_joined(self.pids["driver"], argv, fds, role="driver", uid=uid,
-                                        stdout=out.fileno(), stderr=out.fileno())
+            child = attach.spawn_joined(self.pids[role], argv, fds,
+                                        role="driver" if role == "driver" else "user",
+                                        deny=tuple(self.cfg.deny) if role != "driver" else (),
+                                        uid=uid, stdout=out.fileno(), stderr=out.fileno())
         for _ in range(2000):
             pid = attach.child_of(child.pid)
             if pid or child.poll() is not None:
                 return child, pid or child.pid
             time.sleep(0.005)
         return child, child.pid
+
+    def run_in(self, role: str, argv: list[str], timeout: float = 120) -> tuple[int, str]:
+        """Run argv inside domain `role` as its root and wait, the broker's
+        loop turning meanwhile (a disk's server needs it): (status, output)."""
+        log_path = os.path.join(self.dir, f"{role}.run.log")
+        child, _pid = self.spawn_in(role, argv, [], log_path)
+        if not self.broker.run_until(lambda: child.poll() is not None, timeout):
+            child.kill()
+        rc = child.wait()
+        try:
+            with open(log_path, errors="replace") as f:
+                out = f.read()
+            os.unlink(log_path)
+        except OSError:
+            out = ""
+        return rc, out
+
+    def _disk_up(self, u: UserDomain) -> None:
+        """The user domain's disk: its whole extent, as a file inside; with
+        --fs, a file system on it, formatted once, inside the domain."""
+        a = self.cfg
+        u.disk = UserDisk(u.name, self.pids[u.name], u.host_id, u.extent[1], self.inside_sock,
+                          DiskConfig(path=a.disk_path, fs=a.fs, fs_mount=a.fs_mount,
+                                     page_cache=a.disk_page_cache),
+                          self.dir, lambda argv, fds, log_path, env=None, role=u.name:
+                          self.spawn_in(role, argv, fds, log_path, env=env),
+                          self.broker.watch, self.broker.unwatch, self.broker.run_until)
+        u.disk.up()
+        if a.fs:
+            run = lambda argv, role=u.name: self.run_in(role, argv)   # noqa: E731
+            if not u.disk.formatted(self.broker.device.fd, u.extent[0]):
+                u.disk.mkfs(run)
+            u.disk.mount_fs(run, os.path.join(u.sock_dir, "fusermount.sock"),
+                            f"/run/drb/{self.name}/fusermount.sock")
 
     def _tenant_gone(self, name: str, extent: tuple[int, int] | None) -> None:
         """The broker: a removed user domain's last ring is gone. An extent
@@ -449,7 +505,8 @@ class Pair:
         u = self.users.get(role)
         if u is not None:
             out.update(index=u.index, extent=list(u.extent), socket=self.inside_sock,
-                       socket_host=u.sock, device=u.loop)
+                       socket_host=u.sock, device=u.loop,
+                       disk=u.disk.info() if u.disk is not None else None)
         return out
 
     def write_state(self) -> None:
@@ -482,6 +539,9 @@ class Pair:
         name = self._next_user()
         size = msg.get("extent")
         pid = msg.get("attach")
+        disk = msg.get("disk")
+        if disk is not None and not isinstance(disk, bool):
+            raise PairError(f"user_add: bad disk {disk!r}")
         for field, v in (("extent", size), ("attach", pid)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 1):
                 raise PairError(f"user_add: bad {field} {v!r}")
@@ -501,7 +561,7 @@ class Pair:
                     raise PairError(str(e)) from None
             self.broker.limbo.poke()
             time.sleep(0.02)
-        self.add_user(name, extent, pid)
+        self.add_user(name, extent, pid, disk=disk or None)
         self.write_state()
         return {"user": name, "domain": self.state["domains"][name]}
 
@@ -528,6 +588,13 @@ class Pair:
     # ---- tear-down ---------------------------------------------------------
 
     def down(self) -> None:
+        for u in self.users.values():
+            if u.disk is not None:
+                try:
+                    u.disk.down()
+                except Exception:     # noqa: BLE001 - the rest must still go
+                    log.exception("taking user domain %s's disk down", u.name)
+                u.disk = None
         if self.broker is not None:
             self.broker.close()
             self.broker = None

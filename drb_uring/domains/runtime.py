@@ -90,6 +90,7 @@ class DomainSpec:
     memory: int = 4 << 30
     io_uring: bool = False            # may drive a handed io_uring (drb bench's direct)
     shares: tuple[tuple[str, str], ...] = ()   # (host dir, domain dir), shown read-only
+    own_dirs: tuple[str, ...] = ()    # mount points the domain's root owns (a file system's)
 
 
 class Domain:
@@ -118,6 +119,10 @@ class Domain:
         for d in ("usr", "proc", "sys", "dev", "tmp", "run", "etc",
                   *(inside.lstrip("/") for _host, inside in self.spec.shares)):
             os.makedirs(os.path.join(rootfs, d), exist_ok=True)
+        for d in self.spec.own_dirs:
+            path = os.path.join(rootfs, d.lstrip("/"))
+            os.makedirs(path, exist_ok=True)
+            os.chown(path, self.spec.host_id, self.spec.host_id)
         etc = {"passwd": "root:x:0:0:root:/tmp:/bin/sh\n"
                          "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
                "group": "root:x:0:\ntty:x:5:\nnogroup:x:65534:\n",

@@ -133,7 +133,8 @@ def _config(a: argparse.Namespace):
                       users=a.users, driver_cpus=a.driver_cpus, restart=a.restart,
                       extent=parse_size(a.extent) if a.extent is not None else None,
                       share=list(a.share), force=a.force,
-                      allow_host_userns=a.allow_host_userns)
+                      allow_host_userns=a.allow_host_userns, disk=a.disk,
+                      disk_path=a.disk_path, fs=a.fs, fs_mount=a.fs_mount)
 
 
 def _abs(path: str | None) -> str | None:
@@ -238,15 +239,15 @@ def cmd_user(a: argparse.Namespace) -> int:
             raise CliError("drb user add NAME [--attach PID] [--extent SIZE]: the new user "
                            "domain's name is chosen for it")
         extent = parse_size(a.extent) if a.extent is not None else None
-        got = control.add_user(a.name, a.attach, extent)
+        got = control.add_user(a.name, a.attach, extent, a.disk)
         dm = got["domain"]
         print(f"drb: added {got['user']} to pair {a.name}: pid {dm['pid']}, hostname "
               f"{dm['hostname']}, extent {dm['extent'][0]}+{dm['extent'][1]}")
         return 0
     if a.user is None:
         raise CliError("which user domain? drb user rm NAME userK")
-    if a.attach is not None or a.extent is not None:
-        raise CliError("--attach and --extent are for drb user add")
+    if a.attach is not None or a.extent is not None or a.disk:
+        raise CliError("--attach, --extent and --disk are for drb user add")
     got = control.remove_user(a.name, a.user)
     print(f"drb: removed {got['user']} from pair {a.name}")
     return 0
@@ -402,6 +403,17 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--driver-cpus", type=int, default=1, metavar="N",
                    help="CPUs the driver domain's workers share (one worker per user "
                         "domain): the first N of this host's; 0 = any (default 1)")
+    u.add_argument("--disk", action="store_true",
+                   help="give every user domain its extent as a disk: a file (default "
+                        "/dev/drb/disk) any program can read, write and fsync, served through "
+                        "the double ring")
+    u.add_argument("--disk-path", default="/dev/drb/disk", metavar="PATH",
+                   help="where the disk shows inside (default /dev/drb/disk)")
+    u.add_argument("--fs", choices=["ext4"],
+                   help="with --disk: a file system on it, formatted once inside the user "
+                        "domain and mounted by fuse2fs there")
+    u.add_argument("--fs-mount", default="/data", metavar="DIR",
+                   help="where --fs mounts it inside (default /data)")
     u.add_argument("--share", action="append", default=[], metavar="HOST_DIR:DOMAIN_DIR",
                    help="show a host directory read-only in every user domain, as docker "
                         "-v DIR:DIR:ro does: how programs get in (repeatable)")
@@ -440,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("user", nargs="?", help="rm: the user domain to remove (userK)")
     w.add_argument("--attach", type=int, metavar="PID",
                    help="add: pair an existing container as the new user domain")
+    w.add_argument("--disk", action="store_true",
+                   help="add: give the new user domain a disk (as drb up --disk does)")
     w.add_argument("--extent", metavar="SIZE",
                    help="add: the new user domain's extent (default: as the others')")
     w.set_defaults(func=cmd_user)

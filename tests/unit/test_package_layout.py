@@ -12,6 +12,7 @@ LAYERS = [
     {"enforce"},
     {"ring"},
     {"channel"},
+    {"disk"},
     {"domains"},
     {"tools", "__main__"},
 ]

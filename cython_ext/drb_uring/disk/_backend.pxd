@@ -40,3 +40,4 @@ cdef class Backend:
     cdef int pollfd(self) noexcept nogil
     cdef int arm(self) noexcept nogil
     cdef void disarm(self) noexcept nogil
+    cdef int notice_fd(self) noexcept nogil

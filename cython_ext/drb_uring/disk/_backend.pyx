@@ -81,6 +81,12 @@ cdef class Backend:
     cdef void disarm(self) noexcept nogil:
         pass
 
+    cdef int notice_fd(self) noexcept nogil:
+        """A descriptor that polls readable when the backend has something
+        only Python can handle (the loop then pauses, and run() says
+        "notice"), or -1."""
+        return -1
+
     # -- for tests and tools: one request at a time, from Python ----------
 
     @property

@@ -95,9 +95,11 @@ cdef enum:
     END_ABORTED = 3         # ECONNABORTED: the connection was aborted (fusectl)
     END_DESTROY = 4         # the kernel sent FUSE_DESTROY
     END_ERROR = 5           # a system call failed in a way it must not
+    END_NOTICE = 6          # the backend's notice descriptor is readable: a pause, not
+                            # an end (run() again carries on where it was)
 
 END_NAMES = {END_STOPPED: "stopped", END_UNMOUNTED: "unmounted", END_ABORTED: "aborted",
-             END_DESTROY: "destroy", END_ERROR: "error"}
+             END_DESTROY: "destroy", END_ERROR: "error", END_NOTICE: "notice"}
 
 # A request the loop holds. Its slots are rec_slots[i * k, i * k + nparts).
 cdef struct rec_t:
@@ -307,6 +309,8 @@ cdef class FuseServer:
     cdef int end
     cdef int st_errno
     cdef bint destroying
+    cdef int paused_end             # what end was when a notice paused the loop
+    cdef bint paused_destroying
     # Whether /dev/fuse may have a request: cleared by EAGAIN, set again
     # only by poll (or a spin), so that waiting for the backend does not
     # cost a read() that fails every turn.
@@ -432,7 +436,9 @@ cdef class FuseServer:
     def run(self, int stop_fd=-1, uint64_t spin_ns=0):
         """Serve until the mount goes (ENODEV), the connection is aborted,
         the kernel sends DESTROY, or `stop_fd` polls readable; requests in
-        flight are answered first. Returns why it ended."""
+        flight are answered first. Returns why it ended; "notice" is a
+        pause (the backend's notice_fd is readable): hear it, then run()
+        again, which carries on where it was."""
         with nogil:
             self._loop(stop_fd, spin_ns)
         if self.end == END_ERROR:
@@ -546,13 +552,16 @@ cdef class FuseServer:
     # -- the loop ------------------------------------------------------------
 
     cdef void _loop(self, int stop_fd, uint64_t spin_ns) noexcept nogil:
-        cdef pollfd p[3]
-        cdef int np, n, busy
+        cdef pollfd p[5]
+        cdef int np, n, busy, nfd
         cdef uint64_t spin_until = 0
         cdef timespec ts
         cdef uint8_t drain[64]
-        self.end = END_NONE
-        self.destroying = False
+        # Back from a pause for the backend's notice: where it was.
+        self.end = self.paused_end
+        self.destroying = self.paused_destroying
+        self.paused_end = END_NONE
+        self.paused_destroying = False
         self.dev_ready = True
         if self.uring and self.initialized and not self.registered:
             if self.uring_register() < 0:
@@ -624,6 +633,11 @@ cdef class FuseServer:
                 p[np].fd = self.ring.ring_fd
                 p[np].events = POLLIN
                 np += 1
+            nfd = self.be.notice_fd()
+            if nfd >= 0:
+                p[np].fd = nfd
+                p[np].events = POLLIN
+                np += 1
             if stop_fd >= 0 and self.end == END_NONE:
                 p[np].fd = stop_fd
                 p[np].events = POLLIN
@@ -633,12 +647,26 @@ cdef class FuseServer:
             self.st.sleeps += 1
             n = ppoll(p, np, &ts, NULL)
             self.be.disarm()
+            if n > 0 and nfd >= 0 and self.notice_ready(p, np, nfd):
+                # The backend has something for Python to hear (a worker
+                # taking over, a failure): pause, with everything in place.
+                self.paused_end = self.end
+                self.paused_destroying = self.destroying
+                self.end = END_NOTICE
+                return
             if n > 0 and p[0].fd == self.fd and p[0].revents:
                 self.dev_ready = True
             if n > 0 and stop_fd >= 0 and p[np - 1].fd == stop_fd and p[np - 1].revents:
                 read(stop_fd, drain, sizeof(drain))
                 self.finish(END_STOPPED)
             spin_until = 0
+
+    cdef inline bint notice_ready(self, pollfd *p, int np, int nfd) noexcept nogil:
+        cdef int i
+        for i in range(np):
+            if p[i].fd == nfd and p[i].revents:
+                return True
+        return False
 
     cdef inline bint can_take(self) noexcept nogil:
         if self.uring:
