@@ -92,6 +92,7 @@ cdef enum:
     PER_TURN = 32             # requests taken from one channel per turn
     IORING_FSYNC_DATASYNC = 1
     CTL_EVERY_NS = 1000000    # how often a busy loop looks for drop requests
+    CLOCK_EVERY = 32          # loop rounds between two clock reads
     MAX_CHANNELS = 1024
 
 # A channel's state in the loop.
@@ -293,10 +294,13 @@ cdef class WorkerLoop:
 
     cdef void publish(self, chan_t *c) noexcept nogil:
         """One release store and one wake-up check for all staged responses."""
+        self.publish_quiet(c)
+        drb_notify(c.waiter)
+
+    cdef inline void publish_quiet(self, chan_t *c) noexcept nogil:
         if c.staged:
             prod_publish(c.prod, c.staged)
             c.staged = 0
-        drb_notify(c.waiter)
 
     cdef void drop(self, chan_t *c, int err) noexcept nogil:
         """Take no more requests from this channel; it is reported dropped
@@ -381,7 +385,9 @@ cdef class WorkerLoop:
                         self.drop(c, r)
                     else:
                         c.inflight += <uint32_t>r
-                self.publish(c)          # refusals, and the freed request entries
+                # Refusals and the freed request entries: published now,
+                # the user woken (if it sleeps) once, at the end of the turn.
+                self.publish_quiet(c)
         # Completions of the grant ring become responses, as many as fit.
         m = io_uring_peek_batch_cqe(&c.ring, cqes, BATCH)
         i = 0
@@ -400,7 +406,11 @@ cdef class WorkerLoop:
             c.inflight -= i if i <= c.inflight else c.inflight
             self.served += i
             if not (c.state == DRAINING and c.err < 0):
-                self.publish(c)
+                self.publish_quiet(c)
+        if (k or i) and not (c.state == DRAINING and c.err < 0):
+            # One wake-up check for the whole turn: a user asleep on its
+            # eventfd needs one write, whatever it waits for.
+            drb_notify(c.waiter)
         self.settle(c)
         return k + i
 
@@ -493,6 +503,8 @@ cdef class WorkerLoop:
         for i in range(nf):
             if self.fd_chan[i] and self.fds[i].revents & POLLIN:
                 read(self.fds[i].fd, &drain, 8)
+        if self.fds[nf - 1].revents & POLLIN:
+            self.read_ctl()         # the broker wrote: only then a read of its pipe
         return 0
 
     cdef void wake_flags_off(self) noexcept nogil:
@@ -501,12 +513,13 @@ cdef class WorkerLoop:
             drb_store_relaxed(self.ch[i].waiter.my_flags, 0)
 
     cdef int64_t loop(self) noexcept nogil:
-        cdef uint32_t i, rr = 0, did, busy
+        cdef uint32_t i, rr = 0, did, busy, rounds = 0
         cdef uint64_t next_ctl = 0, now
         cdef bint intake
         cdef int r
         self.read_ctl()             # drops asked for before it started come first
         while True:
+            rounds += 1
             intake = not g_stop
             did = 0
             busy = 0
@@ -521,18 +534,20 @@ cdef class WorkerLoop:
                 for i in range(self.n):
                     self.publish(&self.ch[i])
                 return 0
-            now = drb_now_ns()
-            if now >= next_ctl:
-                self.read_ctl()
-                check_stop()
-                next_ctl = now + CTL_EVERY_NS
+            # The broker's pipe and the stop signals, looked at about every
+            # millisecond while busy: a clock read every CLOCK_EVERY rounds
+            # (a round is a request at depth 1), not one per round.
+            if rounds % CLOCK_EVERY == 0:
+                now = drb_now_ns()
+                if now >= next_ctl:
+                    self.read_ctl()
+                    check_stop()
+                    next_ctl = now + CTL_EVERY_NS
             if did:
                 continue
             r = self.idle(intake)
             if r < 0 and r != -EINTR:
                 return r
-            if r == 0:
-                self.read_ctl()
 
     def serve(self):
         """Serve until SIGTERM or SIGINT (then finish what is in flight);
