@@ -52,7 +52,7 @@ class DiskServerSpec(Spec):
     uring_params: str = ""             # hex: the ring at fd 5 is the trusted side's
     spin_us: int = 0                   # poll this long before sleeping
     max_background: int = 64
-    ready_fd: bool = False             # fd 4: closed once serving (signals are handled)
+    ready_fd: bool = False             # fd 4: a byte, then closed, once serving
 
     def check(self) -> None:
         if bool(self.backing) == bool(self.channel):
@@ -176,6 +176,9 @@ def serve(spec: DiskServerSpec, fd: int = FUSE_FD) -> dict:
         if spec.restart:
             server.notify_resend()
         if spec.ready_fd:
+            # A byte, not only the close: whoever started us through a
+            # runtime (runc exec) may hold another copy of this descriptor.
+            os.write(READY_FD, b"r")
             os.close(READY_FD)
         why = _run(server, backend, stop_r, spec.spin_us * 1000)
         return {"end": why, **server.stats, **({"backend": backend.stats}
