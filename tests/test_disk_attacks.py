@@ -7,8 +7,9 @@ device); a hostile server (replies to requests that do not exist, more
 bytes than asked, stalls) hurts only its own domain, and a frozen one
 cannot hold drb user rm.
 
-One pair for the module: user0 (from drb up) and user1 (from drb user
-add --disk), 32 MiB each; the last test removes user0."""
+One pair for the module, brought up without --disk: user0 has none;
+user1 and user2 get theirs from drb user add --disk, 32 MiB each; the
+last test removes user1."""
 import hashlib
 import json
 import os
@@ -40,15 +41,17 @@ PREFIX = "tdskr"
 NAME = f"{PREFIX}-b"
 MiB = 1 << 20
 EXTENT = 32 * MiB
+A, B = "user1", "user2"            # the attacked domain and the other one
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     backing = tmp_path_factory.mktemp("dskraw") / "backing.img"
     with open(backing, "wb") as f:
-        f.truncate(2 * EXTENT)
-    drb("up", NAME, "--backing", str(backing), "--extent", "32m", "--disk", *monitor_args())
+        f.truncate(3 * EXTENT)
+    drb("up", NAME, "--backing", str(backing), "--extent", "32m", *monitor_args())
     try:
+        drb("user", "add", NAME, "--disk")
         drb("user", "add", NAME, "--disk")
         yield str(backing)
     finally:
@@ -62,10 +65,12 @@ def _base(role):
 
 def test_dd_through_the_disk_lands_at_the_extent(pair):
     st = status(NAME)
-    assert [st["domains"][u]["extent"] for u in ("user0", "user1")] == \
-        [[0, EXTENT], [EXTENT, EXTENT]]
-    assert disk_of(NAME, "user1")["size"] == EXTENT and disk_of(NAME)["fs"] is None
-    for role, seek, flag in (("user0", 48, "conv=fsync"), ("user1", 7, "oflag=direct")):
+    assert [st["domains"][u]["extent"] for u in ("user0", A, B)] == \
+        [[0, EXTENT], [EXTENT, EXTENT], [2 * EXTENT, EXTENT]]
+    assert st["domains"]["user0"]["disk"] is None         # drb up without --disk
+    assert disk_of(NAME, A)["size"] == disk_of(NAME, B)["size"] == EXTENT
+    assert disk_of(NAME, A)["fs"] is None
+    for role, seek, flag in ((A, 48, "conv=fsync"), (B, 7, "oflag=direct")):
         out = sh(NAME, role, "head -c 1048576 /dev/urandom > /tmp/blob && sha256sum < /tmp/blob "
                              f"&& dd if=/tmp/blob of=/dev/drb/disk bs=64k seek={seek} {flag} "
                              f"status=none && dd if=/dev/drb/disk bs=64k skip={seek} count=16 "
@@ -85,10 +90,10 @@ def _ticks(pid):
 def test_an_idle_disk_costs_no_cpu(pair):
     """Idle, the server and the worker behind it sleep: neither wakes the
     other, and the server's wake-up descriptor does not stay readable."""
-    sh(NAME, "user0", "dd if=/dev/drb/disk of=/dev/null bs=4k count=8 status=none")
+    sh(NAME, A, "dd if=/dev/drb/disk of=/dev/null bs=4k count=8 status=none")
     time.sleep(0.2)
     st = status(NAME)
-    procs = [server_pid(NAME)] + [
+    procs = [server_pid(NAME, A)] + [
         p for p in cgroup_pids(st, "driver")
         if b"drb_uring.channel.worker" in open(f"/proc/{p}/cmdline", "rb").read()]
     assert len(procs) >= 2
@@ -103,7 +108,7 @@ def test_a_program_started_in_the_domain_goes_with_its_stand_in(pair):
     on the host (its parent-death signal is set after its credentials
     change, which would clear it)."""
     r, w = os.pipe()
-    standin = spawn_in_domain(NAME, "user1", ["sh", "-c", "echo $$; exec sleep 1000"], stdout=w)
+    standin = spawn_in_domain(NAME, B, ["sh", "-c", "echo $$; exec sleep 1000"], stdout=w)
     os.close(w)
     with os.fdopen(r) as f:
         inner = f.readline().strip()
@@ -153,27 +158,27 @@ def test_the_disk_is_the_extent_and_no_more(pair):
     """Its size is the extent; an offset at or past its end reads nothing
     and writes nothing (ENOSPC, EINVAL), never the next domain's bytes."""
     theirs = os.urandom(4096)
-    in_user(NAME, "user1", MARK, theirs[:16].hex())
-    before = read_at(pair, EXTENT, 3 * 4096)
-    got = json.loads(in_user(NAME, "user0", EDGES).stdout)
+    in_user(NAME, B, MARK, theirs[:16].hex())
+    before = read_at(pair, 2 * EXTENT, 3 * 4096)
+    got = json.loads(in_user(NAME, A, EDGES).stdout)
     assert got["size"] == got["end"] == EXTENT
     assert got["read_at_end"] == 0 and got["read_across"] == 4096
     assert got["write_at_end"] == "ENOSPC"
     assert got["write_past"] in ("ENOSPC", "EINVAL") and got["write_far"] in ("ENOSPC", "EINVAL")
     assert got["write_across"] == 4096                # cut at the end of the disk
-    assert read_at(pair, EXTENT - 4096, 4096) == b"E" * 4096
-    assert read_at(pair, EXTENT, 3 * 4096) == before  # user1's first bytes, untouched
+    assert read_at(pair, 2 * EXTENT - 4096, 4096) == b"E" * 4096
+    assert read_at(pair, 2 * EXTENT, 3 * 4096) == before  # user2's first bytes, untouched
     assert before.startswith(theirs[:16] * 256)
 
 
 def test_another_domain_shows_none_of_its_bytes(pair):
     mark = os.urandom(16).hex()
-    in_user(NAME, "user0", MARK, mark)
-    n, hits = in_user(NAME, "user0", FIND, mark).stdout.split()
+    in_user(NAME, A, MARK, mark)
+    n, hits = in_user(NAME, A, FIND, mark).stdout.split()
     assert (int(n), int(hits)) == (EXTENT, 3 * 256)
-    n, hits = in_user(NAME, "user1", FIND, mark).stdout.split()
+    n, hits = in_user(NAME, B, FIND, mark).stdout.split()
     assert (int(n), int(hits)) == (EXTENT, 0)
-    assert read_at(pair, EXTENT, EXTENT).count(bytes.fromhex(mark)) == 0
+    assert read_at(pair, 2 * EXTENT, EXTENT).count(bytes.fromhex(mark)) == 0
 
 
 LOAD = r"""
@@ -205,28 +210,28 @@ def test_the_disk_survives_its_server(pair):
     """SIGKILL the server (found in the domain's cgroup) three times while
     a program writes and reads: the program sees a delay, not an error,
     and every write it saw acknowledged is on the device."""
-    before = disk_of(NAME, "user1")["restarts"]
-    prog = subprocess.Popen([DRB, "exec", NAME, "user1", "--", "python3", "-c", LOAD, "7", "4"],
+    before = disk_of(NAME, B)["restarts"]
+    prog = subprocess.Popen([DRB, "exec", NAME, B, "--", "python3", "-c", LOAD, "7", "3"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert prog.stdout.readline().strip() == "go"
         killed = []
         for _ in range(3):
-            time.sleep(0.6)
-            pid = server_pid(NAME, "user1")
+            time.sleep(0.5)
+            pid = server_pid(NAME, B)
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
             # The next one, on the same connection, asking for a resend.
-            assert wait_gone(lambda: disk_of(NAME, "user1")["server_pid"] not in killed, 10)
+            assert wait_gone(lambda: disk_of(NAME, B)["server_pid"] not in killed, 10)
         out, err = prog.communicate(timeout=60)
     finally:
         if prog.poll() is None:
             prog.kill()
     res = json.loads(out.strip().splitlines()[-1])
     assert res["errors"] == [] and res["ops"] > 30, (res["errors"], err)
-    disk = disk_of(NAME, "user1")
+    disk = disk_of(NAME, B)
     assert disk["restarts"] == before + 3 and disk["failed"] is None
-    base = _base("user1")
+    base = _base(B)
     wrong = [off for off, want in res["acked"].items()
              if hashlib.sha256(read_at(pair, base + int(off), 65536)).hexdigest() != want]
     assert not wrong, wrong
@@ -293,14 +298,14 @@ def _line(f, timeout):
     return None
 
 
-def _user1_works(pair):
+def _other_works(pair):
     data = os.urandom(16).hex()
-    out = in_user(NAME, "user1", "import os, sys; fd = os.open('/dev/drb/disk', os.O_RDWR); "
+    out = in_user(NAME, B, "import os, sys; fd = os.open('/dev/drb/disk', os.O_RDWR); "
                                  "d = bytes.fromhex(sys.argv[1]) * 4096; os.pwrite(fd, d, 5 << 20);"
                                  " print(os.pread(fd, 16, 5 << 20).hex())",
                   data, timeout=30).stdout.strip()
     assert out == data
-    assert read_at(pair, EXTENT + (5 << 20), 16 * 4096) == bytes.fromhex(data) * 4096
+    assert read_at(pair, 2 * EXTENT + (5 << 20), 16 * 4096) == bytes.fromhex(data) * 4096
 
 
 @pytest.mark.parametrize("mode,op,want", [
@@ -311,13 +316,13 @@ def _user1_works(pair):
     ("stall", "write", None),             # takes requests, never answers
 ])
 def test_a_hostile_server_hurts_only_its_own_domain(pair, mode, op, want):
-    """user0's real server is frozen and a server of the domain's own takes
-    its connection (run inside user0, under its profile): the program in
-    user0 gets an error or waits; user1's disk works on with its bytes, the
-    host's commands answer, and user0's bytes on the device are its own."""
-    spid = server_pid(NAME, "user0")
-    mine = read_at(pair, 0, EXTENT)
-    app = subprocess.Popen([DRB, "exec", NAME, "user0", "--", "timeout", "-s", "KILL", "4",
+    """user1's real server is frozen and a server of the domain's own takes
+    its connection (run inside user1, under its profile): the program in
+    user1 gets an error or waits; user2's disk works on with its bytes, the
+    host's commands answer, and user1's bytes on the device are its own."""
+    spid = server_pid(NAME, A)
+    mine = read_at(pair, EXTENT, EXTENT)
+    app = subprocess.Popen([DRB, "exec", NAME, A, "--", "timeout", "-s", "KILL", "4",
                             "python3", "-c", APP], stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     conn = -1
@@ -327,20 +332,20 @@ def test_a_hostile_server_hurts_only_its_own_domain(pair, mode, op, want):
         conn = pidfd_getfd(spid, 3)
         os.kill(spid, signal.SIGSTOP)
         r, w = os.pipe()
-        rogue = spawn_in_domain(NAME, "user0", ["python3", "-c", ROGUE, mode], [conn], stdout=w)
+        rogue = spawn_in_domain(NAME, A, ["python3", "-c", ROGUE, mode], [conn], stdout=w)
         os.close(w)
         out = os.fdopen(r)
         assert _line(out, 10) == "ready"
         app.stdin.write(op + "\n")
         app.stdin.flush()
-        got = _line(app.stdout, 2)
+        got = _line(app.stdout, 1)
         if want is None:
             assert got is None, got           # it waits, killed by its own timeout later
         else:
             assert json.loads(got) == {"errno": want}
-        _user1_works(pair)
+        _other_works(pair)
         assert drb("status", NAME, timeout=20).returncode == 0
-        assert read_at(pair, 0, EXTENT) == mine   # nothing the hostile server said landed
+        assert read_at(pair, EXTENT, EXTENT) == mine   # nothing the hostile server said landed
     finally:
         if rogue is not None:
             rogue.kill()             # the stand-in: the program goes with it
@@ -355,25 +360,25 @@ def test_a_hostile_server_hurts_only_its_own_domain(pair, mode, op, want):
 
 
 def test_a_frozen_server_cannot_hold_user_rm(pair):
-    """With user0's server stopped and a program waiting on its disk, drb
-    user rm user0 ends (the guard is the timeout) and leaves nothing of
-    user0: no mount, no connection, no process; user1 works on."""
-    spid = server_pid(NAME, "user0")
-    dom = domain_pid(NAME, "user0")
-    group = status(NAME)["domains"]["user0"]["cgroup"]
-    procs = cgroup_pids(status(NAME), "user0")
+    """With user1's server stopped and a program waiting on its disk, drb
+    user rm user1 ends (the guard is the timeout) and leaves nothing of
+    user1: no mount, no connection, no process; user2 works on."""
+    spid = server_pid(NAME, A)
+    dom = domain_pid(NAME, A)
+    group = status(NAME)["domains"][A]["cgroup"]
+    procs = cgroup_pids(status(NAME), A)
     conns = fuse_conns_of(dom)
     assert len(conns) == 1
     os.kill(spid, signal.SIGSTOP)
-    waiter = subprocess.Popen([DRB, "exec", NAME, "user0", "--", "dd", "if=/dev/drb/disk",
+    waiter = subprocess.Popen([DRB, "exec", NAME, A, "--", "dd", "if=/dev/drb/disk",
                                "of=/dev/null", "bs=64k", "count=1", "iflag=direct"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.3)
     assert waiter.poll() is None           # it waits on the frozen server
-    drb("user", "rm", NAME, "user0", timeout=60)
+    drb("user", "rm", NAME, A, timeout=60)
     assert waiter.wait(30) != 0
-    assert "user0" not in status(NAME)["domains"]
+    assert A not in status(NAME)["domains"]
     assert wait_gone(lambda: not any(os.path.exists(f"/proc/{p}") for p in procs), 5)
     assert not os.path.exists(group)
     assert not (conns & host_fuse_conns())
-    _user1_works(pair)
+    _other_works(pair)
