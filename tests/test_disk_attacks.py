@@ -239,6 +239,48 @@ def test_the_disk_survives_its_server(pair):
           f"{res['worst_s'] * 1000:.0f} ms")
 
 
+GRAB = r"""
+import sys, time
+from drb_uring import protocol
+from drb_uring.channel.client import Channel
+print("ready", flush=True)
+end = time.monotonic() + 10
+while time.monotonic() < end:
+    try:
+        ch = Channel(sys.argv[1], int(sys.argv[2]), offset=0)
+    except protocol.ProtocolError:
+        time.sleep(0.001)
+        continue
+    print("got", flush=True)
+    time.sleep(1.0)
+    ch.close()
+    print("closed", flush=True)
+    break
+"""
+
+
+def test_a_restarted_server_waits_for_its_extent(pair):
+    """The next server finds the disk's extent taken (here by a program of
+    the domain that grabbed it when the dead server's channel let go; in
+    general by that channel itself, until the kernel is done with its
+    ring): it waits and then serves, one restart, no failure."""
+    before = disk_of(NAME, B)["restarts"]
+    grab = subprocess.Popen([DRB, "exec", NAME, B, "--", "python3", "-c", GRAB,
+                             status(NAME)["socket"], str(EXTENT)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _line(grab.stdout, 10) == "ready"
+        os.kill(server_pid(NAME, B), signal.SIGKILL)
+        assert _line(grab.stdout, 5) == "got", grab.stderr.read()
+        assert _line(grab.stdout, 5) == "closed"
+    finally:
+        grab.kill()
+        grab.wait()
+    _other_works(pair)                      # B's disk, served by the next server
+    disk = disk_of(NAME, B)
+    assert disk["restarts"] == before + 1 and disk["failed"] is None, disk
+
+
 # A FUSE server of the domain's own, hostile. fd 3 is the disk's connection.
 ROGUE = r"""
 import errno, json, os, select, struct, sys
