@@ -37,7 +37,7 @@ from pair_env import DRB, drb, leftovers, monitor_args, wait_gone
 
 from drb_uring.domains.attach import child_of as attach_child
 
-PREFIX = "tdskr"
+PREFIX = "dsk-tr"
 NAME = f"{PREFIX}-b"
 MiB = 1 << 20
 EXTENT = 32 * MiB

@@ -24,7 +24,7 @@ from disk_env import (
 )
 from pair_env import DRB, drb, leftovers, monitor_args, wait_gone
 
-PREFIX = "tdskf"
+PREFIX = "dsk-tf"
 NAME = f"{PREFIX}-a"
 MiB = 1 << 20
 SIZE = 128 * MiB
