@@ -81,6 +81,7 @@ def test_the_domain_has_a_file_system_of_its_own(pair):
     assert read_at(pair, EXT4_MAGIC_AT, 2) == EXT4_MAGIC
     log = open(f"/run/drb/{NAME}/daemon.log").read()
     assert "formatting /dev/drb/disk with ext4" in log
+    assert "not serving within" not in log     # the server said it serves, at once
     # Its owners are the domain's own (its root is 0, not an unmapped host id).
     out = sh(NAME, "user", "stat -c '%u %g %F' /data /data/lost+found; "
                            "grep -E ' /data | /dev/drb/disk ' /proc/self/mountinfo").stdout
