@@ -14,6 +14,13 @@ from drb_uring.domains.config import PairConfig
 DRB = os.path.join(os.path.dirname(sys.executable), "drb")
 
 
+def monitor_args() -> list[str]:
+    """DRB_TEST_NO_MONITOR=1 brings pairs up without the eBPF monitor (while
+    another suite restarts the host's monitor service); unset, as make test
+    runs them, they are monitored."""
+    return ["--no-monitor"] if os.environ.get("DRB_TEST_NO_MONITOR") == "1" else []
+
+
 def drb(*args, check=True, timeout=120, **kw):
     proc = subprocess.run([DRB, *args], capture_output=True, text=True, timeout=timeout, **kw)
     if check and proc.returncode != 0:

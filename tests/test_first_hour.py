@@ -85,6 +85,9 @@ def test_demo_reads_the_devices_own_data(clean):
     assert "on the device" in proc.stdout
     assert "nothing left behind" in proc.stderr
     assert re.search(r"^randread_4k_qd32\s+\d+", proc.stdout, re.M)
+    # The disk step: dd and sqlite3 inside the user domain, their bytes on the device.
+    assert "inside the user domain" in proc.stdout and "sha256 matches the device" in proc.stdout
+    assert "integrity ok; the rows are on the device" in proc.stdout
     assert not leftovers("demo-")
 
 

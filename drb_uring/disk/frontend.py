@@ -75,7 +75,8 @@ class UserDisk:
     hook the daemon's loop."""
 
     def __init__(self, user: str, domain_pid: int, host_uid: int, size: int, socket: str,
-                 cfg: DiskConfig, state_dir: str, spawn_in, watch, unwatch, run_until):
+                 cfg: DiskConfig, state_dir: str, spawn_in, watch, unwatch, run_until,
+                 on_change=lambda: None):
         self.user = user
         self.pid = domain_pid
         self.uid = host_uid
@@ -87,6 +88,7 @@ class UserDisk:
         # channel through the broker): run_until(done, timeout) turns it.
         self.spawn_in, self.watch, self.unwatch = spawn_in, watch, unwatch
         self.run_until = run_until
+        self.on_change = on_change      # what info() says changed (a server started)
         self.fd = -1
         self.m: mount.Mount | None = None
         self.server = None              # (stand-in, pid, pidfd)
@@ -124,31 +126,37 @@ class UserDisk:
         finally:
             os.close(ready_w)
         try:
-            # Serving once it closed its end (its channel is open by then).
-            served = self.run_until(lambda: bool(select.select([ready_r], [], [], 0)[0]),
-                                    SERVER_START)
+            # Serving once it wrote its byte (its channel is open by then);
+            # the runc exec standing in for it holds a copy of the pipe's
+            # end, so its close alone would not show. Ended: not serving.
+            served = self.run_until(lambda: bool(select.select([ready_r], [], [], 0)[0])
+                                    or child.poll() is not None, SERVER_START)
+            served = served and bool(select.select([ready_r], [], [], 0)[0]) \
+                and os.read(ready_r, 1) == b"r"
         finally:
             os.close(ready_r)
         try:
             pidfd = os.pidfd_open(child.pid)
         except ProcessLookupError:
             pidfd = -1
-        self.server = (child, pid, pidfd)
+        self.server = (child, pid, pidfd, _pidfd(pid))
         if pidfd >= 0:
             self.watch(pidfd, self._server_gone)
         if not served:
             log.error("%s: disk server %d not serving within %.0f s", self.user, pid,
                       SERVER_START)
         log.info("%s: disk server pid %d%s", self.user, pid, " (resending)" if restart else "")
+        self.on_change()
 
     def _server_gone(self) -> None:
         """The server died (or ended): a new one on the same connection,
         which asks the kernel to resend what the dead one held. Only once
         the dead one is reaped: nothing it submitted is still running."""
-        child, pid, pidfd = self.server
+        child, pid, pidfd, own = self.server
         self.unwatch(pidfd)
         os.close(pidfd)
         rc = child.wait()
+        _close(own)
         self.server = None
         if self.stopping:
             return
@@ -160,6 +168,7 @@ class UserDisk:
             log.error("%s: %s", self.user, self.failed)
             if self.m is not None:
                 mount.abort(self.m.conn)        # the disk answers ENOTCONN now
+            self.on_change()
             return
         log.warning("%s: disk server %d ended (status %d); starting another", self.user,
                     pid, rc)
@@ -201,42 +210,60 @@ class UserDisk:
             raise OSError(f"placing drb-fusermount in {self.user} failed: {out}")
         env = {"PATH": f"{bin_dir}:/usr/bin:/bin:/usr/sbin:/sbin",
                "DRB_FUSERMOUNT_SOCKET": sock_inside}
-        child, _pid = self.spawn_in(
+        child, pid = self.spawn_in(
             ["/usr/bin/fuse2fs", self.cfg.path, self.cfg.fs_mount, "-f",
              "-o", "fakeroot,allow_other,auto_unmount"], [], self.log_path, env=env)
-        self.fs_proc = child
+        self.fs_proc = (child, _pidfd(pid))
 
     # ---- down --------------------------------------------------------------------------
 
     def down(self) -> None:
-        """Take the disk away whatever its server does: fuse2fs and its
-        mount first, then the disk's connection, aborted and detached."""
+        """Take the disk away whatever its server does. fuse2fs first, given
+        STOP_GRACE to write back and leave; then every connection is
+        aborted (nothing waits on a server after that, frozen or not),
+        detached, and the processes killed by their own pidfds (SIGKILL to
+        a runc exec standing in for one is not passed on)."""
         self.stopping = True
         if self.fs_proc is not None:
-            self.fs_proc.send_signal(signal.SIGTERM)
-            _wait_or_kill(self.fs_proc)
+            child, own = self.fs_proc
+            _signal(own, signal.SIGTERM)
+            try:
+                child.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                pass
+        fs = None
+        if self.cfg.fs:
+            try:
+                fs = mount.find(self.pid, self.cfg.fs_mount)
+            except (OSError, ProcessLookupError):
+                pass
+        for m in (fs, self.m):
+            if m is not None:
+                try:
+                    mount.unmount(m)
+                except (OSError, ProcessLookupError) as e:
+                    log.warning("%s: detaching %s: %s", self.user, m.path, e)
+        self.m = None
+        if self.fs_proc is not None:
+            child, own = self.fs_proc
+            _signal(own, signal.SIGKILL)
+            _wait_or_kill(child)
+            _close(own)
             self.fs_proc = None
         if self.fusermount is not None:
             self.fusermount.terminate()
             _wait_or_kill(self.fusermount)
             self.fusermount = None
-        if self.m is not None:
-            try:
-                mount.unmount(self.m)
-            except (OSError, ProcessLookupError) as e:
-                log.warning("%s: detaching the disk: %s", self.user, e)
-            self.m = None
         if self.server is not None:
-            child, _pid, pidfd = self.server
+            child, _pid, pidfd, own = self.server
             self.unwatch(pidfd)
-            child.send_signal(signal.SIGKILL)
+            _signal(own, signal.SIGKILL)
             _wait_or_kill(child)
-            if pidfd >= 0:
-                os.close(pidfd)
+            _close(pidfd)
+            _close(own)
             self.server = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        _close(self.fd)
+        self.fd = -1
 
     def info(self) -> dict:
         return {"path": self.cfg.path, "size": self.size,
@@ -245,9 +272,71 @@ class UserDisk:
                 "fs": self.cfg.fs, "fs_mount": self.cfg.fs_mount if self.cfg.fs else None}
 
 
+def _pidfd(pid: int) -> int:
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return -1
+
+
+def _signal(pidfd: int, sig: int) -> None:
+    if pidfd >= 0:
+        try:
+            signal.pidfd_send_signal(pidfd, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        os.close(fd)
+
+
 def _wait_or_kill(proc, grace: float = STOP_GRACE) -> None:
     try:
         proc.wait(grace)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def bring_up(pair, u) -> UserDisk:
+    """User domain `u` of `pair` (a domains.daemon.Pair) gets its disk: its
+    whole extent, as a file inside; with --fs, a file system on it,
+    formatted once, inside the domain."""
+    a, b = pair.cfg, pair.broker
+    u.disk = disk = UserDisk(
+        u.name, pair.pids[u.name], u.host_id, u.extent[1], pair.inside_sock,
+        DiskConfig(path=a.disk_path, fs=a.fs, fs_mount=a.fs_mount,
+                   page_cache=a.disk_page_cache), pair.dir,
+        lambda argv, fds, log_path, env=None: pair.spawn_in(u.name, argv, fds, log_path,
+                                                             env=env),
+        b.watch, b.unwatch, b.run_until, on_change=lambda: _state_changed(pair))
+    disk.up()
+    if a.fs:
+        def run(argv):
+            return pair.run_in(u.name, argv)
+        if disk.formatted(b.device.fd, u.extent[0]):
+            log.info("%s: %s holds an ext4 file system: mounted as it is", u.name, a.disk_path)
+        else:
+            log.info("%s: formatting %s with ext4, inside the domain", u.name, a.disk_path)
+            disk.mkfs(run)
+        disk.mount_fs(run, os.path.join(u.sock_dir, "fusermount.sock"),
+                      f"/run/drb/{pair.name}/fusermount.sock")
+    return disk
+
+
+def _state_changed(pair) -> None:
+    # Before the pair is up there is no state to refresh; it is written then.
+    if pair.state.get("domains"):
+        try:
+            pair.write_state()
+        except OSError as e:
+            log.warning("writing the pair's state: %s", e)
+
+
+def state_of(u) -> dict:
+    """The disk's part of user domain `u`'s state (nothing for a driver)."""
+    if u is None:
+        return {}
+    return {"disk": u.disk.info() if u.disk is not None else None}

@@ -7,16 +7,21 @@ A libfuse file system in a domain (fuse2fs, say) cannot mount: the domain's
 seccomp profile refuses mount(2) and it has no setuid helper. libfuse then
 runs ``fusermount`` with a socket in _FUSE_COMMFD; ``drb-fusermount`` (built
 from fusermount.c next to this file) asks this service over SOCKET, which
-opens /dev/fuse, mounts it in the asking process's mount namespace, and
-hands the descriptor back, which the stand-in passes on as fusermount does.
+opens /dev/fuse in the asking process's user namespace, mounts it in its
+mount namespace, and hands the descriptor back, which the stand-in passes
+on as fusermount does. The connection belongs to the asker's user
+namespace: its requests carry the domain's own ids, so a file system keeps
+its owners across host id changes (a pair brought up again), and no
+process outside that namespace (the host's included) gets past its
+permission check.
 
 Whom it distrusts: the asking process. Who it is comes from SO_PEERCRED,
-never from the request, and its SO_PEERPIDFD makes sure the namespace
-entered is that process's and not one that took its pid after it exited;
+never from the request, and its SO_PEERPIDFD makes sure the namespaces
+entered are that process's and not one that took its pid after it exited;
 the mount goes into that process's mount namespace,
-on a directory that must belong to its uid (or it is root on the host),
-with that uid and gid as the mount's user_id and group_id, always nosuid
-and nodev; an option it does not know is refused, not passed on. It only
+on a directory that must belong to its uid (or it is root of its user
+namespace), with that uid and gid as the mount's user_id and group_id,
+always nosuid and nodev; an option it does not know is refused, not passed on. It only
 unmounts what it mounted itself, in the same namespace. It keeps no copy of
 the descriptor: a libfuse server cannot resume a connection, so the
 connection should end (and its mount fail fast) when that server goes.
@@ -168,13 +173,9 @@ class FusermountService:
 
     def mount(self, pid: int, pidfd: int, uid: int, gid: int, path: str, opts: str) -> int:
         kw = parse_options(opts, allow_other=self.allow_other)
-        source = kw.pop("source")
-        fd = M.open_device()
-        try:
-            m = M.mount_dir(fd, pid, path, uid, gid, source=source, pidfd=pidfd, **kw)
-        except BaseException:
-            os.close(fd)
-            raise
+        # In the asker's user namespace: a domain's file system keeps the
+        # domain's own ids (its root is 0 there, whichever host ids it has).
+        m, fd = M.mount_dir_as(pid, path, uid, gid, pidfd=pidfd, **kw)
         self.mounts[(mount_ns(pid), path)] = m
         return fd
 

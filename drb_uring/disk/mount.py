@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import stat
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 1, 2, 4
 MOVE_MOUNT_F_EMPTY_PATH, MOVE_MOUNT_T_EMPTY_PATH = 0x4, 0x40
 
 SOURCE = "drb-disk"
+CLONE_NEWUSER = 0x10000000
 
 
 @dataclass(frozen=True)
@@ -156,57 +158,103 @@ def pidfd_pid(pidfd: int) -> int:
     raise OSError(errno.EBADF, f"fd {pidfd} is not a pidfd")
 
 
-def in_namespace(pid: int, fn, *args, pidfd: int | None = None, **kwargs):
+@dataclass(frozen=True)
+class WithFd:
+    """What fn returns to in_namespace to hand a descriptor back too."""
+    value: object
+    fd: int
+
+
+def other_userns(pid: int) -> bool:
+    """Whether `pid` lives in another user namespace than this process."""
+    return os.stat(f"/proc/{pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino
+
+
+def inside_id(pid: int, host_id: int, which: str = "uid_map") -> int:
+    """The id of pid's user namespace that host id `host_id` is."""
+    with open(f"/proc/{pid}/{which}") as f:
+        for line in f:
+            inside, outside, count = (int(x) for x in line.split())
+            if outside <= host_id < outside + count:
+                return inside + host_id - outside
+    raise PermissionError(errno.EPERM, f"host id {host_id} has no id in process {pid}'s "
+                                       "user namespace")
+
+
+def in_namespace(pid: int, fn, *args, pidfd: int | None = None, userns: bool = False,
+                 **kwargs):
     """Run fn(*args, **kwargs) in a child that entered `pid`'s mount
-    namespace and root; return its JSON result or raise its OSError.
-    setns(CLONE_NEWNS) needs a single-threaded caller, hence the fork.
+    namespace and root (with `userns`, its user namespace first); return
+    its JSON result (and, when fn returns WithFd, the descriptor: a pair)
+    or raise its OSError. setns needs a single-threaded caller, hence the
+    fork.
 
     With `pidfd` (a process that asked over a socket: SO_PEERPIDFD), the
     namespace is checked to be that very process's: it is still alive after
     its /proc entries were opened, so the pid was not reused meanwhile."""
     ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    user = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC) \
+        if userns and other_userns(pid) else -1
     if pidfd is not None and pidfd_pid(pidfd) != pid:
-        os.close(ns)
-        os.close(root)
+        for fd in (ns, root, user):
+            if fd >= 0:
+                os.close(fd)
         raise ProcessLookupError(errno.ESRCH, f"process {pid} went away")
-    r, w = os.pipe2(os.O_CLOEXEC)
+    r, w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fds: list[int] = []
     try:
         child = os.fork()
         if child == 0:     # pragma: no cover (runs in the child)
-            os.close(r)
+            r.close()
+            given = []
             try:
+                if user >= 0:
+                    # First: what the child opens and mounts from here on
+                    # belongs to that namespace (and it has its capabilities).
+                    linux.setns(user, CLONE_NEWUSER, f"setns into the user namespace of {pid}")
                 linux.setns(ns, linux.CLONE_NEWNS, f"setns into the mount namespace of {pid}")
                 os.fchdir(root)
                 os.chroot(".")
                 os.chdir("/")
-                res = {"ok": fn(*args, **kwargs)}
+                out = fn(*args, **kwargs)
+                if isinstance(out, WithFd):
+                    out, given = out.value, [out.fd]
+                res = {"ok": out}
             except OSError as e:
                 res = {"errno": e.errno or errno.EIO, "error": str(e)}
             except BaseException as e:   # noqa: BLE001 - reported to the parent
                 res = {"errno": errno.EIO, "error": f"{type(e).__name__}: {e}"}
             try:
-                os.write(w, json.dumps(res).encode())
+                socket.send_fds(w, [json.dumps(res).encode()], given)
             finally:
                 os._exit(0)
-        os.close(w)
-        w = -1
+        w.close()
         data = b""
-        while chunk := os.read(r, 65536):
+        while True:
+            chunk, got, _flags, _addr = socket.recv_fds(r, 65536, 4)
+            fds += got
+            if not chunk:
+                break
             data += chunk
         os.waitpid(child, 0)
     finally:
-        os.close(r)
-        if w >= 0:
-            os.close(w)
-        os.close(ns)
-        os.close(root)
-    if not data:
-        raise OSError(errno.EIO, f"the helper in the namespace of {pid} died")
-    res = json.loads(data)
-    if "errno" in res:
-        raise OSError(res["errno"], res["error"])
-    return res["ok"]
+        r.close()
+        w.close()
+        for fd in (ns, root, user):
+            if fd >= 0:
+                os.close(fd)
+    try:
+        if not data:
+            raise OSError(errno.EIO, f"the helper in the namespace of {pid} died")
+        res = json.loads(data)
+        if "errno" in res:
+            raise OSError(res["errno"], res["error"])
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return (res["ok"], fds[0]) if fds else res["ok"]
 
 
 def _mount_file_here(path, fuse_fd, uid, gid, mode, opts):
@@ -245,6 +293,19 @@ def _mount_dir_here(path, fuse_fd, uid, gid, opts):
     return path
 
 
+def _open_and_mount_dir_here(path, dev_dir, uid, gid, opts):
+    """A new connection, opened here (in the user namespace entered: the
+    kernel mounts a connection only in the namespace that opened it), and
+    mounted on `path`."""
+    fd = os.open("fuse", os.O_RDWR | os.O_CLOEXEC, dir_fd=dev_dir)
+    try:
+        _mount_dir_here(path, fd, uid, gid, opts)
+    except BaseException:
+        os.close(fd)
+        raise
+    return WithFd(path, fd)
+
+
 def _opts(allow_other, default_permissions, read_only, max_read, subtype, source):
     return {"allow_other": allow_other, "default_permissions": default_permissions,
             "read_only": read_only, "max_read": max_read, "subtype": subtype, "source": source}
@@ -281,6 +342,35 @@ def mount_dir(fuse_fd: int, pid: int, path: str, uid: int, gid: int, *,
                  _opts(allow_other, default_permissions, read_only, max_read, subtype, source),
                  pidfd=pidfd)
     return find(pid, path)
+
+
+def mount_dir_as(pid: int, path: str, uid: int, gid: int, *, pidfd: int | None = None,
+                 allow_other: bool = False, default_permissions: bool = False,
+                 read_only: bool = False, max_read: int | None = None,
+                 subtype: str | None = None, source: str = SOURCE) -> tuple[Mount, int]:
+    """mount_dir for a process of another user namespace (a domain's): the
+    connection is opened and mounted in pid's user namespace, so its
+    requests carry that namespace's ids and its files' owners are the
+    domain's own (uid 0 is the domain's root, whatever host ids the domain
+    has this time). `uid`, `gid` are host ids. Returns the mount and the
+    connection's descriptor (the caller's to close)."""
+    if not path.startswith("/"):
+        raise ValueError(f"{path} is not absolute")
+    inner = other_userns(pid)
+    if inner:
+        uid, gid = inside_id(pid, uid), inside_id(pid, gid, "gid_map")
+    dev = os.open("/dev", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _path, fd = in_namespace(pid, _open_and_mount_dir_here, path, dev, uid, gid,
+                                 _opts(allow_other, default_permissions, read_only, max_read,
+                                       subtype, source), pidfd=pidfd, userns=inner)
+    finally:
+        os.close(dev)
+    try:
+        return find(pid, path), fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def fusectl_mounted() -> bool:
@@ -339,6 +429,6 @@ def unmount(m: Mount, *, abort_first: bool = True, pidfd: int | None = None) -> 
         detach(m.pid, m.path, pidfd=pidfd)
 
 
-__all__ = ["Mount", "open_device", "mountinfo", "find", "mount_file", "mount_dir",
-           "in_namespace", "ensure_fusectl", "abort", "waiting", "detach", "unmount",
-           "FUSECTL"]
+__all__ = ["Mount", "WithFd", "open_device", "mountinfo", "find", "mount_file", "mount_dir",
+           "mount_dir_as", "in_namespace", "other_userns", "inside_id", "ensure_fusectl",
+           "abort", "waiting", "detach", "unmount", "FUSECTL"]

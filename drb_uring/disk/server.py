@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 from drb_uring import procs
 from drb_uring.spec import Spec, SpecError
@@ -29,6 +30,7 @@ from drb_uring.spec import Spec, SpecError
 FUSE_FD = 3
 READY_FD = 4
 RING_FD = 5
+OPEN_WAIT = 10.0       # seconds a restarted server waits for its extent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +54,7 @@ class DiskServerSpec(Spec):
     uring_params: str = ""             # hex: the ring at fd 5 is the trusted side's
     spin_us: int = 0                   # poll this long before sleeping
     max_background: int = 64
-    ready_fd: bool = False             # fd 4: closed once serving (signals are handled)
+    ready_fd: bool = False             # fd 4: a byte, then closed, once serving
 
     def check(self) -> None:
         if bool(self.backing) == bool(self.channel):
@@ -136,12 +138,28 @@ def _backend(spec: DiskServerSpec):
     geo = L.Geometry(sq_entries=L.next_pow2(spec.slot_count, 2),
                      cq_entries=L.next_pow2(spec.slot_count, 2),
                      slot_size=spec.slot_size, slot_count=spec.slot_count)
-    ch = Channel(spec.channel, spec.size, offset=0, geometry=geo)
+    ch = _open_at_zero(Channel, spec, geo)
     try:
         return RingBackend(ch)
     except BaseException:
         ch.close()
         raise
+
+
+def _open_at_zero(Channel, spec: DiskServerSpec, geo):
+    """The disk's channel, at offset 0 of the extent. A server started
+    after another died may find the dead one's channel still holding it:
+    the broker frees an extent only once the kernel is done with its ring.
+    That takes a moment; the server waits for it rather than fail."""
+    from drb_uring import protocol
+    end = time.monotonic() + OPEN_WAIT
+    while True:
+        try:
+            return Channel(spec.channel, spec.size, offset=0, geometry=geo)
+        except protocol.ProtocolError as e:
+            if "overlaps another channel" not in str(e) or time.monotonic() > end:
+                raise
+        time.sleep(0.02)
 
 
 def _run(server, backend, stop_r: int, spin_ns: int) -> str:
@@ -176,6 +194,9 @@ def serve(spec: DiskServerSpec, fd: int = FUSE_FD) -> dict:
         if spec.restart:
             server.notify_resend()
         if spec.ready_fd:
+            # A byte, not only the close: whoever started us through a
+            # runtime (runc exec) may hold another copy of this descriptor.
+            os.write(READY_FD, b"r")
             os.close(READY_FD)
         why = _run(server, backend, stop_r, spec.spin_us * 1000)
         return {"end": why, **server.stats, **({"backend": backend.stats}

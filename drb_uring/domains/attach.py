@@ -253,11 +253,15 @@ def _join(pid: int, profile: dict, uid: int = 0) -> None:
         _, status = os.waitpid(child, 0)
         code = os.waitstatus_to_exitcode(status)
         os._exit(code if code >= 0 else 128 - code)
-    linux.die_with_parent()
+    parent = os.getppid()            # as this pid namespace sees it (0: outside it)
     os.chdir("/")
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)      # of the container's user namespace only
+    # After the change of credentials, which clears the parent-death signal.
+    linux.die_with_parent()
+    if os.getppid() != parent:
+        os._exit(1)                  # the stand-in is gone already
     _drop_capabilities()
     seccomp.load(profile)            # and no_new_privs
 

@@ -32,7 +32,8 @@ import time
 from drb_uring import linux, procs
 from drb_uring.channel.broker import Broker, Limits
 from drb_uring.channel.worker import WorkerSpec
-from drb_uring.disk.frontend import DiskConfig, UserDisk
+from drb_uring.disk import frontend
+from drb_uring.disk.frontend import UserDisk
 from drb_uring.domains import attach, backing, cgroup, runtime
 from drb_uring.domains.config import (
     MAX_USERS,
@@ -249,7 +250,7 @@ class Pair:
                 self._start_domain(name, self._domain_spec(name, u.host_id, u.sock_dir))
             self.broker.watch_domains({name: self.groups[name]})
             if disk:
-                self._disk_up(u)
+                frontend.bring_up(self, u)
         except BaseException:
             # What went wrong is what the caller hears; a clean-up step that
             # fails too (its group never made, say) is only logged.
@@ -377,24 +378,6 @@ class Pair:
             out = ""
         return rc, out
 
-    def _disk_up(self, u: UserDomain) -> None:
-        """The user domain's disk: its whole extent, as a file inside; with
-        --fs, a file system on it, formatted once, inside the domain."""
-        a = self.cfg
-        u.disk = UserDisk(u.name, self.pids[u.name], u.host_id, u.extent[1], self.inside_sock,
-                          DiskConfig(path=a.disk_path, fs=a.fs, fs_mount=a.fs_mount,
-                                     page_cache=a.disk_page_cache),
-                          self.dir, lambda argv, fds, log_path, env=None, role=u.name:
-                          self.spawn_in(role, argv, fds, log_path, env=env),
-                          self.broker.watch, self.broker.unwatch, self.broker.run_until)
-        u.disk.up()
-        if a.fs:
-            run = lambda argv, role=u.name: self.run_in(role, argv)   # noqa: E731
-            if not u.disk.formatted(self.broker.device.fd, u.extent[0]):
-                u.disk.mkfs(run)
-            u.disk.mount_fs(run, os.path.join(u.sock_dir, "fusermount.sock"),
-                            f"/run/drb/{self.name}/fusermount.sock")
-
     def _tenant_gone(self, name: str, extent: tuple[int, int] | None) -> None:
         """The broker: a removed user domain's last ring is gone. An extent
         its removal was asked for (drb user rm) is zeroed now, before
@@ -505,8 +488,7 @@ class Pair:
         u = self.users.get(role)
         if u is not None:
             out.update(index=u.index, extent=list(u.extent), socket=self.inside_sock,
-                       socket_host=u.sock, device=u.loop,
-                       disk=u.disk.info() if u.disk is not None else None)
+                       socket_host=u.sock, device=u.loop, **frontend.state_of(u))
         return out
 
     def write_state(self) -> None:
@@ -517,7 +499,8 @@ class Pair:
         for role in ["driver", *sorted(self.users, key=user_index)]:
             # What does not change (pid, hostname) is read once.
             if role in old and old[role]["pid"] == self.pids[role]:
-                domains[role] = {**old[role], "mounts": self.mounts.get(role, [])}
+                domains[role] = {**old[role], "mounts": self.mounts.get(role, []),
+                                 **frontend.state_of(self.users.get(role))}
             else:
                 domains[role] = self._domain_state(role)
         if "user0" in domains:

@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   drb up db --size 1g                 # a pair named db on a new 1 GiB backing file
   drb up db --blockdev /dev/loop0 --o-direct
   drb up app --size 1g --share $PWD:/app     # this directory, read-only, at /app inside
+  drb up db --size 1g --disk --fs ext4       # /dev/drb/disk and ext4 at /data inside
   drb exec app user -- python3 /app/app.py   # run it inside the user domain (user0)
   drb up web --size 1g --users 4 --extent 128m   # user0..user3, 128 MiB each, 512 MiB free
   drb exec web user2 -- hostname
@@ -30,12 +31,16 @@ EXAMPLES = """examples:
   drb down db
   drb bench --quick --json io.json   # drb against the baselines, ~3 minutes
   drb bench --quick --smoke           # the same cells, a fraction of a second each
+  drb bench --disk --json disk.json   # the user domain's disk against FUSE alone and a bind
   drb report io.json --out report/   # the table and plots from it
   drb bench --transport drb,grant-map --op randread --bs 4k --qd 1,32 --seconds 3
   drb bench-ring                      # ring round trip vs raw cache line, stream rates
   drb bench-ring --json ring.json     # also write the figures as JSON
   drb bench-ring --iters 50000 --count 2000000   # a quicker run
 """
+
+
+TRANSPORTS_DEFAULT = "drb,drb-poll,grant-map,socket,direct"
 
 
 class CliError(DrbError):
@@ -73,6 +78,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from drb_uring.tools import bench
     if a.quick and a.full:
         raise CliError("--quick and --full exclude each other")
+    if a.disk:
+        return _bench_disk(a)
     transports = bench.parse_list(a.transport, bench.TRANSPORTS)
     ops = bench.parse_list(a.op, list(bench.OPS))
     sizes = bench.parse_list(a.bs, conv=parse_size)
@@ -103,6 +110,37 @@ def cmd_bench(a: argparse.Namespace) -> int:
           "(Ctrl-C to stop).")
     rep = bench.run(cells, seconds, progress=_progress, repeat=a.repeat, fio=not a.no_fio)
     print(bench.table(rep))
+    if a.json:
+        bench.write_json(rep, a.json)
+        print(f"wrote {a.json}")
+    return 0
+
+
+def _bench_disk(a: argparse.Namespace) -> int:
+    from drb_uring.domains.state import require_root
+    from drb_uring.tools import bench, diskbench
+    others = [o for o, v, d in (("--quick", a.quick, False), ("--full", a.full, False),
+                                ("--no-fio", a.no_fio, False),
+                                ("--transport", a.transport, TRANSPORTS_DEFAULT),
+                                ("--op", a.op, "randread"), ("--bs", a.bs, "4k"),
+                                ("--qd", a.qd, "1,32"), ("--users", a.users, "1")) if v != d]
+    if others:
+        raise CliError(f"--disk runs the disk's own fio jobs: not with {', '.join(others)}")
+    mons = bench.parse_list(a.monitor, ["on", "off"])
+    if len(mons) != 1:
+        raise CliError("--disk takes one --monitor setting: on or off")
+    seconds = a.seconds if a.seconds is not None else \
+        bench.SMOKE_SECONDS if a.smoke else bench.CELL_SECONDS
+    if seconds <= 0 or seconds > 3600:
+        raise CliError("--seconds must be in (0, 3600]")
+    require_root()
+    what = " (a smoke run: every step, too short to measure)" if a.smoke else ""
+    print(f"Benchmarking the user domain's disk: {len(diskbench.JOBS)} fio jobs on "
+          f"{len(diskbench.TARGETS)} files, then its file system, {seconds:g} s each{what} "
+          "(Ctrl-C to stop).")
+    rep = diskbench.run(seconds, smoke=a.smoke, repeat=a.repeat, monitor=mons[0] == "on",
+                        progress=_progress)
+    print(diskbench.table(rep))
     if a.json:
         bench.write_json(rep, a.json)
         print(f"wrote {a.json}")
@@ -328,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = command("bench", "drb against the original mechanism and today's ways, in real "
                          "domains: IOPS, MB/s, latency, system calls and mappings per I/O")
-    c.add_argument("--transport", default="drb,drb-poll,grant-map,socket,direct",
+    c.add_argument("--transport", default=TRANSPORTS_DEFAULT,
                    help="drb, drb-poll, grant-map, socket, direct (default all)")
     c.add_argument("--op", default="randread", help="randread, randwrite, read, write")
     c.add_argument("--bs", default="4k", help="block sizes, e.g. 4k,64k,1m")
@@ -351,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every cell this many times, alternating monitor settings")
     c.add_argument("--monitor", default="on",
                    help="on, off or on,off: with and without the eBPF monitor (default on)")
+    c.add_argument("--disk", action="store_true",
+                   help="the user domain's disk instead: fio inside the domain on drb-disk, on "
+                        "fuse-local (the same FUSE server on a local file) and on a bind-mounted "
+                        "file; sqlite and fio on its file system against a bind-mounted "
+                        "directory (~2 min)")
     c.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     c.set_defaults(func=cmd_bench)
 

@@ -32,7 +32,7 @@ def load(path: str) -> dict:
         raise ReportError(f"{path} is not JSON: {e}") from None
     if not isinstance(rep, dict) or rep.get("schema") != 1 or not isinstance(rep.get("runs"), list):
         raise ReportError(f"{path} is not a drb bench result (schema 1 with runs)")
-    if not rep["runs"]:
+    if not rep["runs"] and not isinstance(rep.get("disk"), dict):
         raise ReportError(f"{path} has no runs")
     return rep
 
@@ -72,7 +72,9 @@ def _ratio(a, b) -> float | None:
 
 def targets(rep: dict) -> list[dict]:
     """The evaluation's targets, each with its measured value (None when
-    the run did not have the cells)."""
+    the run did not have the cells); a disk run's (drb bench --disk) alone."""
+    if not rep["runs"]:
+        return list(rep.get("disk", {}).get("goals", []))
     runs = _runs(rep)
 
     def get(t, op, bs, qd, key, users=1):
@@ -295,6 +297,8 @@ def _size(bs: int) -> str:
 
 def write(rep: dict, out: str) -> list[str]:
     os.makedirs(out, exist_ok=True)
+    if not rep["runs"]:
+        return _write_disk(rep, out)
     plots = _plots(rep, out)
     m = rep.get("machine", {})
     parts = ["# drb bench report", "",
@@ -339,6 +343,17 @@ def write(rep: dict, out: str) -> list[str]:
     with open(path, "w") as f:
         f.write("\n".join(parts) + "\n")
     return [path, *plots]
+
+
+def _write_disk(rep: dict, out: str) -> list[str]:
+    """A drb bench --disk run: its tables only (no transports, no plots)."""
+    from drb_uring.tools import diskbench
+    parts = ["# drb bench --disk report", "", f"Machine: {_machine_line(rep.get('machine', {}))}",
+             "", *diskbench.report_md(rep)]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(parts) + "\n")
+    return [path]
 
 
 def _machine_line(m: dict) -> str:

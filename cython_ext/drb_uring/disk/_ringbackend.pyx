@@ -52,6 +52,17 @@ cdef extern from "<errno.h>" nogil:
     int EAGAIN
     int EIO
 
+cdef extern from "<unistd.h>" nogil:
+    ssize_t read(int fd, void *buf, size_t n)
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    short POLLIN
+
 NOTICE_WAIT_S = 1.0     # an unproven answer waits this long for word the monitor died
 cdef uint64_t NOTICE_WAIT_NS = <uint64_t>(NOTICE_WAIT_S * 1e9)
 cdef double REPOST_WAIT_S = 10.0
@@ -200,10 +211,13 @@ cdef class RingBackend(Backend):
         self.staged += 1
 
     cdef int kick(self) noexcept nogil:
+        # The loop kicks every turn; only a batch is worth the worker's
+        # wake-up (a sleeping worker re-checks the ring after setting its
+        # flag, so nothing published is missed).
         if self.staged:
             prod_publish(&self.u.prod, self.staged)
             self.staged = 0
-        drb_notify(&self.u.waiter)
+            drb_notify(&self.u.waiter)
         return 0
 
     cdef int reap(self, disk_cqe *out, int max_n) noexcept nogil:
@@ -316,7 +330,20 @@ cdef class RingBackend(Backend):
         return 1 if (self.nsettled or cons_avail(&self.u.cons, 1) != 0) else 0
 
     cdef void disarm(self) noexcept nogil:
+        cdef uint64_t drain
+        cdef pollfd p
         drb_store_relaxed(self.u.waiter.my_flags, 0)
+        # The eventfd stays readable until read: left set, every later
+        # sleep would return at once and the idle loop would spin. What
+        # woke it is in the response ring, which the loop reaps next. Read
+        # only what poll says is there: the descriptor may be blocking
+        # (runc exec, starting the next worker, makes its copies blocking,
+        # and the file is one).
+        p.fd = self.u.waiter.my_efd
+        p.events = POLLIN
+        p.revents = 0
+        if poll(&p, 1, 0) > 0 and p.revents & POLLIN:
+            read(self.u.waiter.my_efd, &drain, 8)
 
     cdef int notice_fd(self) noexcept nogil:
         return self.sock_fd
