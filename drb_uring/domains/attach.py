@@ -148,11 +148,17 @@ def _in_mount_ns(pid: int, action) -> str:
     return in_child(pid, run)
 
 
-def bind_into(pid: int, src: str, dst: str, readonly: bool) -> list[str]:
+def bind_into(pid: int, src: str, dst: str, readonly: bool, under: str = "") -> list[str]:
     """Mount the host's directory `src` at `dst` in pid's mount namespace
     (open_tree clones it here, move_mount places it there). Returns the
-    directories that had to be made for it, to be removed by unbind()."""
+    directories that had to be made for it, to be removed by unbind().
+
+    `under`: the container's root directory as its mount namespace sees it
+    now, for a container caught before pivot_root (an OCI createRuntime
+    hook): the mount goes to under/dst, which is dst once the root moves
+    there; what is returned is as the container will see it."""
     owner = root_host_id(pid)
+    under = under.rstrip("/")
 
     def action():
         tree = linux.syscall(SYS_OPEN_TREE, AT_FDCWD, src.encode(),
@@ -165,18 +171,18 @@ def bind_into(pid: int, src: str, dst: str, readonly: bool) -> list[str]:
         # system of its user namespace takes no owner it cannot map.
         linux.libc.setfsgid(owner)
         linux.libc.setfsuid(owner)
-        made, path = [], "/"
+        made, path = [], under or "/"
         for part in dst.strip("/").split("/"):
             path = os.path.join(path, part)
             if not os.path.isdir(path):
                 os.mkdir(path, 0o755)
-                made.append(path)
+                made.append(path[len(under):])
         linux.libc.setfsuid(0)
         linux.libc.setfsgid(0)
-        linux.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, dst.encode(),
+        linux.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, (under + dst).encode(),
                       MOVE_MOUNT_F_EMPTY_PATH, what=f"move_mount to {dst}")
         if readonly:
-            linux.mount(None, dst, None, linux.MS_BIND | MS_REMOUNT | MS_RDONLY)
+            linux.mount(None, under + dst, None, linux.MS_BIND | MS_REMOUNT | MS_RDONLY)
         return ":".join(made)
     out = in_child(pid, action)
     return [p for p in out.split(":") if p]
@@ -211,9 +217,10 @@ def hide_others_in_proc(pid: int) -> None:
     _in_mount_ns(pid, action)
 
 
-def share_package(pid: int) -> list[str]:
+def share_package(pid: int, under: str = "") -> list[str]:
     """drb's package, read-only, where a worker imports it from."""
-    return bind_into(pid, package_dir(), f"{PACKAGE_AT}/drb_uring", readonly=True)
+    return bind_into(pid, package_dir(), f"{PACKAGE_AT}/drb_uring", readonly=True,
+                     under=under)
 
 
 def _drop_capabilities() -> None:
