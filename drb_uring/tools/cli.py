@@ -27,6 +27,9 @@ EXAMPLES = """examples:
   drb user add web                    # user4, on a free extent of the same size
   drb user rm web user1
   drb status db --json
+  drb status db --config > /etc/drb/db.toml  # drb up db --config /etc/drb/db.toml again
+  drb events db --follow              # what happens to db, as it happens
+  drb metrics --listen 127.0.0.1:9478 # every pair's counters for Prometheus
   drb down db
   drb bench --quick --json io.json   # drb against the baselines, ~3 minutes
   drb bench --quick --smoke           # the same cells, a fraction of a second each
@@ -36,6 +39,9 @@ EXAMPLES = """examples:
   drb bench-ring --json ring.json     # also write the figures as JSON
   drb bench-ring --iters 50000 --count 2000000   # a quicker run
 """
+
+
+_DEFAULT_LISTEN = "127.0.0.1:9478"
 
 
 class CliError(DrbError):
@@ -133,7 +139,7 @@ def _config(a: argparse.Namespace):
                       users=a.users, driver_cpus=a.driver_cpus, restart=a.restart,
                       extent=parse_size(a.extent) if a.extent is not None else None,
                       share=list(a.share), force=a.force,
-                      allow_host_userns=a.allow_host_userns)
+                      allow_host_userns=a.allow_host_userns, max_users=a.max_users)
 
 
 def _abs(path: str | None) -> str | None:
@@ -192,6 +198,10 @@ def _print_status(st: dict, condition: str) -> None:
 def cmd_status(a: argparse.Namespace) -> int:
     from drb_uring.domains import state
     state.require_root()       # pair state is readable by root only
+    if a.config:
+        from drb_uring.ops import tomlconfig
+        sys.stdout.write(tomlconfig.of_pair(a.name))
+        return 0
     names = [a.name] if a.name else state.pair_names()
     out = []
     for n in names:
@@ -300,6 +310,33 @@ def cmd_soak(a: argparse.Namespace) -> int:
         raise CliError("--users must be in [1, 16]")
     return soak.run(seconds, users=a.users, kill_every=a.kill_every, seed=a.seed,
                     json_out=a.json)
+
+
+def cmd_metrics(a: argparse.Namespace) -> int:
+    from drb_uring.ops import metrics
+    return metrics.run(a.names, a.listen, a.textfile, a.interval)
+
+
+def cmd_events(a: argparse.Namespace) -> int:
+    from drb_uring.ops import events
+    return events.run(a.name, a.follow, a.json)
+
+
+def cmd_install(a: argparse.Namespace) -> int:
+    from drb_uring.ops import install
+    for line in install.command(a.cmd, a.dir):
+        print(f"drb: {line}")
+    return 0
+
+
+def cmd_hook(a: argparse.Namespace) -> int:
+    from drb_uring.ops import hook
+    return hook.run()
+
+
+def cmd_ebpfd(a: argparse.Namespace) -> int:
+    from drb_uring.ops import install
+    return install.ebpfd()
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -413,6 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--no-monitor", action="store_true",
                    help="run WITHOUT the eBPF monitor: no I/O task table is enforced "
                         "(an explicit, loudly logged opt-out)")
+    u.add_argument("--max-users", type=_positive, default=64, metavar="N",
+                   help="user domains the pair may have at once, however added (default 64)")
+    u.add_argument("--config", metavar="FILE",
+                   help="take the options from a TOML file (keys: these options without "
+                        "the dashes); options given here as well win")
     u.set_defaults(func=cmd_up)
 
     d = command("down", "remove a pair and everything it made")
@@ -422,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = command("status", "show a pair (or all)")
     s.add_argument("name", nargs="?", help="the pair (default: every pair)")
     s.add_argument("--json", action="store_true", help="print the state as JSON")
+    s.add_argument("--config", action="store_true",
+                   help="print the pair's configuration as the TOML file drb up --config reads")
     s.set_defaults(func=cmd_status)
 
     command("ls", "list pairs").set_defaults(func=cmd_ls)
@@ -469,12 +513,59 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--seed", type=int, default=1, help="for the workload and the kills")
     k.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
     k.set_defaults(func=cmd_soak)
+
+    x = command("metrics", "every pair's counters in Prometheus's text format: printed, "
+                           "served, or written for node_exporter")
+    x.add_argument("names", nargs="*", metavar="NAME", help="only these pairs (default: all)")
+    x.add_argument("--listen", metavar="ADDR:PORT", nargs="?", const=_DEFAULT_LISTEN,
+                   help=f"serve /metrics over HTTP there (default {_DEFAULT_LISTEN}: this "
+                        "host only)")
+    x.add_argument("--textfile", metavar="DIR",
+                   help="write DIR/drb.prom (atomically) for node_exporter's textfile "
+                        "collector, once, or every --interval")
+    x.add_argument("--interval", type=float, metavar="S",
+                   help="with --textfile: write again every S seconds")
+    x.set_defaults(func=cmd_metrics)
+
+    v = command("events", "what happened to pairs, one line an event; kept after a pair "
+                          "is down")
+    v.add_argument("name", nargs="?", help="the pair (default: every pair's)")
+    v.add_argument("--follow", action="store_true", help="print events as they happen, too")
+    v.add_argument("--json", action="store_true", help="one JSON object a line")
+    v.set_defaults(func=cmd_events)
+
+    i = command("install-units", "put drb's systemd units in place: drb-ebpfd.service and "
+                                 "drb@.service (drb up NAME --config /etc/drb/NAME.toml)")
+    i.add_argument("--dir", metavar="DIR", help="where (default /etc/systemd/system)")
+    i.set_defaults(func=cmd_install)
+
+    h = command("install-hook", "configure podman (hooks.d) to run drb hook for containers "
+                                "annotated io.drb.pair=NAME")
+    h.add_argument("--dir", metavar="DIR",
+                   help="the hooks directory (default /etc/containers/oci/hooks.d)")
+    h.set_defaults(func=cmd_install)
+
+    command("hook", "the OCI hook (createRuntime, poststop) that makes a container a user "
+                    "domain of pair NAME while it runs; reads the container's state on "
+                    "stdin").set_defaults(func=cmd_hook)
+    command("ebpfd", "run the host's eBPF monitor service in the foreground, loaded while "
+                     "no pair runs (what drb-ebpfd.service runs)").set_defaults(func=cmd_ebpfd)
     return p
 
 
+def _up_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sub = next(x for x in parser._actions if isinstance(x, argparse._SubParsersAction))
+    return sub.choices["up"]
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
     try:
+        if a.cmd == "up" and a.config:
+            from drb_uring.ops import tomlconfig
+            a = tomlconfig.expand(argv, a.config, a.name, parser, _up_parser(parser))
         return a.func(a)
     except KeyboardInterrupt:
         print("drb: interrupted", file=sys.stderr)

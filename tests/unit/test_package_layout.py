@@ -13,7 +13,7 @@ LAYERS = [
     {"ring"},
     {"channel"},
     {"domains"},
-    {"tools", "__main__"},
+    {"tools", "ops", "__main__"},
 ]
 
 
