@@ -78,6 +78,7 @@ class UserDomain:
     tenant: bool = False             # the broker serves its socket
     loop: str | None = None          # the loop device that is its extent, if it has one
     container: str | None = None     # the OCI container it is (an attached one), if known
+    hostname: str | None = None      # its host name, when it is not set yet (an OCI hook)
     disk: bool = False               # asked for the pair's disk (io.drb.disk=1)
     up: bool = False                 # came up (its end is an event then)
 
@@ -210,7 +211,7 @@ class Pair:
 
     def add_user(self, name: str, extent: tuple[int, int], attach_pid: int | None = None,
                  container: str | None = None, rootfs: str | None = None,
-                 disk: bool = False) -> None:
+                 disk: bool = False, hostname: str | None = None) -> None:
         """Bring up user domain `name` on `extent` of the device: its socket
         (the broker's tenant), then its container (made here, or an existing
         one in attach mode, whose root is at `rootfs` if it has not moved
@@ -218,7 +219,7 @@ class Pair:
         if name in self.users:
             raise PairError(f"pair {self.name} already has a user domain {name}")
         u = UserDomain(name, extent, os.path.join(self.users_dir, name),
-                       container=container, disk=disk)
+                       container=container, disk=disk, hostname=hostname)
         self.users[name] = u
         try:
             os.makedirs(u.sock_dir, mode=0o700)
@@ -459,13 +460,13 @@ class Pair:
 
     def _domain_state(self, role: str) -> dict:
         pid = self.pids[role]
+        u = self.users.get(role)
         out = {"pid": pid, "cgroup": self.groups[role], "started": start_time(pid),
-               "hostname": attach.hostname_of(pid),
+               "hostname": u.hostname if u and u.hostname else attach.hostname_of(pid),
                "runc_id": self.domains[role].id if role in self.domains else None,
                "host_id": self.ids.get(role) or (self.users[role].host_id if role in self.users
                                                  else attach.root_host_id(pid)),
                "mounts": self.mounts.get(role, [])}
-        u = self.users.get(role)
         if u is not None:
             out.update(index=u.index, extent=list(u.extent), socket=self.inside_sock,
                        socket_host=u.sock, device=u.loop, container=u.container,

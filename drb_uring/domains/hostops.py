@@ -53,7 +53,8 @@ class HostOps:
         _pid_or_size("extent", size)
         _pid_or_size("attach", pid)
         container, rootfs = msg.get("container"), msg.get("rootfs")
-        for field, v in (("container", container), ("rootfs", rootfs)):
+        hostname = msg.get("hostname")
+        for field, v in (("container", container), ("rootfs", rootfs), ("hostname", hostname)):
             if v is not None and (not isinstance(v, str) or not v or "\0" in v):
                 raise PairError(f"user_add: bad {field} {v!r}")
         if rootfs is not None and (pid is None or not rootfs.startswith("/")):
@@ -84,7 +85,8 @@ class HostOps:
                     raise PairError(str(e)) from None
             p.broker.limbo.poke()
             time.sleep(0.02)
-        p.add_user(name, extent, pid, container=container, rootfs=rootfs, disk=disk)
+        p.add_user(name, extent, pid, container=container, rootfs=rootfs, disk=disk,
+                   hostname=hostname)
         p.write_state()
         return {"user": name, "domain": p.state["domains"][name]}
 

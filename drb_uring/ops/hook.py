@@ -69,15 +69,19 @@ def wanted(annotations: dict) -> tuple[str, bool]:
     return name, disk == "1"
 
 
-def container_root(bundle: str) -> str:
-    """The container's root directory, from its bundle's config.json."""
+def from_bundle(bundle: str) -> tuple[str, str | None]:
+    """The container's root directory and host name, from its bundle's
+    config.json (runc sets the host name after the hook)."""
     try:
         with open(os.path.join(bundle, "config.json")) as f:
-            root = json.load(f)["root"]["path"]
+            cfg = json.load(f)
+        root = cfg["root"]["path"]
+        hostname = cfg.get("hostname")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise HookError(f"cannot read the container's root from {bundle}/config.json: "
                         f"{e}") from None
-    return os.path.normpath(os.path.join(bundle, root))
+    return (os.path.normpath(os.path.join(bundle, root)),
+            hostname if isinstance(hostname, str) and hostname else None)
 
 
 def join(st: dict) -> str:
@@ -87,8 +91,9 @@ def join(st: dict) -> str:
         raise HookError(f"the container's state has no pid to attach ({pid!r})")
     if not isinstance(st.get("bundle"), str):
         raise HookError("the container's state has no bundle")
-    root = container_root(st["bundle"])
-    got = control.add_user(name, pid, None, container=st["id"], rootfs=root, disk=disk)
+    root, hostname = from_bundle(st["bundle"])
+    got = control.add_user(name, pid, None, container=st["id"], rootfs=root, disk=disk,
+                           **({"hostname": hostname} if hostname else {}))
     return f"container {st['id'][:12]} is {got['user']} of pair {name}"
 
 
