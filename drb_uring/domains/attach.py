@@ -174,6 +174,11 @@ def bind_into(pid: int, src: str, dst: str, readonly: bool, under: str = "") -> 
         made, path = [], under or "/"
         for part in dst.strip("/").split("/"):
             path = os.path.join(path, part)
+            # Under a root that has not moved yet, a link in the image
+            # would lead out of it, onto the host's own directories.
+            if under and os.path.islink(path):
+                raise OSError(f"the container's {path[len(under):]} is a symbolic link; "
+                              "drb follows none there")
             if not os.path.isdir(path):
                 os.mkdir(path, 0o755)
                 made.append(path[len(under):])
