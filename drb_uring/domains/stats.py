@@ -110,6 +110,9 @@ class PairStats:
         elif event == "user-removed":
             self.users.pop(name, None)
             self.domains.pop(name, None)
+            # A user domain of the same name later is another cgroup: counted afresh.
+            self.last = {k: v for k, v in self.last.items()
+                         if not (k[0] == "domain" and k[2] == name)}
 
     # ---- sampling ----------------------------------------------------------------
 
