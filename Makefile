@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 # Everything the installed package is made of, eBPF sources included (the
 # installed `drb` loads its programs from the package).
 SRC    := $(shell find cython_ext drb_uring bpf -name '*.pyx' -o -name '*.pxd' -o -name '*.h' \
-                   -o -name '*.py') $(wildcard bpf/*.c) setup.py setup.cfg pyproject.toml
+                   -o -name '*.py' -o -name '*.service') $(wildcard bpf/*.c) setup.py setup.cfg pyproject.toml
 PYTEST_ARGS ?=
 
 .PHONY: all setup system build demo test fuzz soak bench bench-ring annotate debug clean

@@ -31,6 +31,7 @@ FDS_FOR = {
     "user_add": (0,),         # the host only: a user domain more (drb user add)
     "user_rm": (0,),          # the host only: one user domain less (drb user rm)
     "users": (0,),            # the host only: the user domains and their extents
+    "metrics": (0,),          # the host only: the pair's counters (drb metrics)
     "ok": (0, 1),             # the reply to "open" carries the task table when monitored
     "error": (0,),
     "failed": (0,),           # monitor -> user: the channel failed (reason)

@@ -8,7 +8,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-PKGS="python3-bpfcc python3-seccomp python3-dev python3-venv liburing-dev bpftool bpftrace strace gcc make runc golang-github-containers-common fio fuse2fs sqlite3 e2fsprogs git"
+PKGS="python3-bpfcc python3-seccomp python3-dev python3-venv liburing-dev bpftool bpftrace strace gcc make runc golang-github-containers-common fio fuse2fs sqlite3 e2fsprogs git prometheus podman systemd"
 updated=0
 apt_update() { [ $updated = 1 ] || { apt-get update -q >/dev/null; updated=1; }; }
 

@@ -64,7 +64,7 @@ def shown_commands(text: str) -> set[str]:
 
 def test_pages_found():
     names = {_rel(p) for p in PAGES}
-    for page in ("README.md", "docs/usage.md", "docs/architecture.md",
+    for page in ("README.md", "docs/usage.md", "docs/architecture.md", "docs/operating.md",
                  "docs/security.md", "docs/results.md", "docs/development.md"):
         assert page in names
 
@@ -92,7 +92,7 @@ def test_relative_links_resolve(page):
 
 def test_readme_links_every_docs_page():
     text = _read(README)
-    for page in ("usage", "architecture", "security", "results", "development"):
+    for page in ("usage", "architecture", "operating", "security", "results", "development"):
         assert f"](docs/{page}.md" in text, page
 
 

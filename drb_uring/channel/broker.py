@@ -95,13 +95,17 @@ class Broker:
                  worker_cpus: list[int] | None = None, monitor_restart: bool = False,
                  holders: Callable[[int], list[int]] | None = None,
                  sweep: Callable[[int], None] | None = None,
-                 gone: Callable[[str, tuple[int, int] | None], None] | None = None):
+                 gone: Callable[[str, tuple[int, int] | None], None] | None = None,
+                 observe: Callable[[str, dict], None] | None = None):
         """`holders(inode)` lists the driver domain's processes that hold a
         ring open, `sweep(uid)` ends whatever a dead worker's user left
         there (see release, supervisor), and `gone(name, extent)` hears
         that a removed user domain's rings are all gone, its extent free to
-        wipe: a pair's daemon gives all three."""
+        wipe: a pair's daemon gives all three. `observe(event, fields)`
+        hears what happens to channels, workers and the monitor (see
+        notify)."""
         self.gone = gone
+        self.observe = observe
         # Every channel holds a handful of descriptors here (its grant ring
         # and ring fds, its connection); 1024 would not hold 16 user domains
         # with 64 channels each.
@@ -183,8 +187,20 @@ class Broker:
     def tenant_info(self) -> dict[str, dict]:
         return {t.name: {"extent": list(t.extent) if t.extent else None,
                          "channels": len(t.channels),
+                         "pinned": sum(ch.pinned for ch in t.channels.values()),
+                         "limits": t.limits.to_dict(),
                          "worker_pid": t.worker.pid if t.worker else 0}
                 for t in self.tenants.values()}
+
+    def notify(self, event: str, **fields) -> None:
+        """Tell the observer what happened: channel-opened, channel-closed,
+        violation, worker-died, worker-restarted, monitor-down,
+        monitor-back. An observer's failure never reaches the loop."""
+        if self.observe is not None:
+            try:
+                self.observe(event, fields)
+            except Exception:   # noqa: BLE001 - the channels matter more than the record
+                log.exception("observer of %s failed", event)
 
     def watch_domains(self, groups: dict[str, str]) -> None:
         """Count the mode switches of these domains (role -> cgroup) for

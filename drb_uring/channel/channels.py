@@ -93,6 +93,8 @@ class Channels:
         # From now on the connection is the channel's: it hears "failed".
         hub.listeners.hand_over(peer)
         hub.sel.modify(peer, selectors.EVENT_READ, ("channel", ch))
+        hub.notify("channel-opened", user=t.name, channel=ch.id, base=rel[0], size=rel[1],
+                   pinned=ch.pinned)
         hub.log.info("channel %d open for %s: extent %d+%d, worker pid %d%s", ch.id, t.name,
                      ch.extent[0], ch.extent[1], t.worker.pid,
                      "" if enforcer else " (UNMONITORED)")
@@ -205,6 +207,8 @@ class Channels:
             return
         ch.ended = True
         t = ch.tenant
+        # Before the grant closes: an observer may take the channel's last counts.
+        hub.notify("channel-closed", user=t.name, channel=ch.id, reason=reason)
         enforcer = hub.link.enforcer
         if enforcer and ch.gid:
             try:

@@ -112,6 +112,7 @@ class MonitorLink:
         open starts a new service."""
         hub = self.hub
         hub.log.error("the eBPF monitor went away: stopping every monitored channel")
+        hub.notify("monitor-down", restart=self.restart)
         hub.sel.unregister(self.enforcer.sock)
         dying, self.enforcer = self.enforcer, None
         for ch in [*hub.channels.values(), *hub.limbo.rings.values()]:
@@ -184,6 +185,7 @@ class MonitorLink:
             hub.log.error("the eBPF monitor could not be brought back: %s", e)
             self.down(f"the eBPF monitor went away and could not be brought back: {e}")
             return
+        hub.notify("monitor-back")
         hub.log.warning("the eBPF monitor is back; every channel carries on")
 
     def tick(self, now: float) -> None:

@@ -173,6 +173,7 @@ class Supervisor:
             t.resume_deadline = time.monotonic() + RESUME_GRACE
         if restarted:
             t.consumed = {}
+            hub.notify("worker-restarted", user=t.name, pid=pid, why=t.death)
             hub.log.warning("user domain %s: worker %d took over from the one that died",
                             t.name, pid)
         hub.sel.register(w.pidfd, hub.EVENT_READ, ("worker", (t, w)))
@@ -328,6 +329,9 @@ class Supervisor:
             if v:
                 violations[ch.id] = v
                 hub.log.error("VIOLATION channel %d: %s", ch.id, v)
+                hub.notify("violation", user=t.name, channel=ch.id, reason=v, pid=w.pid)
+        hub.notify("worker-died", user=t.name, pid=w.pid, how=how,
+                   violation=bool(violations))
         for wk in list(t.workers):
             wk.kill()
             self.forget(t, wk)

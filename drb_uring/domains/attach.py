@@ -19,6 +19,7 @@ import ctypes
 import os
 import signal
 import struct
+import time
 
 from drb_uring import linux, procs
 from drb_uring.domains import cgroup, seccomp
@@ -148,11 +149,17 @@ def _in_mount_ns(pid: int, action) -> str:
     return in_child(pid, run)
 
 
-def bind_into(pid: int, src: str, dst: str, readonly: bool) -> list[str]:
+def bind_into(pid: int, src: str, dst: str, readonly: bool, under: str = "") -> list[str]:
     """Mount the host's directory `src` at `dst` in pid's mount namespace
     (open_tree clones it here, move_mount places it there). Returns the
-    directories that had to be made for it, to be removed by unbind()."""
+    directories that had to be made for it, to be removed by unbind().
+
+    `under`: the container's root directory as its mount namespace sees it
+    now, for a container caught before pivot_root (an OCI createRuntime
+    hook): the mount goes to under/dst, which is dst once the root moves
+    there; what is returned is as the container will see it."""
     owner = root_host_id(pid)
+    under = under.rstrip("/")
 
     def action():
         tree = linux.syscall(SYS_OPEN_TREE, AT_FDCWD, src.encode(),
@@ -165,18 +172,23 @@ def bind_into(pid: int, src: str, dst: str, readonly: bool) -> list[str]:
         # system of its user namespace takes no owner it cannot map.
         linux.libc.setfsgid(owner)
         linux.libc.setfsuid(owner)
-        made, path = [], "/"
+        made, path = [], under or "/"
         for part in dst.strip("/").split("/"):
             path = os.path.join(path, part)
+            # Under a root that has not moved yet, a link in the image
+            # would lead out of it, onto the host's own directories.
+            if under and os.path.islink(path):
+                raise OSError(f"the container's {path[len(under):]} is a symbolic link; "
+                              "drb follows none there")
             if not os.path.isdir(path):
                 os.mkdir(path, 0o755)
-                made.append(path)
+                made.append(path[len(under):])
         linux.libc.setfsuid(0)
         linux.libc.setfsgid(0)
-        linux.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, dst.encode(),
+        linux.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, (under + dst).encode(),
                       MOVE_MOUNT_F_EMPTY_PATH, what=f"move_mount to {dst}")
         if readonly:
-            linux.mount(None, dst, None, linux.MS_BIND | MS_REMOUNT | MS_RDONLY)
+            linux.mount(None, under + dst, None, linux.MS_BIND | MS_REMOUNT | MS_RDONLY)
         return ":".join(made)
     out = in_child(pid, action)
     return [p for p in out.split(":") if p]
@@ -211,9 +223,10 @@ def hide_others_in_proc(pid: int) -> None:
     _in_mount_ns(pid, action)
 
 
-def share_package(pid: int) -> list[str]:
+def share_package(pid: int, under: str = "") -> list[str]:
     """drb's package, read-only, where a worker imports it from."""
-    return bind_into(pid, package_dir(), f"{PACKAGE_AT}/drb_uring", readonly=True)
+    return bind_into(pid, package_dir(), f"{PACKAGE_AT}/drb_uring", readonly=True,
+                     under=under)
 
 
 def _drop_capabilities() -> None:
@@ -276,6 +289,18 @@ def spawn_joined(pid: int, argv: list[str], fds=(), *, role: str,
     env = dict(e.split("=", 1) for e in ENV)
     return procs.spawn_at(argv, fds, env=env, before_exec=lambda: _join(pid, profile, uid),
                           **stdio)
+
+
+def spawn_in(pid: int, argv: list[str], fds, out: int, **how):
+    """spawn_joined (`how`: role, deny, uid) with output to `out`: (the
+    stand-in, the program's own pid once it shows, else the stand-in's)."""
+    child = spawn_joined(pid, argv, fds, stdout=out, stderr=out, **how)
+    for _ in range(2000):
+        kid = child_of(child.pid)
+        if kid or child.poll() is not None:
+            return child, kid or child.pid
+        time.sleep(0.005)
+    return child, child.pid
 
 
 def host_uid(pid: int, uid: int) -> int:

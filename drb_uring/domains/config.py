@@ -171,6 +171,9 @@ class PairConfig(Spec):
     fs: str | None = None
     fs_mount: str = "/data"
     disk_page_cache: bool = False
+    # User domains the pair may have at once, however they come (drb user
+    # add, the OCI hook).
+    max_users: int = MAX_USERS
     # Give each user domain a loop device that is its extent (the kernel
     # then refuses I/O past it): None = with O_DIRECT, where the monitor's
     # kill comes too late to stop a direct write (see docs/security.md).
@@ -209,6 +212,10 @@ class PairConfig(Spec):
             raise SpecError("user_io_uring is for pairs drb makes, not attached containers")
         if not 1 <= self.users <= MAX_USERS:
             raise SpecError(f"--users must be in [1, {MAX_USERS}], got {self.users}")
+        if not 1 <= self.max_users <= MAX_USERS:
+            raise SpecError(f"--max-users must be in [1, {MAX_USERS}], got {self.max_users}")
+        if self.users > self.max_users:
+            raise SpecError(f"--users {self.users} is more than --max-users {self.max_users}")
         if self.attached and self.users != 1:
             raise SpecError("--attach-user pairs one user domain; add more to the running "
                             "pair with: drb user add NAME --attach PID")

@@ -16,7 +16,7 @@ import subprocess
 import time
 
 from drb_uring import procs
-from drb_uring.domains import attach, backing, cgroup, daemon, runtime, seccomp
+from drb_uring.domains import attach, backing, cgroup, daemon, journal, runtime, seccomp
 from drb_uring.domains.config import (
     MIN_SIZE,
     PairConfig,
@@ -199,6 +199,7 @@ def stop_pair(name: str) -> list[str]:
     check_name(name)
     pid = daemon_pid(name)
     did = []
+    ended = None      # why the pair ended, when its daemon could not say so itself
     if pid:
         os.kill(pid, signal.SIGTERM)
         end = time.monotonic() + 15
@@ -207,9 +208,14 @@ def stop_pair(name: str) -> list[str]:
         if daemon_pid(name) == pid:
             os.kill(pid, signal.SIGKILL)
             did.append(f"daemon {pid} did not stop; killed it")
+            ended = f"its daemon {pid} did not stop and was killed"
         else:
             did.append(f"stopped daemon {pid}")
+    elif read_state(name) is not None:
+        ended = "its daemon was gone; drb down removed what it left"
     did += teardown_leftovers(name)
+    if ended:
+        journal.Journal(name)("pair-down", reason=ended)
     return did
 
 
@@ -278,12 +284,12 @@ def ask_daemon(name: str, msg: dict, timeout: float = 120) -> dict:
 
 
 def add_user(name: str, attach_pid: int | None = None, extent: int | None = None,
-             disk: bool = False) -> dict:
+             **more) -> dict:
     """A user domain more for a running pair (drb user add); returns its
-    name and state. With `disk`, it gets a disk whether or not the pair's
-    others have one."""
-    return ask_daemon(name, {"op": "user_add", "attach": attach_pid, "extent": extent,
-                             **({"disk": True} if disk else {})})
+    name and state. `more`: the attached container's id, its root before
+    pivot_root (rootfs) and whether it asks for the pair's disk (the OCI
+    hook's)."""
+    return ask_daemon(name, {"op": "user_add", "attach": attach_pid, "extent": extent, **more})
 
 
 def remove_user(name: str, user: str) -> dict:

@@ -25,7 +25,6 @@ import shutil
 import signal
 import stat
 import sys
-import tempfile
 import threading
 import time
 
@@ -35,15 +34,9 @@ from drb_uring.channel.worker import WorkerSpec
 from drb_uring.disk import frontend
 from drb_uring.disk.frontend import UserDisk
 from drb_uring.domains import attach, backing, cgroup, runtime
-from drb_uring.domains.config import (
-    MAX_USERS,
-    PairConfig,
-    check_share,
-    free_extent,
-    split_device,
-    user_index,
-    user_name,
-)
+from drb_uring.domains.config import PairConfig, check_share, split_device, user_index
+from drb_uring.domains.hostops import HostOps
+from drb_uring.domains.journal import Journal
 from drb_uring.domains.policy import Policies
 from drb_uring.domains.state import (
     PairError,
@@ -56,12 +49,11 @@ from drb_uring.domains.state import (
     state_dir,
     write_state,
 )
+from drb_uring.domains.stats import PairStats
 from drb_uring.errors import DrbError
 from drb_uring.spec import Spec, SpecError
 
 log = logging.getLogger("drb.pair")
-
-WIPE_WAIT = 10.0     # seconds a user add waits for a removed user domain's extent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +79,9 @@ class UserDomain:
     tenant: bool = False             # the broker serves its socket
     loop: str | None = None          # the loop device that is its extent, if it has one
     disk: UserDisk | None = None     # its disk (drb up --disk)
+    container: str | None = None     # the OCI container it is (an attached one), if known
+    hostname: str | None = None      # its host name, when it is not set yet (an OCI hook)
+    up: bool = False                 # came up (its end is an event then)
 
     @property
     def sock(self) -> str:
@@ -124,6 +119,13 @@ class Pair:
         self.unwipeable: set[tuple[int, int]] = set()
         self.state: dict = {}
         self.worker_log = os.path.join(self.dir, "workers.log")
+        self.journal = Journal(cfg.name)
+        self.stats = PairStats(cfg.name, lambda: self.broker)
+
+    def observe(self, event: str, fields: dict) -> None:
+        """What happened in the pair: counted, and kept in its event log."""
+        self.stats.on_event(event, fields)
+        self.journal(event, **fields)
 
     @property
     def sock(self) -> str | None:
@@ -208,16 +210,19 @@ class Pair:
         return Limits(channels=self.cfg.max_channels, pinned=self.cfg.max_pinned)
 
     def add_user(self, name: str, extent: tuple[int, int], attach_pid: int | None = None,
-                 disk: bool | None = None) -> None:
+                 container: str | None = None, rootfs: str | None = None,
+                 disk: bool | None = None, hostname: str | None = None) -> None:
         """Bring up user domain `name` on `extent` of the device: its socket
         (the broker's tenant), then its container (made here, or an existing
-        one in attach mode), then its disk (`disk`, or the pair's --disk). On
-        failure whatever was made is removed."""
+        one in attach mode, whose root is at `rootfs` if it has not moved
+        there yet), then its disk (`disk`, or the pair's --disk). On failure
+        whatever was made is removed."""
         if disk is None:
             disk = self.cfg.disk
         if name in self.users:
             raise PairError(f"pair {self.name} already has a user domain {name}")
-        u = UserDomain(name, extent, os.path.join(self.users_dir, name))
+        u = UserDomain(name, extent, os.path.join(self.users_dir, name),
+                       container=container, hostname=hostname)
         self.users[name] = u
         try:
             os.makedirs(u.sock_dir, mode=0o700)
@@ -238,10 +243,11 @@ class Pair:
                 u.host_id = attach.root_host_id(attach_pid)
                 self._share_socket(u, u.host_id)
                 self.mounts[name] = [(f"/run/drb/{self.name}", attach.bind_into(
-                    attach_pid, u.sock_dir, f"/run/drb/{self.name}", readonly=False))]
+                    attach_pid, u.sock_dir, f"/run/drb/{self.name}", readonly=False,
+                    under=rootfs or ""))]
                 # drb's package, read-only: the user side imports the client from it.
                 self.mounts[name].append((f"{runtime.PACKAGE_AT}/drb_uring",
-                                          attach.share_package(attach_pid)))
+                                          attach.share_package(attach_pid, rootfs or "")))
                 self._policies(name)
             else:
                 u.host_id = reserve_ids(self.name, 1)[0]
@@ -260,6 +266,10 @@ class Pair:
                 log.exception("cleaning up after user domain %s failed to come up", name)
             raise
         log.info("user domain %s up: pid %d, extent %d+%d", name, self.pids[name], *extent)
+        u.up = True
+        self.journal("user-added", user=name, pid=self.pids[name], extent=list(extent),
+                     **({"container": container} if container else {}),
+                     **({"disk": True} if disk else {}))
 
     def remove_user(self, name: str) -> None:
         """Take user domain `name` down: its channels (the broker stops their
@@ -306,6 +316,10 @@ class Pair:
         self.pids.pop(name, None)
         del self.users[name]
         log.info("user domain %s removed", name)
+        if u.up:
+            self.observe("user-removed", {"user": name})
+        else:
+            self.stats.on_event("user-removed", {"user": name})
         if errors:
             raise PairError(f"removing user domain {name}: {errors[0]}")
 
@@ -337,30 +351,11 @@ class Pair:
             argv = ["/usr/bin/env", *(f"{k}={v}" for k, v in env.items()), *argv]
         with private_file(log_path, "ab") as out:
             if role in self.domains:
-                with tempfile.TemporaryDirectory(dir=self.dir) as tmp:
-                    pid_file = os.path.join(tmp, "pid")
-                    child = procs.spawn_at(self.domains[role].exec_argv(
-                        argv, preserve_fds=len(fds), pid_file=pid_file, uid=uid), fds,
-                        stdout=out.fileno(), stderr=out.fileno())
-                    for _ in range(2000):
-                        if os.path.exists(pid_file) or child.poll() is not None:
-                            break
-                        time.sleep(0.005)
-                    try:
-                        with open(pid_file) as f:
-                            return child, int(f.read())
-                    except (OSError, ValueError):
-                        return child, child.pid
-            child = attach.spawn_joined(self.pids[role], argv, fds,
-                                        role="driver" if role == "driver" else "user",
-                                        deny=tuple(self.cfg.deny) if role != "driver" else (),
-                                        uid=uid, stdout=out.fileno(), stderr=out.fileno())
-        for _ in range(2000):
-            pid = attach.child_of(child.pid)
-            if pid or child.poll() is not None:
-                return child, pid or child.pid
-            time.sleep(0.005)
-        return child, child.pid
+                return self.domains[role].spawn(argv, fds, out.fileno(), uid=uid)
+            return attach.spawn_in(self.pids[role], argv, fds, out.fileno(),
+                                   role="driver" if role == "driver" else "user",
+                                   deny=tuple(self.cfg.deny) if role != "driver" else (),
+                                   uid=uid)
 
     def run_in(self, role: str, argv: list[str], timeout: float = 120) -> tuple[int, str]:
         """Run argv inside domain `role` as its root and wait, the broker's
@@ -444,10 +439,8 @@ class Pair:
                                  worker_cpus=self._driver_cpus(),
                                  monitor_restart=a.restart,
                                  holders=self._ring_holders, sweep=self._sweep,
-                                 gone=self._tenant_gone,
-                                 host_ops={"user_add": self._op_user_add,
-                                           "user_rm": self._op_user_rm,
-                                           "users": self._op_users})
+                                 gone=self._tenant_gone, observe=self.observe,
+                                 host_ops=HostOps(self).table())
         finally:
             compiling.join()
         if errors:
@@ -474,21 +467,25 @@ class Pair:
             "device": dev_path, "device_size": dev.size, "align": dev.align,
             "o_direct": a.o_direct, "attached": a.attached,
             "runc_root": os.path.join(self.dir, "runc"),
-            "deny": list(a.deny), "monitor": not a.no_monitor, "started": time.time()}
+            "deny": list(a.deny), "monitor": not a.no_monitor, "started": time.time(),
+            "max_users": a.max_users, "disk": a.disk, "config": a.to_dict()}
         self.write_state()
+        self.journal("pair-up", device=dev_path, users=sorted(self.users, key=user_index),
+                     monitor=not a.no_monitor, daemon_pid=os.getpid())
 
     def _domain_state(self, role: str) -> dict:
         pid = self.pids[role]
+        u = self.users.get(role)
         out = {"pid": pid, "cgroup": self.groups[role], "started": start_time(pid),
-               "hostname": attach.hostname_of(pid),
+               "hostname": u.hostname if u and u.hostname else attach.hostname_of(pid),
                "runc_id": self.domains[role].id if role in self.domains else None,
                "host_id": self.ids.get(role) or (self.users[role].host_id if role in self.users
                                                  else attach.root_host_id(pid)),
                "mounts": self.mounts.get(role, [])}
-        u = self.users.get(role)
         if u is not None:
             out.update(index=u.index, extent=list(u.extent), socket=self.inside_sock,
-                       socket_host=u.sock, device=u.loop, **frontend.state_of(u))
+                       socket_host=u.sock, device=u.loop, container=u.container,
+                       **frontend.state_of(u))
         return out
 
     def write_state(self) -> None:
@@ -509,64 +506,6 @@ class Pair:
             domains=domains, users=sorted(self.users, key=user_index),
             extent_size=self.extent_size, socket=self.inside_sock, socket_host=self.sock)
         write_state(self.name, self.state)
-
-    # ---- the host's requests (drb user add|rm), on the control socket --------
-
-    def _next_user(self) -> str:
-        for k in range(MAX_USERS):
-            if f"user{k}" not in self.users:
-                return f"user{k}"
-        raise PairError(f"pair {self.name} has {MAX_USERS} user domains, the most it may have")
-
-    def _op_user_add(self, msg: dict) -> dict:
-        name = self._next_user()
-        size = msg.get("extent")
-        pid = msg.get("attach")
-        disk = msg.get("disk")
-        if disk is not None and not isinstance(disk, bool):
-            raise PairError(f"user_add: bad disk {disk!r}")
-        for field, v in (("extent", size), ("attach", pid)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 1):
-                raise PairError(f"user_add: bad {field} {v!r}")
-        dev = self.broker.device
-        # A removed user domain's share is free only once the kernel is done
-        # with its rings (the broker's limbo) and it is wiped: an add that
-        # needs it waits for both, a while.
-        end = time.monotonic() + WIPE_WAIT
-        while True:
-            taken = ([u.extent for u in self.users.values()] + self.broker.limbo.held_extents()
-                     + sorted(self.wiping | self.unwipeable))
-            try:
-                extent = free_extent(dev.size, taken, size or self.extent_size, dev.align)
-                break
-            except SpecError as e:
-                if not self.wiping or time.monotonic() > end:
-                    raise PairError(str(e)) from None
-            self.broker.limbo.poke()
-            time.sleep(0.02)
-        self.add_user(name, extent, pid, disk=disk or None)
-        self.write_state()
-        return {"user": name, "domain": self.state["domains"][name]}
-
-    def _op_user_rm(self, msg: dict) -> dict:
-        name = msg.get("user")
-        if not isinstance(name, str) or user_index(name) < 0:
-            raise PairError(f"user_rm: not a user domain: {name!r} (user0, user1, ...)")
-        name = user_name(name)
-        if name not in self.users:
-            raise PairError(f"pair {self.name} has no user domain {name}")
-        # Its extent is zeroed once its rings are gone, before anyone else
-        # may have it (see _tenant_gone).
-        self.wiping.add(self.users[name].extent)
-        try:
-            self.remove_user(name)
-        finally:
-            self.write_state()
-        return {"user": name}
-
-    def _op_users(self, msg: dict) -> dict:
-        return {"users": {n: {"extent": list(u.extent), "pid": self.pids.get(n, 0)}
-                          for n, u in self.users.items()}}
 
     # ---- tear-down ---------------------------------------------------------
 
@@ -618,37 +557,34 @@ def run(cfg: PairConfig, ready_fd: int, log_to_stderr: bool = False) -> int:
             pair.broker.stop()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    status = 0
+    status, why, was_up = 0, "stopped", False
     try:
         pair.up()
+        was_up = True
         _tell(ready_fd, "ok")
-        ready_fd = _close(ready_fd)
+        os.close(ready_fd)
+        ready_fd = -1
         log.info("pair %s up", cfg.name)
         if not stop:
             pair.broker.run()
     except (DrbError, OSError) as e:
         log.error("%s", e)
         _tell(ready_fd, f"error: {e}")
-        status = 1
+        status, why = 1, str(e)
     except Exception as e:
         log.exception("pair %s failed", cfg.name)
         _tell(ready_fd, f"error: {type(e).__name__}: {e}")
-        status = 1
+        status, why = 1, f"{type(e).__name__}: {e}"
     finally:
         try:
             pair.down()
         finally:
+            pair.journal("pair-down" if was_up else "pair-failed", reason=why)
             log.info("pair %s down", cfg.name)
             logging.shutdown()
             shutil.rmtree(d, ignore_errors=True)
             remove_run_if_empty()
     return status
-
-
-def _close(fd: int) -> int:
-    if fd >= 0:
-        os.close(fd)
-    return -1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,9 +28,12 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import drb_uring
+from drb_uring import procs
 from drb_uring.domains import cgroup, seccomp
 from drb_uring.domains.state import private_file
 from drb_uring.errors import DrbError
@@ -260,6 +263,25 @@ class Domain:
         if uid is not None:
             argv += ["--user", f"{uid}:{uid}"]
         return argv + ["--cwd", "/", self.id, *cmd]
+
+    def spawn(self, cmd: list[str], fds: list[int], out: int, uid: int | None = None):
+        """Start `cmd` inside the domain (fds[i] as its fd 3 + i, output to
+        `out`): (the runc exec standing in for it, the program's own pid,
+        or the stand-in's if runc never said)."""
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(self.root)) as tmp:
+            pid_file = os.path.join(tmp, "pid")
+            child = procs.spawn_at(self.exec_argv(cmd, preserve_fds=len(fds),
+                                                  pid_file=pid_file, uid=uid),
+                                   fds, stdout=out, stderr=out)
+            for _ in range(2000):
+                if os.path.exists(pid_file) or child.poll() is not None:
+                    break
+                time.sleep(0.005)
+            try:
+                with open(pid_file) as f:
+                    return child, int(f.read())
+            except (OSError, ValueError):
+                return child, child.pid
 
     def stop(self) -> None:
         """Kill and remove the container (idempotent)."""

@@ -9,6 +9,7 @@ cgroups) goes away with its connection.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -27,6 +28,14 @@ from drb_uring.spec import Spec
 log = logging.getLogger("drb.enforce")
 
 WORKER_DEATH_WAIT = 2.0     # seconds for a killed worker's pidfd to say it is gone
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceSpec(Spec):
+    # Under a service manager (drb-ebpfd.service, `drb ebpfd`): stay in the
+    # foreground, and keep the programs loaded while no broker is connected,
+    # so that a pair comes up without compiling them.
+    foreground: bool = False
 
 
 class Client:
@@ -51,7 +60,8 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
 
 
 class Service:
-    def __init__(self):
+    def __init__(self, persist: bool = False):
+        self.persist = persist
         self.enforcer = Enforcer()
         self.sel = selectors.DefaultSelector()
         self.sock = protocol.listen(SERVICE_SOCK)
@@ -250,7 +260,8 @@ class Service:
                         self.sel.modify(c.peer, want, c)
             self.enforcer.poll()
             self.enforcer.expire()
-            if self.served and not self.clients and self._last_one_out():
+            if self.served and not self.clients and not self.persist \
+                    and self._last_one_out():
                 break
 
     def close(self) -> None:
@@ -265,17 +276,38 @@ class Service:
         self.enforcer.close()
 
 
+def _start_foreground() -> Service:
+    """The service, unless one already serves: under the lock clients take
+    to connect or start one, so that no second one starts meanwhile."""
+    os.makedirs(os.path.dirname(SERVICE_LOCK), exist_ok=True)
+    lock = os.open(SERVICE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        with probe:
+            try:
+                probe.connect(SERVICE_SOCK)
+            except OSError:
+                pass
+            else:
+                raise EnforceError(f"an eBPF service already serves on {SERVICE_SOCK}")
+        return Service(persist=True)
+    finally:
+        os.close(lock)
+
+
 def main(argv: list[str] | None = None) -> int:
-    procs.spec_from_argv(Spec, argv)
-    # Detach from whichever monitor started us: we outlive it, and must not
-    # be its child (nor a zombie in its process table when we exit).
-    if os.fork():
-        os._exit(0)
-    os.setsid()
+    spec = procs.spec_from_argv(ServiceSpec, argv)
+    if not spec.foreground:
+        # Detach from whichever monitor started us: we outlive it, and must
+        # not be its child (nor a zombie in its process table when we exit).
+        if os.fork():
+            os._exit(0)
+        os.setsid()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s drb-ebpfd[%(process)d] %(message)s")
     try:
-        svc = Service()
+        svc = _start_foreground() if spec.foreground else Service()
     except (EnforceError, OSError) as e:
         print(f"error: {e}", flush=True)
         return 1
@@ -285,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
               "see /var/log/drb-ebpfd.log", flush=True)
         return 1
     signal.signal(signal.SIGTERM, lambda *_: setattr(svc, "stopping", True))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, (lambda *_: setattr(svc, "stopping", True))
+                  if spec.foreground else signal.SIG_IGN)
     print("ready", flush=True)
     sys.stdout.close()
     log.info("programs loaded; serving monitors")

@@ -15,6 +15,9 @@ import sys
 import time
 
 from drb_uring.errors import DrbError
+from drb_uring.tools.benchcmd import TRANSPORTS_DEFAULT, cmd_bench, cmd_bench_ring, cmd_report
+from drb_uring.tools.cliutil import CliError
+from drb_uring.tools.cliutil import positive as _positive
 
 EXAMPLES = """examples:
   drb demo                            # a pair on a temporary file, a workload, teardown
@@ -28,6 +31,9 @@ EXAMPLES = """examples:
   drb user add web                    # user4, on a free extent of the same size
   drb user rm web user1
   drb status db --json
+  drb status db --config > /etc/drb/db.toml  # drb up db --config /etc/drb/db.toml again
+  drb events db --follow              # what happens to db, as it happens
+  drb metrics --listen 127.0.0.1:9478 # every pair's counters for Prometheus
   drb down db
   drb bench --quick --json io.json   # drb against the baselines, ~3 minutes
   drb bench --quick --smoke           # the same cells, a fraction of a second each
@@ -40,123 +46,7 @@ EXAMPLES = """examples:
 """
 
 
-TRANSPORTS_DEFAULT = "drb,drb-poll,grant-map,socket,direct"
-
-
-class CliError(DrbError):
-    pass
-
-
-def _positive(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {v!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return n
-
-
-def _progress(line: str) -> None:
-    print(f"  .. {line}", file=sys.stderr, flush=True)
-
-
-def cmd_bench_ring(a: argparse.Namespace) -> int:
-    from drb_uring.tools import ringbench
-    print("Benchmarking the double ring between two processes (Ctrl-C to stop).")
-    rep = ringbench.run(iters=a.iters, count=a.count, progress=_progress)
-    print(ringbench.table(rep))
-    if a.json:
-        ringbench.write_json(rep, a.json)
-        print(f"wrote {a.json}")
-    return 0
-
-
-def cmd_bench(a: argparse.Namespace) -> int:
-    from drb_uring.domains.config import parse_size
-    from drb_uring.domains.state import require_root
-    from drb_uring.tools import bench
-    if a.quick and a.full:
-        raise CliError("--quick and --full exclude each other")
-    if a.disk:
-        return _bench_disk(a)
-    transports = bench.parse_list(a.transport, bench.TRANSPORTS)
-    ops = bench.parse_list(a.op, list(bench.OPS))
-    sizes = bench.parse_list(a.bs, conv=parse_size)
-    depths = bench.parse_list(a.qd, conv=int)
-    users = bench.parse_list(a.users, conv=int)
-    if any(q < 1 or q > 1024 for q in depths):
-        raise CliError("queue depths must be in [1, 1024]")
-    if any(b > 16 << 20 for b in sizes):
-        raise CliError("block sizes must be at most 16m")
-    if any(u < 1 or u > 64 for u in users):
-        raise CliError("--users must be in [1, 64]")
-    seconds = a.seconds if a.seconds is not None else \
-        bench.SMOKE_SECONDS if a.smoke else bench.CELL_SECONDS
-    if seconds <= 0 or seconds > 3600:
-        raise CliError("--seconds must be in (0, 3600]")
-    mons = bench.parse_list(a.monitor, ["on", "off"])
-    if a.quick:
-        cells = bench.quick_cells()
-    elif a.full:
-        cells = bench.full_cells()
-    else:
-        cells = bench.matrix(transports, ops, sizes, depths, users,
-                             tuple(m == "on" for m in mons))
-    require_root()
-    what = " (a smoke run: every cell once, through the same steps, too short to measure)" \
-        if a.smoke else ""
-    print(f"Benchmarking {len(cells)} cells in real domains, {seconds:g} s each{what} "
-          "(Ctrl-C to stop).")
-    rep = bench.run(cells, seconds, progress=_progress, repeat=a.repeat, fio=not a.no_fio)
-    print(bench.table(rep))
-    if a.json:
-        bench.write_json(rep, a.json)
-        print(f"wrote {a.json}")
-    return 0
-
-
-def _bench_disk(a: argparse.Namespace) -> int:
-    from drb_uring.domains.state import require_root
-    from drb_uring.tools import bench, diskbench
-    others = [o for o, v, d in (("--quick", a.quick, False), ("--full", a.full, False),
-                                ("--no-fio", a.no_fio, False),
-                                ("--transport", a.transport, TRANSPORTS_DEFAULT),
-                                ("--op", a.op, "randread"), ("--bs", a.bs, "4k"),
-                                ("--qd", a.qd, "1,32"), ("--users", a.users, "1")) if v != d]
-    if others:
-        raise CliError(f"--disk runs the disk's own fio jobs: not with {', '.join(others)}")
-    mons = bench.parse_list(a.monitor, ["on", "off"])
-    if len(mons) != 1:
-        raise CliError("--disk takes one --monitor setting: on or off")
-    seconds = a.seconds if a.seconds is not None else \
-        bench.SMOKE_SECONDS if a.smoke else bench.CELL_SECONDS
-    if seconds <= 0 or seconds > 3600:
-        raise CliError("--seconds must be in (0, 3600]")
-    require_root()
-    what = " (a smoke run: every step, too short to measure)" if a.smoke else ""
-    print(f"Benchmarking the user domain's disk: {len(diskbench.JOBS)} fio jobs on "
-          f"{len(diskbench.TARGETS)} files, then its file system, {seconds:g} s each{what} "
-          "(Ctrl-C to stop).")
-    rep = diskbench.run(seconds, smoke=a.smoke, repeat=a.repeat, monitor=mons[0] == "on",
-                        progress=_progress)
-    print(diskbench.table(rep))
-    if a.json:
-        bench.write_json(rep, a.json)
-        print(f"wrote {a.json}")
-    return 0
-
-
-def cmd_report(a: argparse.Namespace) -> int:
-    from drb_uring.tools import report
-    rep = report.load(a.file)
-    paths = report.write(rep, a.out)
-    for t in report.targets(rep):
-        met = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
-        print(f"  {t['target']}: {t['measured'] if t['measured'] is not None else '-'} "
-              f"(goal {t['goal']}, {met})")
-    print(f"wrote {', '.join(paths)}")
-    return 0
+_DEFAULT_LISTEN = "127.0.0.1:9478"
 
 
 def _config(a: argparse.Namespace):
@@ -172,7 +62,8 @@ def _config(a: argparse.Namespace):
                       extent=parse_size(a.extent) if a.extent is not None else None,
                       share=list(a.share), force=a.force,
                       allow_host_userns=a.allow_host_userns, disk=a.disk,
-                      disk_path=a.disk_path, fs=a.fs, fs_mount=a.fs_mount)
+                      disk_path=a.disk_path, fs=a.fs, fs_mount=a.fs_mount,
+                      max_users=a.max_users)
 
 
 def _abs(path: str | None) -> str | None:
@@ -231,6 +122,10 @@ def _print_status(st: dict, condition: str) -> None:
 def cmd_status(a: argparse.Namespace) -> int:
     from drb_uring.domains import state
     state.require_root()       # pair state is readable by root only
+    if a.config:
+        from drb_uring.ops import tomlconfig
+        sys.stdout.write(tomlconfig.of_pair(a.name))
+        return 0
     names = [a.name] if a.name else state.pair_names()
     out = []
     for n in names:
@@ -277,7 +172,7 @@ def cmd_user(a: argparse.Namespace) -> int:
             raise CliError("drb user add NAME [--attach PID] [--extent SIZE]: the new user "
                            "domain's name is chosen for it")
         extent = parse_size(a.extent) if a.extent is not None else None
-        got = control.add_user(a.name, a.attach, extent, a.disk)
+        got = control.add_user(a.name, a.attach, extent, **({"disk": True} if a.disk else {}))
         dm = got["domain"]
         print(f"drb: added {got['user']} to pair {a.name}: pid {dm['pid']}, hostname "
               f"{dm['hostname']}, extent {dm['extent'][0]}+{dm['extent'][1]}")
@@ -339,6 +234,33 @@ def cmd_soak(a: argparse.Namespace) -> int:
         raise CliError("--users must be in [1, 16]")
     return soak.run(seconds, users=a.users, kill_every=a.kill_every, seed=a.seed,
                     json_out=a.json)
+
+
+def cmd_metrics(a: argparse.Namespace) -> int:
+    from drb_uring.ops import metrics
+    return metrics.run(a.names, a.listen, a.textfile, a.interval)
+
+
+def cmd_events(a: argparse.Namespace) -> int:
+    from drb_uring.ops import events
+    return events.run(a.name, a.follow, a.json)
+
+
+def cmd_install(a: argparse.Namespace) -> int:
+    from drb_uring.ops import install
+    for line in install.command(a.cmd, a.dir):
+        print(f"drb: {line}")
+    return 0
+
+
+def cmd_hook(a: argparse.Namespace) -> int:
+    from drb_uring.ops import hook
+    return hook.run()
+
+
+def cmd_ebpfd(a: argparse.Namespace) -> int:
+    from drb_uring.ops import install
+    return install.ebpfd()
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -468,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--no-monitor", action="store_true",
                    help="run WITHOUT the eBPF monitor: no I/O task table is enforced "
                         "(an explicit, loudly logged opt-out)")
+    u.add_argument("--max-users", type=_positive, default=64, metavar="N",
+                   help="user domains the pair may have at once, however added (default 64)")
+    u.add_argument("--config", metavar="FILE",
+                   help="take the options from a TOML file (keys: these options without "
+                        "the dashes); options given here as well win")
     u.set_defaults(func=cmd_up)
 
     d = command("down", "remove a pair and everything it made")
@@ -477,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = command("status", "show a pair (or all)")
     s.add_argument("name", nargs="?", help="the pair (default: every pair)")
     s.add_argument("--json", action="store_true", help="print the state as JSON")
+    s.add_argument("--config", action="store_true",
+                   help="print the pair's configuration as the TOML file drb up --config reads")
     s.set_defaults(func=cmd_status)
 
     command("ls", "list pairs").set_defaults(func=cmd_ls)
@@ -526,12 +455,59 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--seed", type=int, default=1, help="for the workload and the kills")
     k.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
     k.set_defaults(func=cmd_soak)
+
+    x = command("metrics", "every pair's counters in Prometheus's text format: printed, "
+                           "served, or written for node_exporter")
+    x.add_argument("names", nargs="*", metavar="NAME", help="only these pairs (default: all)")
+    x.add_argument("--listen", metavar="ADDR:PORT", nargs="?", const=_DEFAULT_LISTEN,
+                   help=f"serve /metrics over HTTP there (default {_DEFAULT_LISTEN}: this "
+                        "host only)")
+    x.add_argument("--textfile", metavar="DIR",
+                   help="write DIR/drb.prom (atomically) for node_exporter's textfile "
+                        "collector, once, or every --interval")
+    x.add_argument("--interval", type=float, metavar="S",
+                   help="with --textfile: write again every S seconds")
+    x.set_defaults(func=cmd_metrics)
+
+    v = command("events", "what happened to pairs, one line an event; kept after a pair "
+                          "is down")
+    v.add_argument("name", nargs="?", help="the pair (default: every pair's)")
+    v.add_argument("--follow", action="store_true", help="print events as they happen, too")
+    v.add_argument("--json", action="store_true", help="one JSON object a line")
+    v.set_defaults(func=cmd_events)
+
+    i = command("install-units", "put drb's systemd units in place: drb-ebpfd.service and "
+                                 "drb@.service (drb up NAME --config /etc/drb/NAME.toml)")
+    i.add_argument("--dir", metavar="DIR", help="where (default /etc/systemd/system)")
+    i.set_defaults(func=cmd_install)
+
+    h = command("install-hook", "configure podman (hooks.d) to run drb hook for containers "
+                                "annotated io.drb.pair=NAME")
+    h.add_argument("--dir", metavar="DIR",
+                   help="the hooks directory (default /etc/containers/oci/hooks.d)")
+    h.set_defaults(func=cmd_install)
+
+    command("hook", "the OCI hook (createRuntime, poststop) that makes a container a user "
+                    "domain of pair NAME while it runs; reads the container's state on "
+                    "stdin").set_defaults(func=cmd_hook)
+    command("ebpfd", "run the host's eBPF monitor service in the foreground, loaded while "
+                     "no pair runs (what drb-ebpfd.service runs)").set_defaults(func=cmd_ebpfd)
     return p
 
 
+def _up_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sub = next(x for x in parser._actions if isinstance(x, argparse._SubParsersAction))
+    return sub.choices["up"]
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
     try:
+        if a.cmd == "up" and a.config:
+            from drb_uring.ops import tomlconfig
+            a = tomlconfig.expand(argv, a.config, a.name, parser, _up_parser(parser))
         return a.func(a)
     except KeyboardInterrupt:
         print("drb: interrupted", file=sys.stderr)

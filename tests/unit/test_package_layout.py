@@ -14,7 +14,7 @@ LAYERS = [
     {"channel"},
     {"disk"},
     {"domains"},
-    {"tools", "__main__"},
+    {"tools", "ops", "__main__"},
 ]
 
 
