@@ -562,7 +562,8 @@ def run(cfg: PairConfig, ready_fd: int, log_to_stderr: bool = False) -> int:
         pair.up()
         was_up = True
         _tell(ready_fd, "ok")
-        os.close(ready_fd)
+        if ready_fd >= 0:           # -1 in the foreground (drb up --foreground)
+            os.close(ready_fd)
         ready_fd = -1
         log.info("pair %s up", cfg.name)
         if not stop:
