@@ -75,6 +75,20 @@ BPF_ARRAY(lat, u64, MAX_CHANNELS * 2 * DRB_HIST_BUCKETS);
  * completion hook per request, so they are kept only while wanted. */
 BPF_ARRAY(config, u64, 1);
 
+/* Per channel (row): reads, bytes read, writes, bytes written, flushes,
+ * as the kernel completed them (drb metrics). Counted only while someone
+ * looks, as the histograms are. */
+#define IO_COUNTS 5
+BPF_ARRAY(io, u64, MAX_CHANNELS * IO_COUNTS);
+
+static __always_inline void io_add(u32 row, u32 what, u64 n)
+{
+    u32 k = row * IO_COUNTS + what;
+    u64 *c = io.lookup(&k);
+    if (c)
+        __sync_fetch_and_add(c, n);
+}
+
 static __always_inline int tracing(void)
 {
     u32 zero = 0;
@@ -260,16 +274,26 @@ RAW_TRACEPOINT_PROBE(io_uring_complete)
     if (!t)
         return 0;
     if (op == DRB_OP_FSYNC) {
-        if (res == 0)
+        if (res == 0) {
             __sync_fetch_and_add(&t->moved, 1);
+            if (tracing())
+                io_add(row, 4, 1);
+        }
         return 0;
     }
     __sync_fetch_and_add(&t->inflight, -1);
     if (res > 0)
         __sync_fetch_and_add(&t->moved, (u32)res);
-    if (tracing() && t->submit_ns) {
-        hist_add(g->row, 1, bpf_ktime_get_ns() - t->submit_ns);
-        t->submit_ns = 0;
+    if (tracing()) {
+        if (res >= 0) {
+            u32 w = op == DRB_OP_WRITE_FIXED ? 2 : 0;
+            io_add(row, w, 1);
+            io_add(row, w + 1, (u64)res);
+        }
+        if (t->submit_ns) {
+            hist_add(g->row, 1, bpf_ktime_get_ns() - t->submit_ns);
+            t->submit_ns = 0;
+        }
     }
     return 0;
 }

@@ -96,7 +96,7 @@ class MonitorLink:
         hist = self.enforcer.histograms(list(by_gid),
                                         lease if isinstance(lease, (int, float)) else 0)
         return {"channels": {str(by_gid[g]): {st: {str(b): n for b, n in bk.items()}
-                                              for st, bk in v.items()}
+                                              for st, bk in v.items() if st != "io"}
                              for g, v in hist.items()},
                 "counters": {role: self.enforcer.counters(path)
                              for role, path in self.domains.items()}}

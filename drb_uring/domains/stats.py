@@ -26,8 +26,9 @@ The snapshot (PairStats.snapshot, the control socket's `metrics` answer)::
      "domains": {"driver": {"syscalls": n, "ctx_switches": n, "ios": n},
                  "user0": {...}}}
 
-Latency and the domains' counters come from the eBPF monitor, and only
-while someone looks: each request's `lease` keeps them collected for that
+Latency, the requests and bytes by operation ("io": the kernel's
+completions of each grant ring) and the domains' counters come from the
+eBPF monitor, and only while someone looks: each request's `lease` keeps them collected for that
 many seconds (they cost on every request and system call). Without the
 monitor they are absent and zero.
 """
@@ -39,6 +40,10 @@ import time
 from collections import defaultdict
 
 from drb_uring.errors import DrbError
+
+# programs.IO_COUNTS by index: what each count adds to.
+IO_KEYS = {0: ("requests", "read"), 1: ("bytes", "read"), 2: ("requests", "write"),
+           3: ("bytes", "write"), 4: ("requests", "flush")}
 
 log = logging.getLogger("drb.stats")
 
@@ -139,14 +144,15 @@ class PairStats:
             return (value - last) % wrap
         return value - last if value >= last else value
 
-    def channel_io(self, ch) -> dict[str, dict[str, int]]:
-        """One channel's cumulative request and byte counts by operation,
-        {"requests": {"read": n, "write": n, "flush": n}, "bytes": {"read":
-        n, "write": n}}, from wherever they are counted; counts that start
-        again from zero (a new worker, say) are fine. Neither the broker nor
-        the monitor counts by operation: nothing is known here, and the
-        snapshot then says so by leaving "io" out of "counted"."""
-        return {}
+    def _io(self, u, ch, counts: dict[int, int]) -> None:
+        """The monitor's counts of one channel's completions by operation
+        (programs.IO_COUNTS, kept while someone looks)."""
+        self.io_counted = True
+        for i, n in counts.items():
+            what = IO_KEYS.get(i)
+            if what is not None:
+                into = u.requests if what[0] == "requests" else u.bytes
+                into[what[1]] += self._grow((ch.id, *what), n)
 
     def _sample(self, channels, lease: float, domains: bool = True,
                 monitor: bool = True) -> None:
@@ -158,12 +164,6 @@ class PairStats:
             head = self._ring_head(ch)
             if head is not None:
                 u.ring_requests += self._grow((ch.id, "ring"), head, RING_WRAP)
-            io = self.channel_io(ch)
-            for what, by_op in io.items():
-                self.io_counted = True
-                into = u.requests if what == "requests" else u.bytes
-                for op, n in by_op.items():
-                    into[op] += self._grow((ch.id, what, op), n)
         enforcer = b.link.enforcer
         if enforcer is None or not monitor:
             return
@@ -174,6 +174,9 @@ class PairStats:
                 ch = by_gid[gid]
                 u = self.user(ch.tenant.name)
                 for stage, buckets in stages.items():
+                    if stage == "io":
+                        self._io(u, ch, buckets)
+                        continue
                     for bucket, n in buckets.items():
                         grown = self._grow((ch.id, gid, stage, bucket), n)
                         u.latency[stage][bucket] += grown

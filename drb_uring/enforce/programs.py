@@ -25,6 +25,8 @@ from drb_uring.errors import DrbError
 log = logging.getLogger("drb.enforce")
 
 MAX_CHANNELS = 1024                   # channels enforced at once on this host
+# The io map's counts per channel, in its order (monitor.c).
+IO_COUNTS = ("reads", "read_bytes", "writes", "write_bytes", "flushes")
 COUNTERS = ("syscalls", "ctx_switches", "mmap", "munmap", "mprotect", "pread64")
 TRACEPOINTS = ("io_uring_submit_req", "io_uring_complete", "io_uring_register",
                "io_uring_create", "io_uring_req_failed", "io_uring_cqe_overflow",
@@ -174,6 +176,9 @@ class Enforcer:
             base = (row * 2 + stage) * tasks.HIST_BUCKETS
             for i in range(tasks.HIST_BUCKETS):
                 lat[lat.Key(base + i)] = lat.Leaf(0)
+        io = self.b["io"]
+        for i in range(len(IO_COUNTS)):
+            io[io.Key(row * len(IO_COUNTS) + i)] = io.Leaf(0)
 
     def failed(self, gid: int) -> str | None:
         """The channel's violation, from its task table's status word (the
@@ -245,6 +250,14 @@ class Enforcer:
             reap = {i: c for i, c in enumerate(buckets) if c}
             if reap:
                 out[g][tasks.STAGES[2]] = reap
+            # The kernel's completions by operation ride along as one more
+            # "stage": {index in IO_COUNTS: count}.
+            io = self.b["io"]
+            done = {i: io[io.Key(row * len(IO_COUNTS) + i)].value
+                    for i in range(len(IO_COUNTS))}
+            done = {i: c for i, c in done.items() if c}
+            if done:
+                out[g]["io"] = done
         return out
 
     def trace_lease(self, seconds: float) -> None:
