@@ -31,7 +31,8 @@ from drb_uring.includes.sys cimport (pollfd, ppoll, timespec, sigset_t, POLLIN, 
                                      errno, EINTR, EAGAIN, EPROTO)
 from libc.stdlib cimport calloc, free
 from drb_uring.ring.spsc cimport (prod_space, prod_entry, prod_publish, cons_avail, cons_entry,
-                   cons_release, drb_notify, drb_prod, drb_cons, drb_waiter, DRB_NEED_WAKEUP)
+                   cons_release, drb_notify, drb_prod, drb_cons, drb_waiter, DRB_NEED_WAKEUP,
+                   drb_spin, drb_spin_budget, drb_spin_waited)
 from drb_uring.ring._spsc cimport DriverEnd
 
 import os
@@ -89,7 +90,12 @@ cdef inline void check_stop() noexcept nogil:
 
 cdef enum:
     BATCH = 64
-    PER_TURN = 32             # requests taken from one channel per turn
+    # Requests taken from one channel per turn, submitted together. Half a
+    # depth-32 queue: the user side gets the first half's answers while the
+    # worker runs the second, instead of the two taking turns with a whole
+    # queue each (0.41 of the direct ring's IOPS at depth 32 with 32 here,
+    # 0.89 with 16; one more io_uring_enter per 32 requests).
+    PER_TURN = 16
     IORING_FSYNC_DATASYNC = 1
     CTL_EVERY_NS = 1000000    # how often a busy loop looks for drop requests
     CLOCK_EVERY = 32          # loop rounds between two clock reads
@@ -189,6 +195,7 @@ cdef class WorkerLoop:
     cdef pollfd *fds
     cdef uint32_t *fd_chan
     cdef public uint64_t served, refused, submits, sleeps, dropped
+    cdef drb_spin spin        # whether spinning pays lately (idle())
 
     def __cinit__(self, int ctl_fd, int report_fd):
         self.ch = <chan_t *>calloc(MAX_CHANNELS, sizeof(chan_t))
@@ -438,8 +445,11 @@ cdef class WorkerLoop:
     cdef int idle(self, bint intake) noexcept nogil:
         """Spin for the budget, then sleep until a request, a completion or
         a message from the broker arrives. Returns 0, or -EINTR on a signal."""
-        cdef uint64_t spin_ns = self.ch[0].waiter.spin_ns if self.n else 0
+        cdef uint64_t most = self.ch[0].waiter.spin_ns if self.n else 0
+        # Spin while spinning has paid off lately (see spsc.drb_spin_budget).
+        cdef uint64_t spin_ns = drb_spin_budget(&self.spin, most)
         cdef uint64_t now = drb_now_ns()
+        cdef uint64_t start = now
         cdef uint64_t end_ns = now + spin_ns
         cdef uint64_t next_ctl = now + CTL_EVERY_NS
         cdef uint64_t drain
@@ -464,6 +474,7 @@ cdef class WorkerLoop:
                     drb_cpu_relax()
                     for i in range(self.n):
                         if self.ready(&self.ch[i], intake):
+                            drb_spin_waited(&self.spin, most, 0)
                             return 0
         for i in range(self.n):
             if self.ch[i].state != DROPPED and self.ch[i].state != HELD:
@@ -500,6 +511,7 @@ cdef class WorkerLoop:
         self.wake_flags_off()
         if r < 0:
             return -errno
+        drb_spin_waited(&self.spin, most, drb_now_ns() - start)
         for i in range(nf):
             if self.fd_chan[i] and self.fds[i].revents & POLLIN:
                 read(self.fds[i].fd, &drain, 8)

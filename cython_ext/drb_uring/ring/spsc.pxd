@@ -24,6 +24,12 @@ cdef enum:
     DRB_NEED_WAKEUP = 1
     # How many spin iterations between two clock reads while spinning.
     DRB_SPIN_CHUNK = 64
+    # Adaptive spinning (drb_spin_*): a budget below the floor is no spin.
+    DRB_SPIN_FLOOR_NS = 2000
+    # A wait this many times the most a spin lasts says the other side is
+    # off a core; between one and this many, the budget stays (a batch at
+    # depth 32 takes longer than a spin, and its waits are not a sign).
+    DRB_SPIN_LONG = 4
 
 
 cdef struct drb_prod:
@@ -48,13 +54,20 @@ cdef struct drb_cons:
     uint32_t cached_tail
 
 
+# Whether spinning pays lately, and so how long to spin next time (see
+# drb_spin_budget). Zeroed is the start: the full budget.
+cdef struct drb_spin:
+    uint32_t cut              # the budget is the most >> cut
+
+
 cdef struct drb_waiter:
     uint32_t *my_flags        # in our own page
     const uint32_t *peer_flags
     int my_efd                # we sleep on this one
     int peer_efd              # we signal this one
     int extra_fd              # -1, or an fd whose readiness also ends a sleep
-    uint64_t spin_ns          # spin budget before sleeping
+    uint64_t spin_ns          # the most it spins before sleeping
+    drb_spin spin             # how much of it pays now
     uint64_t notifies         # eventfd writes we made
     uint64_t sleeps           # times we blocked in ppoll
 
@@ -202,6 +215,36 @@ cdef inline int drb_block(drb_waiter *w, int64_t deadline) noexcept nogil:
     return 1
 
 
+cdef inline uint64_t drb_spin_budget(drb_spin *s, uint64_t most) noexcept nogil:
+    """How long to spin in this wait: `most` halved once for each recent
+    wait that lasted longer than `most`; none once that is below the floor."""
+    cdef uint64_t b = most >> s.cut if s.cut < 64 else 0
+    return b if b >= DRB_SPIN_FLOOR_NS else 0
+
+
+cdef inline void drb_spin_waited(drb_spin *s, uint64_t most, uint64_t waited_ns) noexcept nogil:
+    """A wait ended in what it waited for, after waited_ns (its spin and its
+    sleep together). Judged by the whole wait, not by whether this spin
+    caught it: two parties that both stopped spinning wake each other with
+    a sleep's latency, and only the length of the wait says that a spin
+    would have caught it (and so turns spinning back on). A wait of more
+    than DRB_SPIN_LONG times the most a spin may last halves the next
+    budget (the other side is off a core: 16 user domains on 2 cores), one
+    shorter than the most doubles it."""
+    if waited_ns <= most:
+        if s.cut > 0:
+            s.cut -= 1
+    elif waited_ns // DRB_SPIN_LONG > most and s.cut < 64 \
+            and (most >> s.cut) >= DRB_SPIN_FLOOR_NS:
+        s.cut += 1
+
+
+cdef inline void drb_spin_slept(drb_waiter *w, uint64_t start) noexcept nogil:
+    """A wait that went past its spin ended in what it waited for."""
+    if w.spin_ns > 0:
+        drb_spin_waited(&w.spin, w.spin_ns, drb_now_ns() - start)
+
+
 cdef inline int64_t drb_deadline(int64_t timeout_ns) noexcept nogil:
     if timeout_ns < 0:
         return -1
@@ -213,12 +256,17 @@ cdef inline int64_t drb_wait_cons(drb_waiter *w, drb_cons *c, int64_t timeout_ns
     Returns the number available, 0 on timeout, or a negative errno."""
     cdef int64_t n = cons_avail(c, 1)
     cdef int64_t deadline, spin_end
+    cdef uint64_t budget, now, start = 0
     cdef int i, r
     if n != 0:
         return n
     deadline = drb_deadline(timeout_ns)
+    budget = drb_spin_budget(&w.spin, w.spin_ns)
     if w.spin_ns > 0:
-        spin_end = <int64_t>(drb_now_ns() + w.spin_ns)
+        start = drb_now_ns()
+    if budget > 0:
+        now = start
+        spin_end = <int64_t>(now + budget)
         if deadline >= 0 and deadline < spin_end:
             spin_end = deadline
         while True:
@@ -226,8 +274,10 @@ cdef inline int64_t drb_wait_cons(drb_waiter *w, drb_cons *c, int64_t timeout_ns
                 drb_cpu_relax()
                 n = cons_avail(c, 1)
                 if n != 0:
+                    drb_spin_waited(&w.spin, w.spin_ns, 0)
                     return n
-            if <int64_t>drb_now_ns() >= spin_end:
+            now = drb_now_ns()
+            if <int64_t>now >= spin_end:
                 break
     while True:
         drb_store_relaxed(w.my_flags, DRB_NEED_WAKEUP)
@@ -235,11 +285,13 @@ cdef inline int64_t drb_wait_cons(drb_waiter *w, drb_cons *c, int64_t timeout_ns
         n = cons_avail(c, 1)
         if n != 0:
             drb_store_relaxed(w.my_flags, 0)
+            drb_spin_slept(w, start)
             return n
         r = drb_block(w, deadline)
         drb_store_relaxed(w.my_flags, 0)
         n = cons_avail(c, 1)
         if n != 0:
+            drb_spin_slept(w, start)
             return n
         if r <= 0:
             return r
@@ -250,12 +302,17 @@ cdef inline int64_t drb_wait_prod(drb_waiter *w, drb_prod *p, uint32_t need, int
     Returns the free count, 0 on timeout, or a negative errno."""
     cdef int64_t n = prod_space(p, need)
     cdef int64_t deadline, spin_end
+    cdef uint64_t budget, now, start = 0
     cdef int i, r
     if n < 0 or n >= need:
         return n
     deadline = drb_deadline(timeout_ns)
+    budget = drb_spin_budget(&w.spin, w.spin_ns)
     if w.spin_ns > 0:
-        spin_end = <int64_t>(drb_now_ns() + w.spin_ns)
+        start = drb_now_ns()
+    if budget > 0:
+        now = start
+        spin_end = <int64_t>(now + budget)
         if deadline >= 0 and deadline < spin_end:
             spin_end = deadline
         while True:
@@ -263,8 +320,10 @@ cdef inline int64_t drb_wait_prod(drb_waiter *w, drb_prod *p, uint32_t need, int
                 drb_cpu_relax()
                 n = prod_space_fresh(p)
                 if n < 0 or n >= need:
+                    drb_spin_waited(&w.spin, w.spin_ns, 0)
                     return n
-            if <int64_t>drb_now_ns() >= spin_end:
+            now = drb_now_ns()
+            if <int64_t>now >= spin_end:
                 break
     while True:
         drb_store_relaxed(w.my_flags, DRB_NEED_WAKEUP)
@@ -272,11 +331,13 @@ cdef inline int64_t drb_wait_prod(drb_waiter *w, drb_prod *p, uint32_t need, int
         n = prod_space_fresh(p)
         if n < 0 or n >= need:
             drb_store_relaxed(w.my_flags, 0)
+            drb_spin_slept(w, start)
             return n
         r = drb_block(w, deadline)
         drb_store_relaxed(w.my_flags, 0)
         n = prod_space_fresh(p)
         if n < 0 or n >= need:
+            drb_spin_slept(w, start)
             return n
         if r <= 0:
             return r
