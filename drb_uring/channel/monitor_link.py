@@ -95,9 +95,14 @@ class MonitorLink:
         by_gid = {ch.gid: ch.id for ch in channels if ch.gid}
         hist = self.enforcer.histograms(list(by_gid),
                                         lease if isinstance(lease, (int, float)) else 0)
+        # "io": completions by operation (reads, writes, flushes are every
+        # other entry of programs.IO_COUNTS), every one counted: the stage
+        # histograms time a sample only.
         return {"channels": {str(by_gid[g]): {st: {str(b): n for b, n in bk.items()}
                                               for st, bk in v.items() if st != "io"}
                              for g, v in hist.items()},
+                "ios": {str(by_gid[g]): sum(n for i, n in v.get("io", {}).items() if i % 2 == 0)
+                        for g, v in hist.items()},
                 "counters": {role: self.enforcer.counters(path)
                              for role, path in self.domains.items()}}
 

@@ -151,8 +151,16 @@ class PairStats:
         for i, n in counts.items():
             what = IO_KEYS.get(i)
             if what is not None:
-                into = u.requests if what[0] == "requests" else u.bytes
-                into[what[1]] += self._grow((ch.id, *what), n)
+                grown = self._grow((ch.id, *what), n)
+                if what[0] == "requests":
+                    u.requests[what[1]] += grown
+                    # Every completion counted while counting is on: the
+                    # divisor of the per-I/O rates (the stage histograms
+                    # time only a sample of the requests).
+                    self.domains[ch.tenant.name]["ios"] += grown
+                    self.domains["driver"]["ios"] += grown
+                else:
+                    u.bytes[what[1]] += grown
 
     def _sample(self, channels, lease: float, domains: bool = True,
                 monitor: bool = True) -> None:
@@ -180,9 +188,6 @@ class PairStats:
                     for bucket, n in buckets.items():
                         grown = self._grow((ch.id, gid, stage, bucket), n)
                         u.latency[stage][bucket] += grown
-                        if stage == "submit_to_complete":
-                            self.domains[ch.tenant.name]["ios"] += grown
-                            self.domains["driver"]["ios"] += grown
             if domains:
                 for role, path in list(b.link.domains.items()):
                     for counter, n in enforcer.counters(path).items():

@@ -25,13 +25,12 @@ def render(prev: dict, cur: dict, seconds: float) -> str:
     """Histograms of what happened between two snapshots, then each
     domain's counters per second and per I/O."""
     out = []
-    ios = 0
+    # Every completion the monitor counted (the histograms time a sample).
+    ios = sum(n - prev.get("ios", {}).get(ch, 0) for ch, n in cur.get("ios", {}).items())
     for ch in sorted(cur["channels"], key=int):
         for stage, buckets in sorted(cur["channels"][ch].items()):
             old = prev["channels"].get(ch, {}).get(stage, {})
             delta = {int(k): v - old.get(k, 0) for k, v in buckets.items()}
-            if stage == "submit_to_complete":
-                ios += sum(delta.values())
             if any(delta.values()):
                 out.append(hist.format_hist(f"usecs_{stage}_ch{ch}", delta))
     out.append(f"{'domain':<8}{'counter':<14}{'per second':>14}{'per I/O':>12}   ({ios} I/Os)\n")
