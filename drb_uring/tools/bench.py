@@ -312,9 +312,3 @@ def table(rep: dict) -> str:
     for s in rep.get("skipped", []):
         rows.append(f"skipped {Cell(**s['cell']).label()}: {s['reason']}")
     return "\n".join(rows)
-
-
-def write_json(rep: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(rep, f, indent=2)
-        f.write("\n")

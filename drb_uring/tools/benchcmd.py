@@ -5,6 +5,7 @@ tools.ringbench, tools.report)."""
 from __future__ import annotations
 
 import argparse
+import json
 
 from drb_uring.tools.cliutil import CliError
 from drb_uring.tools.cliutil import progress as _progress
@@ -12,15 +13,22 @@ from drb_uring.tools.cliutil import progress as _progress
 TRANSPORTS_DEFAULT = "drb,drb-poll,grant-map,socket,direct"
 
 
+def _show(table: str, rep: dict, json_path: str | None) -> int:
+    """A run's table on stdout, and its JSON where asked."""
+    print(table)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rep, f, indent=2)
+            f.write("\n")
+        print(f"wrote {json_path}")
+    return 0
+
+
 def cmd_bench_ring(a: argparse.Namespace) -> int:
     from drb_uring.tools import ringbench
     print("Benchmarking the double ring between two processes (Ctrl-C to stop).")
     rep = ringbench.run(iters=a.iters, count=a.count, progress=_progress)
-    print(ringbench.table(rep))
-    if a.json:
-        ringbench.write_json(rep, a.json)
-        print(f"wrote {a.json}")
-    return 0
+    return _show(ringbench.table(rep), rep, a.json)
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -60,11 +68,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     print(f"Benchmarking {len(cells)} cells in real domains, {seconds:g} s each{what} "
           "(Ctrl-C to stop).")
     rep = bench.run(cells, seconds, progress=_progress, repeat=a.repeat, fio=not a.no_fio)
-    print(bench.table(rep))
-    if a.json:
-        bench.write_json(rep, a.json)
-        print(f"wrote {a.json}")
-    return 0
+    return _show(bench.table(rep), rep, a.json)
 
 
 def _bench_disk(a: argparse.Namespace) -> int:
@@ -91,11 +95,7 @@ def _bench_disk(a: argparse.Namespace) -> int:
           "(Ctrl-C to stop).")
     rep = diskbench.run(seconds, smoke=a.smoke, repeat=a.repeat, monitor=mons[0] == "on",
                         progress=_progress)
-    print(diskbench.table(rep))
-    if a.json:
-        bench.write_json(rep, a.json)
-        print(f"wrote {a.json}")
-    return 0
+    return _show(diskbench.table(rep), rep, a.json)
 
 
 def cmd_report(a: argparse.Namespace) -> int:

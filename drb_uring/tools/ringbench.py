@@ -10,7 +10,6 @@ Measures, in one run and the same way for both:
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import platform
@@ -156,9 +155,3 @@ def table(rep: dict) -> str:
         f"{'one-way stream, batch 32':<34}{s['batch32'] / 1e6:>10.1f} M entries/s   (target >= 20)",
     ]
     return "\n".join(lines)
-
-
-def write_json(rep: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(rep, f, indent=2)
-        f.write("\n")
