@@ -140,7 +140,10 @@ class Supervisor:
                     if ch.gid:
                         enforcer.worker(ch.gid, pid)
             if self.cpus:
-                os.sched_setaffinity(pid, self.cpus)
+                try:
+                    os.sched_setaffinity(pid, self.cpus)
+                except ProcessLookupError:
+                    pass    # dead as it started: its pidfd says so, and a restart follows
         except BaseException:
             w.kill()
             proc.wait()

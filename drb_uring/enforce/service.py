@@ -155,7 +155,14 @@ class Service:
             if not gid_ok(gid):
                 raise protocol.ProtocolError(f"channel {gid} is not this broker's")
             self._forget_worker(c, gid, kill=False)
-            c.workers[gid] = os.pidfd_open(protocol.int_field(msg, "pid", 1, 1 << 22))
+            pid = protocol.int_field(msg, "pid", 1, 1 << 22)
+            try:
+                c.workers[gid] = os.pidfd_open(pid)
+            except ProcessLookupError:
+                # Dead already (killed as it started): nothing left to kill
+                # should the broker go, and the broker hears of the death
+                # from its own pidfd of the worker and starts the next one.
+                pass
             return {}, []
         if op == "close":
             gid = protocol.int_field(msg, "channel", 1, 1 << 31)
