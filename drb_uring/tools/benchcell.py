@@ -94,18 +94,22 @@ def verify(t, a: CellSpec) -> dict:
     transport (the host finds them in the file too)."""
     import hashlib
     import random
+    # Not timed, so it waits long: a polling worker among 16 on one busy
+    # CPU (drb-poll --users 16 under load) may not answer within the
+    # timed loop's 5 s, and a slow answer is not a wrong one.
+    wait = 60.0
     n = min(a.qd, t.depth, 8)
     bs = min(a.bs, a.slot_size)
     blocks = a.extent // bs
     rng = random.Random(a.seed)
     offs = [rng.randrange(blocks - n) * bs for _ in range(n)]
     digest = lambda bufs: [hashlib.sha256(b).hexdigest() for b in bufs]   # noqa: E731
-    reads = digest(t.batch(_load.OP_READ, offs, bs))
+    reads = digest(t.batch(_load.OP_READ, offs, bs, timeout=wait))
     woffs = [(blocks - n + i) * bs for i in range(n)]
     data = [rng.randbytes(bs) for _ in range(n)]
-    if t.batch(_load.OP_WRITE, woffs, bs, data) != [bs] * n:
+    if t.batch(_load.OP_WRITE, woffs, bs, data, timeout=wait) != [bs] * n:
         raise OSError(5, "short write")
-    back = t.batch(_load.OP_READ, woffs, bs)
+    back = t.batch(_load.OP_READ, woffs, bs, timeout=wait)
     return {"bs": bs, "read_offsets": offs, "read_sha256": reads, "write_offsets": woffs,
             "write_sha256": digest(data), "read_back_ok": back == data}
 
