@@ -512,6 +512,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("drb: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (drb trace ... | head): as other tools, say
+        # nothing, and keep the interpreter's last flush from saying it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (DrbError, OSError) as e:
         print(f"drb: error: {e}", file=sys.stderr)
         return 1
