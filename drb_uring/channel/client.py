@@ -38,6 +38,29 @@ NOTICE_WAIT = 1.0    # seconds an unproven answer waits for word that the monito
 _CQE = struct.Struct("<QiI")
 
 
+
+def read_notice(sock) -> tuple[dict, mmap.mmap | None]:
+    """The monitor's next notice on a channel's control connection: the
+    message (a connection that broke or closed is a "failed" one) and, with
+    "restarted", the new monitor's task table, mapped. Shared by Channel
+    and the disk's backend, which hear the same notices."""
+    fds: list[int] = []
+    try:
+        msg, fds = protocol.recv(sock)
+    except (OSError, protocol.ProtocolError) as e:
+        msg = {"op": "failed", "reason": f"control connection broke: {e}"}
+    if msg is None:
+        msg = {"op": "failed", "reason": "the monitor closed the channel"}
+    table = None
+    try:
+        if msg.get("op") == "restarted" and fds:
+            table = mmap.mmap(fds[0], tasks.TABLE_BYTES)
+    except OSError as e:
+        msg = {"op": "failed", "reason": f"the new monitor's task table: {e}"}
+    finally:
+        protocol.close_fds(fds)
+    return msg, table
+
 class Channel(DirectAlignment):
     """A channel to part of its user domain's extent, which the monitor gives it."""
 
@@ -160,21 +183,7 @@ class Channel(DirectAlignment):
         """The control connection became readable: the monitor says which
         worker serves the channel now (returns), reports a failure, or is
         gone (both raise ChannelFailed)."""
-        fds: list[int] = []
-        try:
-            msg, fds = protocol.recv(self.sock)
-        except (OSError, protocol.ProtocolError) as e:
-            msg = {"op": "failed", "reason": f"control connection broke: {e}"}
-        if msg is None:
-            msg = {"op": "failed", "reason": "the monitor closed the channel"}
-        table = None
-        try:
-            if msg.get("op") == "restarted" and fds:
-                table = mmap.mmap(fds[0], tasks.TABLE_BYTES)
-        except OSError as e:
-            msg = {"op": "failed", "reason": f"the new monitor's task table: {e}"}
-        finally:
-            protocol.close_fds(fds)
+        msg, table = read_notice(self.sock)
         if msg.get("op") == "worker" and isinstance(msg.get("pid"), int):
             self._worker_pid = msg["pid"]
             return

@@ -409,22 +409,8 @@ cdef class RingBackend(Backend):
     def hear(self):
         """The control connection is readable: take the notice the way the
         channel client does, on this backend's requests. Returns its op."""
-        import mmap
-
-        from drb_uring import protocol
-        from drb_uring.enforce import tasks
-        try:
-            msg, fds = protocol.recv(self.ch.sock)
-        except (OSError, protocol.ProtocolError) as e:
-            msg, fds = {"op": "failed", "reason": f"control connection broke: {e}"}, []
-        if msg is None:
-            msg = {"op": "failed", "reason": "the monitor closed the channel"}
-        table = None
-        try:
-            if msg.get("op") == "restarted" and fds:
-                table = mmap.mmap(fds[0], tasks.TABLE_BYTES)
-        finally:
-            protocol.close_fds(fds)
+        from drb_uring.channel.client import read_notice
+        msg, table = read_notice(self.ch.sock)
         op = msg.get("op")
         if op == "worker":
             return "worker"
