@@ -68,8 +68,10 @@ BPF_HASH(grants, u64, struct grant, MAX_CHANNELS);
 /* The brokers' processes (tgid), registered by the service: trusted. */
 BPF_HASH(brokers, u32, u32, 256);
 /* Latency histograms: row (hist * 2 + stage), 64 log2 buckets per row. An
- * array, not a hash: this is on every request's path. */
-BPF_ARRAY(lat, u64, MAX_CHANNELS * 2 * DRB_HIST_BUCKETS);
+ * array, not a hash: this is on every request's path; per CPU, so that an
+ * update is a plain add on this CPU's copy, not a locked one (the reader
+ * sums the copies). */
+BPF_PERCPU_ARRAY(lat, u64, MAX_CHANNELS * 2 * DRB_HIST_BUCKETS);
 /* [0]: nonzero while someone traces (drb trace holds a lease that the host
  * service expires): the stage histograms cost two clock reads and a
  * completion hook per request, so they are kept only while wanted. */
@@ -82,14 +84,16 @@ BPF_ARRAY(config, u64, 1);
  * as the kernel completed them (drb metrics). Counted only while someone
  * looks, as the histograms are. */
 #define IO_COUNTS 5
-BPF_ARRAY(io, u64, MAX_CHANNELS * IO_COUNTS);
+BPF_PERCPU_ARRAY(io, u64, MAX_CHANNELS * IO_COUNTS);
 
+/* Per-CPU counters: a tracepoint's programs run with preemption off, so
+ * a plain add on this CPU's copy is exact. */
 static __always_inline void io_add(u32 row, u32 what, u64 n)
 {
     u32 k = row * IO_COUNTS + what;
     u64 *c = io.lookup(&k);
     if (c)
-        __sync_fetch_and_add(c, n);
+        *c += n;
 }
 
 static __always_inline int tracing(void)
@@ -108,7 +112,7 @@ static __always_inline void hist_add(u32 row, u32 stage, u64 ns)
     u32 k = (row * 2 + stage) * DRB_HIST_BUCKETS + b;
     u64 *c = lat.lookup(&k);
     if (c)
-        __sync_fetch_and_add(c, 1);
+        *c += 1;
 }
 
 /* The channel's status entry in its task table (see drb_task.h). */

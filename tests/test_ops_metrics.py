@@ -170,7 +170,8 @@ def test_prometheus_scrapes_a_running_pair(prometheus):
     name = "ops-m"
     port = free_port()
     with pair(name, "--size", "32m") as st:
-        exporter = subprocess.Popen([DRB, "metrics", "--listen", f"127.0.0.1:{port}", name],
+        exporter = subprocess.Popen([DRB, "metrics", "--listen", f"127.0.0.1:{port}",
+                                     "--mode-switches", name],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, text=True)
         try:
@@ -248,6 +249,29 @@ def _check(prom, name, did):
     assert per_io is not None and 0 <= per_io < 10, per_io
 
 
+def _hooked() -> set[str]:
+    """The raw tracepoints that have a program attached (bpftool's links)."""
+    out = subprocess.run(["bpftool", "link", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    return {line.split("'")[1] for line in out.splitlines() if line.strip().startswith("tp '")}
+
+
+def _mode_switches_while_asked(name, tmp_path):
+    """--mode-switches attaches the counters' hooks for the lease (3 x
+    --interval) and reports the domains' system calls; they go when the
+    lease runs out."""
+    writer = subprocess.Popen([DRB, "metrics", name, "--textfile", str(tmp_path),
+                               "--interval", "1", "--mode-switches"], stderr=subprocess.PIPE)
+    try:
+        assert wait_for(lambda: {"sys_enter", "sched_switch"} <= _hooked(), timeout=10)
+        assert wait_for(lambda: "drb_domain_syscalls_total{domain=\"driver\"" in
+                        (tmp_path / "drb.prom").read_text(), timeout=10)
+    finally:
+        writer.terminate()
+        writer.wait(10)
+    assert wait_for(lambda: not {"sys_enter", "sched_switch"} & _hooked(), timeout=15), _hooked()
+
+
 def test_textfile_and_print(tmp_path):
     """--textfile writes DIR/drb.prom whole (node_exporter's collector never
     sees half a file); without it, one snapshot is printed."""
@@ -279,11 +303,19 @@ def test_textfile_and_print(tmp_path):
             time.sleep(3)
             stop.set()
             t.join()
+            # Scraped without --mode-switches: the host-wide hooks stay off,
+            # and their series are absent rather than zero.
+            hooked = _hooked()
         finally:
             writer.terminate()
             writer.wait(10)
         assert seen and all(s.rstrip().endswith(f'drb_domain_ios_total{{domain="user1",'
                                                 f'pair="{name}"}} 0.0') for s in seen)
+        assert "io_uring_submit_req" in hooked or not MONITORED, hooked
+        assert not {"sys_enter", "sched_switch"} & hooked, hooked
+        assert "drb_domain_syscalls_total" not in seen[-1]
+        if MONITORED:
+            _mode_switches_while_asked(name, tmp_path)
     assert not os.path.exists(tmp_path / "drb.prom.tmp")
     bad = drb("metrics", "--textfile", "/nonexistent", check=False)
     assert bad.returncode == 1 and "not a directory" in bad.stderr

@@ -122,8 +122,11 @@ class HostOps:
         own, with "users": [names] those user domains', as a reply must fit
         in one message."""
         lease, users = msg.get("lease", 0), msg.get("users", [])
+        mode_switches = msg.get("mode_switches", False)
+        if not isinstance(mode_switches, bool):
+            raise PairError(f"metrics: bad mode_switches {mode_switches!r}")
         if not isinstance(lease, (int, float)) or isinstance(lease, bool):
             raise PairError(f"metrics: bad lease {lease!r}")
         if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
             raise PairError(f"metrics: bad users {users!r}")
-        return {"metrics": self.pair.stats.snapshot(lease, users)}
+        return {"metrics": self.pair.stats.snapshot(lease, users, mode_switches)}

@@ -13,7 +13,7 @@ The snapshot (PairStats.snapshot, the control socket's `metrics` answer)::
 
     {"pair": NAME, "time": seconds since the epoch, "monitor": bool,
      "monitor_deaths": n, "monitor_restarts": n,
-     "counted": ["ring", "monitor", "io"],   # the sources that fed it
+     "counted": ["ring", "monitor", "io", "mode_switches"],   # the sources that fed it
      "user_names": ["user0", ...],
      "users": {"user0": {
          "ring_requests": n,          # taken from its request rings, every op
@@ -23,7 +23,8 @@ The snapshot (PairStats.snapshot, the control socket's `metrics` answer)::
          "max_channels": n, "max_pinned": n,
          "violations": {reason: n}, "worker_deaths": n, "worker_restarts": n,
          "latency_us_log2": {stage: {bucket: n}}}},   # bpftrace's numbering
-     "domains": {"driver": {"syscalls": n, "ctx_switches": n, "ios": n},
+     "domains": {"driver": {"syscalls": n, "ctx_switches": n,   # only with "mode_switches"
+                            "ios": n},
                  "user0": {...}}}
 
 Latency, the requests and bytes by operation ("io": the kernel's
@@ -163,7 +164,7 @@ class PairStats:
                     u.bytes[what[1]] += grown
 
     def _sample(self, channels, lease: float, domains: bool = True,
-                monitor: bool = True) -> None:
+                monitor: bool = True, mode_switches: bool = False) -> None:
         b = self.broker()
         if b is None:
             return
@@ -177,7 +178,8 @@ class PairStats:
             return
         try:
             by_gid = {ch.gid: ch for ch in channels if ch.gid}
-            hist = enforcer.histograms(list(by_gid), lease) if by_gid or lease else {}
+            hist = (enforcer.histograms(list(by_gid), lease, counters=mode_switches)
+                    if by_gid or lease else {})
             for gid, stages in hist.items():
                 ch = by_gid[gid]
                 u = self.user(ch.tenant.name)
@@ -198,11 +200,14 @@ class PairStats:
             # The monitor went away meanwhile: the broker hears it and says so.
             log.warning("metrics: the monitor did not answer: %s", e)
 
-    def snapshot(self, lease: float = 0.0, users: list[str] | None = None) -> dict:
+    def snapshot(self, lease: float = 0.0, users: list[str] | None = None,
+                 mode_switches: bool = False) -> dict:
         """The pair's figures. A control socket message is small (8 KiB):
         `users` = [] gives the pair's own and the names of its user
         domains ("user_names"), a list of names those user domains' alone;
-        None, everything."""
+        None, everything. The domains' system calls and context switches are
+        counted (for the lease) and reported only with `mode_switches`: their
+        hooks run on every system call of the host."""
         b = self.broker()
         self.looked = True
         lease = min(max(float(lease or 0), 0.0), MAX_LEASE)
@@ -211,7 +216,8 @@ class PairStats:
         if b is not None:
             live = [ch for ch in b.channels.values()
                     if not ch.ended and ch.tenant.name in which]
-            self._sample(live, lease, domains=users is None or not users)
+            self._sample(live, lease, domains=users is None or not users,
+                         mode_switches=mode_switches)
         out = {"pair": self.name, "time": time.time(), "users": {}}
         for name in which:
             u = self.user(name)
@@ -235,9 +241,11 @@ class PairStats:
             "monitor": monitored,
             "monitor_deaths": self.monitor_deaths, "monitor_restarts": self.monitor_restarts,
             "counted": ["ring", *(["monitor"] if monitored else []),
-                        *(["io"] if self.io_counted else [])],
+                        *(["io"] if self.io_counted else []),
+                        *(["mode_switches"] if monitored and mode_switches else [])],
             "user_names": sorted(info),
             "domains": {r: {k: self.domains.get(r, {}).get(k, 0)
-                            for k in ("syscalls", "ctx_switches", "ios")}
+                            for k in (("syscalls", "ctx_switches", "ios") if mode_switches
+                                      else ("ios",))}
                         for r in ["driver", *sorted(info)]}})
         return out

@@ -100,9 +100,11 @@ class EnforceClient:
     def ungrant(self, gid: int) -> None:
         self._call("ungrant", channel=gid)
 
-    def histograms(self, gids, lease: float = 0.0) -> dict:
-        """Stage histograms; with lease > 0 keep collecting for that long."""
-        h = self._call("hist", channels=list(gids), lease=lease)[0]["hist"]
+    def histograms(self, gids, lease: float = 0.0, counters: bool = True) -> dict:
+        """Stage histograms; with lease > 0 keep collecting for that long,
+        and with `counters` count the domains' mode switches as long."""
+        h = self._call("hist", channels=list(gids), lease=lease,
+                       counters=bool(counters))[0]["hist"]
         return {int(g): {st: {int(b): c for b, c in bk.items()} for st, bk in v.items()}
                 for g, v in h.items()}
 

@@ -103,6 +103,7 @@ class Enforcer:
         self.free_rows = list(range(MAX_CHANNELS - 1, -1, -1))
         self.count_refs = 0
         self.trace_until = 0.0
+        self.count_until = 0.0
         self.b["events"].open_ring_buffer(self._on_event)
 
     def _on_event(self, ctx, data, size) -> None:
@@ -175,10 +176,10 @@ class Enforcer:
         for stage in (0, 1):
             base = (row * 2 + stage) * tasks.HIST_BUCKETS
             for i in range(tasks.HIST_BUCKETS):
-                lat[lat.Key(base + i)] = lat.Leaf(0)
+                lat[lat.Key(base + i)] = lat.Leaf()     # every CPU's copy
         io = self.b["io"]
         for i in range(len(IO_COUNTS)):
-            io[io.Key(row * len(IO_COUNTS) + i)] = io.Leaf(0)
+            io[io.Key(row * len(IO_COUNTS) + i)] = io.Leaf()
 
     def failed(self, gid: int) -> str | None:
         """The channel's violation, from its task table's status word (the
@@ -241,7 +242,8 @@ class Enforcer:
             row = self.tables[g][3]
             for stage in (0, 1):
                 base = (row * 2 + stage) * tasks.HIST_BUCKETS
-                b = {i: lat[lat.Key(base + i)].value for i in range(tasks.HIST_BUCKETS)}
+                # Per-CPU maps: each entry is the sum of the CPUs' copies.
+                b = {i: lat.sum(lat.Key(base + i)).value for i in range(tasks.HIST_BUCKETS)}
                 b = {i: c for i, c in b.items() if c}
                 if b:
                     out[g][tasks.STAGES[stage]] = b
@@ -253,28 +255,37 @@ class Enforcer:
             # The kernel's completions by operation ride along as one more
             # "stage": {index in IO_COUNTS: count}.
             io = self.b["io"]
-            done = {i: io[io.Key(row * len(IO_COUNTS) + i)].value
+            done = {i: io.sum(io.Key(row * len(IO_COUNTS) + i)).value
                     for i in range(len(IO_COUNTS))}
             done = {i: c for i, c in done.items() if c}
             if done:
                 out[g]["io"] = done
         return out
 
-    def trace_lease(self, seconds: float) -> None:
-        """Collect stage histograms and count mode switches for the next
-        `seconds` (renewable): both cost on every request or system call,
-        so they run only while someone looks."""
+    def trace_lease(self, seconds: float, counters: bool = True) -> None:
+        """Collect stage histograms and per-op counts for the next `seconds`
+        (renewable), and with `counters` count the watched domains' mode
+        switches too. The first cost on every request, the counters on every
+        system call and context switch of the host: each runs only while
+        someone asks for it."""
+        now = time.monotonic()
         if not self.trace_until:
             cfg = self.b["config"]
             cfg[cfg.Key(0)] = cfg.Leaf(1)
-            self.count_on()
-        self.trace_until = max(self.trace_until, time.monotonic() + seconds)
+        self.trace_until = max(self.trace_until, now + seconds)
+        if counters:
+            if not self.count_until:
+                self.count_on()
+            self.count_until = max(self.count_until, now + seconds)
 
     def expire(self) -> None:
-        if self.trace_until and time.monotonic() > self.trace_until:
+        now = time.monotonic()
+        if self.trace_until and now > self.trace_until:
             cfg = self.b["config"]
             cfg[cfg.Key(0)] = cfg.Leaf(0)
             self.trace_until = 0.0
+        if self.count_until and now > self.count_until:
+            self.count_until = 0.0
             self.count_off()
 
     def count_on(self) -> None:

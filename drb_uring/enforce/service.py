@@ -179,7 +179,7 @@ class Service:
         if op == "hist":
             lease = msg.get("lease", 0)
             if isinstance(lease, (int, float)) and 0 < lease <= 3600:
-                self.enforcer.trace_lease(lease)
+                self.enforcer.trace_lease(lease, counters=msg.get("counters", True) is True)
             gids = [g for g in msg.get("channels", []) if isinstance(g, int) and gid_ok(g)]
             return {"hist": {str(g): {st: {str(b): n for b, n in bk.items()}
                                       for st, bk in v.items()}

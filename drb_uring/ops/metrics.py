@@ -71,11 +71,12 @@ def _float(v: float) -> str:
 USERS_PER_ASK = 4          # a reply is one message of at most 8 KiB
 
 
-def snapshot(name: str, lease: float = 0.0) -> dict:
+def snapshot(name: str, lease: float = 0.0, mode_switches: bool = False) -> dict:
     """A pair's figures (see domains.stats), asked in pieces small enough
     for one message each."""
     def ask(users: list[str], lease: float = 0.0) -> dict:
-        return control.ask_daemon(name, {"op": "metrics", "lease": lease, "users": users},
+        return control.ask_daemon(name, {"op": "metrics", "lease": lease, "users": users,
+                                         "mode_switches": mode_switches},
                                   timeout=ASK_TIMEOUT)["metrics"]
     snap = ask([], lease)
     names = snap.get("user_names", [])
@@ -87,9 +88,11 @@ def snapshot(name: str, lease: float = 0.0) -> dict:
 class PairsCollector:
     """Asks every running pair's daemon (or `names`) at each collection."""
 
-    def __init__(self, names: list[str] | None = None, lease: float = 0.0):
+    def __init__(self, names: list[str] | None = None, lease: float = 0.0,
+                 mode_switches: bool = False):
         self.names = names
         self.lease = lease
+        self.mode_switches = mode_switches
 
     def snapshots(self) -> dict[str, dict | None]:
         out = {}
@@ -98,7 +101,7 @@ class PairsCollector:
                 out[name] = None
                 continue
             try:
-                out[name] = snapshot(name, self.lease)
+                out[name] = snapshot(name, self.lease, self.mode_switches)
             except (DrbError, OSError):
                 out[name] = None
         return out
@@ -143,8 +146,8 @@ def families(snaps: dict[str, dict | None]) -> list:
                                    "brought back (drb up --restart)", labels=["pair"])
     pd = ["pair", "domain"]
     sysc = CounterMetricFamily("drb_domain_syscalls", "system calls made in the domain while "
-                               "counted (the monitor counts while metrics are scraped)",
-                               labels=pd)
+                               "counted (the monitor counts while scraped with "
+                               "--mode-switches)", labels=pd)
     ctxs = CounterMetricFamily("drb_domain_context_switches", "context switches in the domain "
                                "while counted", labels=pd)
     ios = CounterMetricFamily("drb_domain_ios", "I/Os the device completed for the domain "
@@ -177,16 +180,21 @@ def families(snaps: dict[str, dict | None]) -> list:
             deaths.add_metric(lab, u.get("worker_deaths", 0))
             restarts.add_metric(lab, u.get("worker_restarts", 0))
         for role, d in sorted(snap.get("domains", {}).items()):
-            sysc.add_metric([pair, role], d.get("syscalls", 0))
-            ctxs.add_metric([pair, role], d.get("ctx_switches", 0))
+            # Present only when asked for (--mode-switches): a zero would
+            # read as "no system calls".
+            if "syscalls" in d:
+                sysc.add_metric([pair, role], d["syscalls"])
+                ctxs.add_metric([pair, role], d.get("ctx_switches", 0))
             ios.add_metric([pair, role], d.get("ios", 0))
     return [up, mon, users_n, ring, reqs, nbytes, lat, chans, opened, max_ch, pinned, max_pin,
-            viol, deaths, restarts, mon_deaths, mon_back, sysc, ctxs, ios]
+            viol, deaths, restarts, mon_deaths, mon_back,
+            *([sysc, ctxs] if sysc.samples else []), ios]
 
 
-def registry(names: list[str] | None, lease: float) -> CollectorRegistry:
+def registry(names: list[str] | None, lease: float,
+             mode_switches: bool = False) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(PairsCollector(names, lease))
+    reg.register(PairsCollector(names, lease, mode_switches))
     return reg
 
 
@@ -210,7 +218,7 @@ def _wait_for_signal() -> None:
 
 
 def run(names: list[str], listen: str | None, textfile: str | None,
-        interval: float | None) -> int:
+        interval: float | None, mode_switches: bool = False) -> int:
     state.require_root()
     if listen and textfile:
         raise MetricsError("--listen and --textfile exclude each other")
@@ -220,7 +228,8 @@ def run(names: list[str], listen: str | None, textfile: str | None,
         host, port = parse_listen(listen)
         try:
             server, _thread = start_http_server(port, host, registry(names or None,
-                                                                     SCRAPE_LEASE))
+                                                                     SCRAPE_LEASE,
+                                                                     mode_switches))
         except OSError as e:
             raise MetricsError(f"--listen {listen}: {e.strerror or e}") from None
         where = f"[{host}]" if ":" in host else host
@@ -235,12 +244,12 @@ def run(names: list[str], listen: str | None, textfile: str | None,
         if not os.path.isdir(textfile):
             raise MetricsError(f"--textfile {textfile}: not a directory")
         path = os.path.join(textfile, TEXTFILE)
-        reg = registry(names or None, 3 * interval if interval else 0.0)
+        reg = registry(names or None, 3 * interval if interval else 0.0, mode_switches)
         while True:
             write_to_textfile(path, reg)
             if interval is None:
                 return 0
             time.sleep(interval)
     from prometheus_client import generate_latest
-    sys.stdout.write(generate_latest(registry(names or None, 0.0)).decode())
+    sys.stdout.write(generate_latest(registry(names or None, 0.0, mode_switches)).decode())
     return 0

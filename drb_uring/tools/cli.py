@@ -238,7 +238,7 @@ def cmd_soak(a: argparse.Namespace) -> int:
 
 def cmd_metrics(a: argparse.Namespace) -> int:
     from drb_uring.ops import metrics
-    return metrics.run(a.names, a.listen, a.textfile, a.interval)
+    return metrics.run(a.names, a.listen, a.textfile, a.interval, a.mode_switches)
 
 
 def cmd_events(a: argparse.Namespace) -> int:
@@ -467,6 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "collector, once, or every --interval")
     x.add_argument("--interval", type=float, metavar="S",
                    help="with --textfile: write again every S seconds")
+    x.add_argument("--mode-switches", action="store_true",
+                   help="also count each domain's system calls and context switches "
+                        "(drb_domain_syscalls_total, drb_domain_context_switches_total): "
+                        "their hooks run on every system call of the host while scraped")
     x.set_defaults(func=cmd_metrics)
 
     v = command("events", "what happened to pairs, one line an event; kept after a pair "
