@@ -260,18 +260,17 @@ RAW_TRACEPOINT_PROBE(io_uring_complete)
     char *req = (char *)ctx->args[1];
     if (!req)
         return 0;
-    /* opcode and buf_index in one read (the span is from BTF too). */
+    /* opcode, buf_index and the result in one read (the span is from BTF
+     * too). The result is what the kernel says the request did, and the
+     * user side holds the worker's answer against it: the request's own
+     * cqe, which the kernel has just copied whole into the ring's entry
+     * (args[2]) before this tracepoint (io_fill_cqe_req). */
     char f[REQ_OP_SPAN];
     if (bpf_probe_read_kernel(f, sizeof(f), req + OFF_REQ_OP_FIRST))
         return 0;
     u8 op = *(u8 *)(f + OFF_REQ_OPCODE - OFF_REQ_OP_FIRST);
     u16 slot = *(u16 *)(f + OFF_REQ_BUF_INDEX - OFF_REQ_OP_FIRST);
-    /* What the kernel says the request did: the user side holds the
-     * worker's answer against it. */
-    s32 res = -1;
-    char *cqe = (char *)ctx->args[2];
-    if (cqe)
-        bpf_probe_read_kernel(&res, sizeof(res), cqe + OFF_CQE_RES);
+    s32 res = *(s32 *)(f + OFF_REQ_RES - OFF_REQ_OP_FIRST);
     /* A flush moves no bytes of a slot: its successes are counted in the
      * status entry, so a flush the kernel never ran shows. */
     u32 key = op == DRB_OP_FSYNC ? DRB_STATUS_ENTRY : slot;

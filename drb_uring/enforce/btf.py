@@ -122,7 +122,7 @@ NEEDED = (
     ("OFF_RW_LEN", "io_rw", "len"),
     ("OFF_RW_POS", "io_rw", "kiocb.ki_pos"),
     ("OFF_RW_FLAGS", "io_rw", "flags"),
-    ("OFF_CQE_RES", "io_uring_cqe", "res"),
+    ("OFF_REQ_RES", "io_kiocb", "cqe.res"),
 )
 
 
