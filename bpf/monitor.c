@@ -4,8 +4,9 @@
  * struct comes from BTF at load time (-D OFF_*), never from headers.
  *
  * A grant ring is recognised by its io_ring_ctx pointer, which the host's
- * enforcement service registers in `grants` when a pair's broker has
- * created the ring. For each submission on a
+ * enforcement service registers in `grants` (ring -> row; the grant itself
+ * is `grant_rows[row]`) when a pair's broker has created the ring. For
+ * each submission on a
  * grant ring the program checks the request against the channel's task
  * table (an mmapable array written by the user side) and the channel's
  * extent (set by the broker alone). On a violation it kills the submitter
@@ -64,7 +65,53 @@ BPF_F_TABLE("array", u32, struct drb_task, task_tmpl, DRB_MAX_SLOTS + DRB_TASK_E
 /* Indexed by the channel's row (struct grant.row): an array lookup is
  * cheaper than a hash one, and this is on every request's path. */
 BPF_ARRAY_OF_MAPS(task_tables, "task_tmpl", MAX_CHANNELS);
-BPF_HASH(grants, u64, struct grant, MAX_CHANNELS);
+/* ring (io_ring_ctx address) -> row; the grant is grant_rows[row]. */
+BPF_HASH(grants, u64, u32, MAX_CHANNELS);
+BPF_ARRAY(grant_rows, struct grant, MAX_CHANNELS);
+/* Bumped after every removal from `grants`: [0] by the service (ungrant),
+ * [1] by io_uring_create below. A CPU's cached ring -> row is trusted only
+ * while their sum is what it was before the lookup, so no ring has lost
+ * its grant since. Two counters with one writer each: the service cannot
+ * add atomically, and a read-modify-write of one shared counter could
+ * undo the programs' bumps and make a stale entry current again. */
+BPF_ARRAY(grants_gen, u64, 2);
+/* Each CPU's last grant ring: a hash lookup is about 25 ns, and the
+ * submission and completion hooks of a worker's ring run on its CPU one
+ * after the other. Programs run with preemption off, so a CPU's entry has
+ * one user at a time. */
+struct grant_cache {
+    u64 ring;
+    u64 gen;
+    u32 row;
+    u32 pad;
+};
+BPF_PERCPU_ARRAY(grant_cache, struct grant_cache, 1);
+
+/* The grant of the ring at `ring`, or NULL if it is none. */
+static __always_inline struct grant *grant_of(u64 ring)
+{
+    u32 zero = 0, one = 1, row;
+    u64 *svc = grants_gen.lookup(&zero), *prog = grants_gen.lookup(&one);
+    struct grant_cache *c = grant_cache.lookup(&zero);
+    if (!svc || !prog || !c)
+        return 0;
+    /* Read before the lookup: a removal after it bumps past this sum (both
+     * counters only grow). */
+    u64 now = DRB_READ_ONCE(*svc) + DRB_READ_ONCE(*prog);
+    drb_barrier();
+    if (c->ring == ring && c->gen == now && ring) {
+        row = c->row;
+    } else {
+        u32 *r = grants.lookup(&ring);
+        if (!r)
+            return 0;
+        row = *r;
+        c->ring = ring;
+        c->gen = now;
+        c->row = row;
+    }
+    return grant_rows.lookup(&row);
+}
 /* The brokers' processes (tgid), registered by the service: trusted. */
 BPF_HASH(brokers, u32, u32, 256);
 /* Latency histograms: row (hist * 2 + stage), 64 log2 buckets per row. An
@@ -162,7 +209,7 @@ RAW_TRACEPOINT_PROBE(io_uring_submit_req)
     if (bpf_probe_read_kernel(head, sizeof(head), req))
         return 0;
     u64 ring = *(u64 *)(head + OFF_REQ_CTX);
-    struct grant *g = grants.lookup(&ring);
+    struct grant *g = grant_of(ring);
     if (!g)
         return 0;                           /* not a grant ring */
     u8 op = *(u8 *)(head + OFF_REQ_OPCODE);
@@ -254,7 +301,7 @@ RAW_TRACEPOINT_PROBE(io_uring_submit_req)
 RAW_TRACEPOINT_PROBE(io_uring_complete)
 {
     u64 ring = ctx->args[0];
-    struct grant *g = grants.lookup(&ring);
+    struct grant *g = grant_of(ring);
     if (!g)
         return 0;
     char *req = (char *)ctx->args[1];
@@ -317,7 +364,7 @@ RAW_TRACEPOINT_PROBE(io_uring_req_failed)
     char *req = (char *)ctx->args[1];
     u64 ring = 0;
     bpf_probe_read_kernel(&ring, sizeof(ring), req + OFF_REQ_CTX);
-    struct grant *g = grants.lookup(&ring);
+    struct grant *g = grant_of(ring);
     if (!g)
         return 0;
     return violation(g, DRB_R_REFUSED, 0, 0, 0, 0, 0, 0, 0);
@@ -330,7 +377,7 @@ RAW_TRACEPOINT_PROBE(io_uring_req_failed)
 RAW_TRACEPOINT_PROBE(io_uring_cqe_overflow)
 {
     u64 ring = ctx->args[0];
-    struct grant *g = grants.lookup(&ring);
+    struct grant *g = grant_of(ring);
     if (g)
         mark_failed(g, DRB_R_OVERFLOW);
     return 0;
@@ -343,7 +390,7 @@ RAW_TRACEPOINT_PROBE(io_uring_register)
     if (brokers.lookup(&tgid))
         return 0;
     u64 ring = ctx->args[0];
-    struct grant *g = grants.lookup(&ring);
+    struct grant *g = grant_of(ring);
     if (!g)
         return 0;
     /* Registered only after enable: any register call now is the worker's. */
@@ -366,7 +413,12 @@ RAW_TRACEPOINT_PROBE(io_uring_create)
      * grant still keyed by it is stale (its worker died a moment ago and
      * the broker has not ungranted yet). Left in place, it would check the
      * new ring, whoever made it, against a dead channel's task table. */
-    grants.delete(&c);
+    if (grants.delete(&c) == 0) {
+        u32 one = 1;
+        u64 *gen = grants_gen.lookup(&one);
+        if (gen)
+            __sync_fetch_and_add(gen, 1);
+    }
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (!brokers.lookup(&tgid))
         return 0;

@@ -1,5 +1,6 @@
 """The eBPF monitor end to end: offsets from BTF, enforcement of the I/O
 task table against a misbehaving worker, and the histogram format."""
+import json
 import os
 import re
 import struct
@@ -182,3 +183,58 @@ def test_trace_ebpf_prints_the_program_with_btf_flags():
     offs = btf.monitor_offsets()
     assert f"-DOFF_RW_POS={offs['OFF_RW_POS']}" in flags
     assert "RAW_TRACEPOINT_PROBE(io_uring_submit_req)" in out
+
+
+def _granted_rings() -> set[int]:
+    """The io_ring_ctx addresses in the monitor's `grants` map now."""
+    out = subprocess.run(["bpftool", "map", "dump", "name", "grants", "-j"],
+                         capture_output=True, text=True, check=True).stdout
+    rings = set()
+    for e in json.loads(out or "[]"):
+        # bpftool prints a map without BTF as hex bytes; with BTF as values.
+        k = e.get("key")
+        if isinstance(k, list):
+            rings.add(int.from_bytes(bytes(int(b, 16) for b in k), "little"))
+        elif isinstance(k, int):
+            rings.add(k)
+    return rings
+
+
+def _removals() -> int:
+    """The service's count of grants it removed (grants_gen[0])."""
+    out = subprocess.run(["bpftool", "map", "lookup", "name", "grants_gen", "key", "0", "0", "0",
+                          "0", "-j"], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["formatted"]["value"]
+
+
+def test_a_ring_at_a_reused_address_is_checked_against_its_own_table(tmp_path, no_fd_leak):
+    """Each CPU caches its last ring -> grant; a ring that loses its grant
+    (ungranted, or its address taken by a new ring) must never be found
+    through a stale entry. The kernel hands a new ring the address of one
+    just freed, so channels opened one after another on one broker reuse
+    ring addresses: each must be checked against its own task table, so
+    every read succeeds and nothing is killed. Rows are reused as addresses
+    are (both last-freed first), so a stale entry could still name the
+    right row by luck: the service's count of removals, which makes every
+    cached entry stale, must also have grown by one per channel."""
+    m = BrokerProc(tmp_path)
+    seen: list[int] = []
+    try:
+        with Channel(m.sock_path, EXTENT, geometry=GEO) as ch:
+            assert ch.monitored                   # the service and its maps are up
+        assert wait_until(lambda: not _granted_rings(), timeout=10)
+        before = _removals()
+        for k in range(40):
+            with Channel(m.sock_path, EXTENT, geometry=GEO) as ch:
+                assert ch.monitored
+                ch.pwrite(4096 * k, b"channel %02d" % k)
+                assert ch.pread(4096 * k, 10) == b"channel %02d" % k
+                seen += sorted(_granted_rings())
+            assert wait_until(lambda: not _granted_rings(), timeout=10)
+        assert "VIOLATION" not in m.log_text()
+        assert _removals() - before == 40
+    finally:
+        m.stop()
+    if len(set(seen)) == len(seen):
+        pytest.skip(f"the kernel gave {len(seen)} grant rings {len(seen)} different "
+                    "addresses: no reuse to check")

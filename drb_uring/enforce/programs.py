@@ -108,6 +108,7 @@ class Enforcer:
         self.count_refs = 0
         self.trace_until = 0.0
         self.count_until = 0.0
+        self.grants_gen = 0
         self.b["events"].open_ring_buffer(self._on_event)
 
     def _on_event(self, ctx, data, size) -> None:
@@ -165,8 +166,12 @@ class Enforcer:
             tt = self.b["task_tables"]
             tt[tt.Key(row)] = ctypes.c_int(fd)
             self._zero_row(row)
+            # The grant in its row first, then the ring's way to it.
+            rows = self.b["grant_rows"]
+            rows[rows.Key(row)] = rows.Leaf(gid, slot_size, slot_count, 0, row, 0, pool_base,
+                                            *extent)
             g = self.b["grants"]
-            g[g.Key(ctx)] = g.Leaf(gid, slot_size, slot_count, 0, row, 0, pool_base, *extent)
+            g[g.Key(ctx)] = g.Leaf(row)
         except BaseException:
             os.close(fd)
             raise
@@ -199,14 +204,18 @@ class Enforcer:
         return tasks.REASONS.get(code, str(code)) if code else None
 
     def _grant_of(self, gid: int):
-        """The channel's entry in `grants`, if it is still the channel's: the
-        kernel may have reused its ring's address for a new ring."""
-        ctx = self.tables.get(gid, (0,))[0]
+        """The channel's grant, if its ring still has it: the kernel may
+        have reused its ring's address for a new ring (io_uring_create then
+        removed the grant)."""
+        ctx, _fd, _mm, row = self.tables.get(gid, (0, -1, None, -1))
         g = self.b["grants"]
         try:
-            leaf = g[g.Key(ctx)]
+            if g[g.Key(ctx)].value != row:
+                return None
         except KeyError:
             return None
+        rows = self.b["grant_rows"]
+        leaf = rows[rows.Key(row)]
         return leaf if leaf.channel == gid else None
 
     def close_grant(self, gid: int) -> None:
@@ -216,8 +225,8 @@ class Enforcer:
         leaf = self._grant_of(gid)
         if leaf is not None:
             leaf.closed = 1
-            g = self.b["grants"]
-            g[g.Key(self.tables[gid][0])] = leaf
+            rows = self.b["grant_rows"]
+            rows[rows.Key(self.tables[gid][3])] = leaf
 
     def ungrant(self, gid: int) -> None:
         if self._grant_of(gid) is not None:
@@ -226,6 +235,12 @@ class Enforcer:
                 del g[g.Key(self.tables[gid][0])]
             except KeyError:
                 pass
+            # Only now: every CPU's cached way from the ring to its row
+            # is stale from here on (the programs read the generation
+            # before they look a ring up). Entry 0 is the service's alone.
+            self.grants_gen += 1
+            gen = self.b["grants_gen"]
+            gen[gen.Key(0)] = gen.Leaf(self.grants_gen)
         ctx, fd, mm, row = self.tables.pop(gid, (0, -1, None, -1))
         t = self.b["task_tables"]
         try:
