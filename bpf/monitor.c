@@ -39,6 +39,7 @@ struct grant {
     u64 pool_base;
     u64 extent_base;
     u64 extent_size;
+    u64 ring;             /* the io_ring_ctx this row is the grant of; 0 once it is not */
 };
 
 struct event {
@@ -101,16 +102,23 @@ static __always_inline struct grant *grant_of(u64 ring)
     drb_barrier();
     if (c->ring == ring && c->gen == now && ring) {
         row = c->row;
-    } else {
-        u32 *r = grants.lookup(&ring);
-        if (!r)
-            return 0;
-        row = *r;
-        c->ring = ring;
-        c->gen = now;
-        c->row = row;
+        /* And the row must still be this ring's: it names its ring, and
+         * loses the name before it is reused or dropped. This alone would
+         * hold the cache to the truth; the counters keep a row that lost
+         * its name and got it back from being trusted in between. */
+        struct grant *g = grant_rows.lookup(&row);
+        if (g && g->ring == ring)
+            return g;
     }
-    return grant_rows.lookup(&row);
+    u32 *r = grants.lookup(&ring);
+    if (!r)
+        return 0;
+    row = *r;
+    c->ring = ring;
+    c->gen = now;
+    c->row = row;
+    struct grant *g = grant_rows.lookup(&row);
+    return g && g->ring == ring ? g : 0;
 }
 /* The brokers' processes (tgid), registered by the service: trusted. */
 BPF_HASH(brokers, u32, u32, 256);
@@ -413,12 +421,20 @@ RAW_TRACEPOINT_PROBE(io_uring_create)
      * grant still keyed by it is stale (its worker died a moment ago and
      * the broker has not ungranted yet). Left in place, it would check the
      * new ring, whoever made it, against a dead channel's task table. */
-    if (grants.delete(&c) == 0) {
-        u32 one = 1;
-        u64 *gen = grants_gen.lookup(&one);
-        if (gen)
-            __sync_fetch_and_add(gen, 1);
+    u32 *r = grants.lookup(&c);
+    if (r) {
+        u32 row = *r;
+        struct grant *g = grant_rows.lookup(&row);
+        if (g && g->ring == c)
+            g->ring = 0;
+        grants.delete(&c);
     }
+    /* Every new ring makes every cached entry for its address stale, even
+     * one whose grant the service removed a moment ago. */
+    u32 one = 1;
+    u64 *gen = grants_gen.lookup(&one);
+    if (gen)
+        __sync_fetch_and_add(gen, 1);
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (!brokers.lookup(&tgid))
         return 0;

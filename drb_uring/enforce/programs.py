@@ -169,7 +169,7 @@ class Enforcer:
             # The grant in its row first, then the ring's way to it.
             rows = self.b["grant_rows"]
             rows[rows.Key(row)] = rows.Leaf(gid, slot_size, slot_count, 0, row, 0, pool_base,
-                                            *extent)
+                                            *extent, ctx)
             g = self.b["grants"]
             g[g.Key(ctx)] = g.Leaf(row)
         except BaseException:
@@ -216,7 +216,7 @@ class Enforcer:
             return None
         rows = self.b["grant_rows"]
         leaf = rows[rows.Key(row)]
-        return leaf if leaf.channel == gid else None
+        return leaf if leaf.channel == gid and leaf.ring == ctx else None
 
     def close_grant(self, gid: int) -> None:
         """The channel ended: from now on any submission on its ring is a
@@ -235,13 +235,17 @@ class Enforcer:
                 del g[g.Key(self.tables[gid][0])]
             except KeyError:
                 pass
-            # Only now: every CPU's cached way from the ring to its row
-            # is stale from here on (the programs read the generation
-            # before they look a ring up). Entry 0 is the service's alone.
+        ctx, fd, mm, row = self.tables.pop(gid, (0, -1, None, -1))
+        if row >= 0:
+            # The row forgets its ring before it can be reused (a CPU's
+            # cached entry must name the row's ring), and only then do the
+            # cached entries all go stale: the programs read the counter
+            # before they look a ring up. Entry 0 is the service's alone.
+            rows = self.b["grant_rows"]
+            rows[rows.Key(row)] = rows.Leaf()
             self.grants_gen += 1
             gen = self.b["grants_gen"]
             gen[gen.Key(0)] = gen.Leaf(self.grants_gen)
-        ctx, fd, mm, row = self.tables.pop(gid, (0, -1, None, -1))
         t = self.b["task_tables"]
         try:
             del t[t.Key(row)]
