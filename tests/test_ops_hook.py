@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -23,18 +24,25 @@ PODMAN = shutil.which("podman")
 pytestmark = [
     pytest.mark.skipif(PODMAN is None or shutil.which("runc") is None,
                        reason="Debian's podman and runc are missing (make setup)"),
-    # A chroot whose root is a plain directory (../shared/tools/fresh-machine-check):
-    # runc, as podman drives it, makes "/" rslave before it starts a container, and
-    # the kernel refuses that where "/" is not a mount (EINVAL: "error preparing
-    # rootfs: mount /, flags: 0x84000"); with a user namespace the same failure shows
-    # as "can't get final child's PID from pipe: EOF". drb's own domains re-root
-    # their namespace there (linux.private_mount_namespace); podman does not.
-    pytest.mark.skipif(not linux.root_is_mount_point(),
-                       reason="podman cannot start containers where / is not a mount point "
-                              "(a chroot): runc's mount of / as rslave fails with EINVAL"),
 ]
 ROOT = "/run/ops-hook-root"          # traversable by the container's root (a mapped uid)
 RUNS = "ops-hook"                    # the containers' names start so
+# In a chroot whose root is a plain directory (../shared/tools/fresh-machine-check),
+# runc, as podman drives it, makes "/" rslave before it starts a container, and the
+# kernel refuses that where "/" is not a mount (EINVAL: "error preparing rootfs:
+# mount /, flags: 0x84000"); nor may a chrooted process make a user namespace
+# (EPERM, which runc reports as "can't get final child's PID from pipe: EOF").
+# There podman runs in a mount namespace of its own, re-rooted at the chroot's
+# tree as drb's own domains are (linux.private_mount_namespace): the same files
+# and sockets, "/" a mount, and no chroot.
+_REROOTED = ("import os, sys; from drb_uring import linux; "
+             "linux.private_mount_namespace(); os.execv(sys.argv[1], sys.argv[1:])")
+
+
+def _podman(*args: str) -> list[str]:
+    if linux.root_is_mount_point():
+        return [PODMAN, *args]
+    return [sys.executable, "-c", _REROOTED, PODMAN, *args]
 
 
 class Podman:
@@ -46,11 +54,11 @@ class Podman:
 
     def argv(self, cid: str, annotations: dict, *cmd: str) -> list[str]:
         ann = [x for k, v in annotations.items() for x in ("--annotation", f"{k}={v}")]
-        return [PODMAN, "--hooks-dir", self.hooks, "run", "--rm", "-i", "--name", cid,
+        return _podman("--hooks-dir", self.hooks, "run", "--rm", "-i", "--name", cid,
                 "--runtime", "runc", "--uidmap", "0:200000:65536", "--gidmap", "0:200000:65536",
                 "--network", "none", "--ulimit", "nofile=1024:1024",
                 "--ulimit", "nproc=4096:4096", "--tmpfs", "/run", "-v", "/usr:/usr:ro",
-                "--env", "PYTHONPATH=/run/drb-lib", *ann, "--rootfs", ROOT, *cmd]
+                "--env", "PYTHONPATH=/run/drb-lib", *ann, "--rootfs", ROOT, *cmd)
 
     def run(self, cid: str, annotations: dict, *cmd: str):
         return subprocess.run(self.argv(cid, annotations, *cmd), stdin=subprocess.DEVNULL,
@@ -75,12 +83,12 @@ def podman(tmp_path_factory):
         yield Podman(str(hooks))
     finally:
         for name in _ours():
-            subprocess.run([PODMAN, "rm", "-f", name], capture_output=True)
+            subprocess.run(_podman("rm", "-f", name), capture_output=True)
         shutil.rmtree(ROOT, ignore_errors=True)
 
 
 def _ours() -> list[str]:
-    out = subprocess.run([PODMAN, "ps", "-a", "--format", "{{.Names}}"],
+    out = subprocess.run(_podman("ps", "-a", "--format", "{{.Names}}"),
                          capture_output=True, text=True, check=True).stdout.split()
     return [n for n in out if n.startswith(RUNS)]
 
@@ -120,7 +128,7 @@ def test_a_container_is_a_user_domain_while_it_runs(podman):
             assert said.get("got") == "from-the-container", run.stderr.read() if not said \
                 else said
             assert wait_for(look, timeout=10)
-            cid = subprocess.run([PODMAN, "inspect", "--format", "{{.Id}}", f"{RUNS}-a"],
+            cid = subprocess.run(_podman("inspect", "--format", "{{.Id}}", f"{RUNS}-a"),
                                  capture_output=True, text=True, check=True).stdout.strip()
             dm = seen["domains"]["user1"]
             assert dm["container"] == cid and dm["extent"] == [4 << 20, 4 << 20]
@@ -132,7 +140,7 @@ def test_a_container_is_a_user_domain_while_it_runs(podman):
             assert f'drb_channels_opened_total{{pair="{name}",user="user1"}} 1.0' in metrics
         finally:
             # Stopped as podman stops it (SIGTERM).
-            subprocess.run([PODMAN, "stop", "-t", "10", f"{RUNS}-a"], capture_output=True,
+            subprocess.run(_podman("stop", "-t", "10", f"{RUNS}-a"), capture_output=True,
                            timeout=60)
             os.close(w)
             assert run.wait(60) == 0, run.stderr.read()
