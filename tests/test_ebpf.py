@@ -189,15 +189,10 @@ def _granted_rings() -> set[int]:
     """The io_ring_ctx addresses in the monitor's `grants` map now."""
     out = subprocess.run(["bpftool", "map", "dump", "name", "grants", "-j"],
                          capture_output=True, text=True, check=True).stdout
-    rings = set()
-    for e in json.loads(out or "[]"):
-        # bpftool prints a map without BTF as hex bytes; with BTF as values.
-        k = e.get("key")
-        if isinstance(k, list):
-            rings.add(int.from_bytes(bytes(int(b, 16) for b in k), "little"))
-        elif isinstance(k, int):
-            rings.add(k)
-    return rings
+    # bpftool -j gives each key as its bytes in hex (and a "formatted" copy
+    # only where the map has BTF).
+    return {int.from_bytes(bytes(int(b, 16) for b in e["key"]), "little")
+            for e in json.loads(out or "[]")}
 
 
 def _removals() -> int:
