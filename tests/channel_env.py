@@ -1,5 +1,6 @@
 """A real broker process with a registered backing file, for channel tests."""
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -169,3 +170,21 @@ def wake_every_eventfd() -> None:
                 os.eventfd_write(fd, 1)
         except OSError:
             pass
+
+
+def granted_rings(missing_ok: bool = False) -> set[int]:
+    """The io_ring_ctx addresses in the monitor's `grants` map now (none,
+    with missing_ok, when the service and its maps are gone)."""
+    p = subprocess.run(["bpftool", "map", "dump", "name", "grants", "-j"],
+                       capture_output=True, text=True)
+    if p.returncode and missing_ok:
+        maps = subprocess.run(["bpftool", "map", "show", "-j"], capture_output=True,
+                              text=True, check=True).stdout
+        if not any(m.get("name") == "grants" for m in json.loads(maps or "[]")):
+            return set()
+    p.check_returncode()
+    out = p.stdout
+    # bpftool -j gives each key as its bytes in hex (and a "formatted" copy
+    # only where the map has BTF).
+    return {int.from_bytes(bytes(int(b, 16) for b in e["key"]), "little")
+            for e in json.loads(out or "[]")}

@@ -16,10 +16,11 @@ import textwrap
 import time
 
 import pytest
-from channel_env import brokers_made, dead, hang_guard, wait_until
+from channel_env import brokers_made, dead, granted_rings, hang_guard, wait_until
 from pair_env import DRB, drb, in_domain, leftovers, pairs_made, rogue_pair, wait_gone
 
 from drb_uring.channel.client import Channel, ChannelFailed
+from drb_uring.domains.cgroup import procs_below as cgroup_procs
 from drb_uring.ring import layout as L
 
 GEO = L.Geometry(sq_entries=16, cq_entries=16, slot_size=65536, slot_count=4)
@@ -253,3 +254,58 @@ def test_a_removed_user_domains_ring_kept_by_a_child_goes_with_it():
             opener.wait(10)
         drb("down", name)
         proc.wait(10)
+
+
+def test_a_ring_kept_by_a_child_is_stopped_when_the_daemon_dies():
+    """The rogue worker forks a child that keeps its grant ring; then the
+    pair's daemon (the broker) is killed. The service kills the worker, and
+    the child writes through the ring 1.5 s later, again and again. The
+    monitor's grant must outlive the broker: the child is killed by the
+    service (or by the monitor at its first write), the extent's bytes stay
+    as they were, and once nothing of the driver domain is left the grant is
+    gone too (no row is kept for a ring nobody holds)."""
+    name = f"{PREFIX}-dk"
+    proc = rogue_pair(name, "fork-keep")
+    opener = None
+    try:
+        st = json.loads(drb("status", name, "--json").stdout)
+        before = granted_rings()
+        base, _size = st["domains"]["user0"]["extent"]
+        opener = subprocess.Popen([DRB, "exec", name, "user0", "--", "python3", "-c",
+                                   textwrap.dedent(f"""
+            import time
+            from drb_uring.channel.client import Channel
+            from drb_uring.ring import layout as L
+            ch = Channel({st['socket']!r}, 1 << 20,
+                         geometry=L.Geometry(slot_size=65536, slot_count=4))
+            print("open", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+        assert opener.stdout.readline().strip() == "open"
+        ours = granted_rings() - before
+        assert len(ours) == 1
+        mine = os.urandom(4096)
+        with open(st["device"], "r+b") as f:
+            f.seek(base)
+            f.write(mine)
+        driver = st["domains"]["driver"]["cgroup"]
+        # The domain's init, the worker and the child it forks once ready.
+        assert wait_until(lambda: len(cgroup_procs(driver)) >= 3, timeout=10)
+        os.kill(proc.pid, 9)                       # the daemon, and with it the broker
+        proc.wait(10)
+        time.sleep(3)          # the child's writes start 1.5 s after the worker is gone
+        with open(st["device"], "rb") as f:
+            f.seek(base)
+            assert f.read(4096) == mine
+        assert wait_until(lambda: not cgroup_procs(driver), timeout=10), cgroup_procs(driver)
+        # Ungranted, or the service left with nothing granted.
+        assert wait_until(lambda: not ours & granted_rings(missing_ok=True), timeout=10)
+    finally:
+        if opener is not None:
+            opener.kill()
+            opener.wait(10)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        drb("down", name)
+    assert leftovers(name) == []

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from channel_env import BrokerProc, brokers_made, expect_killed, wait_until
+from channel_env import BrokerProc, brokers_made, expect_killed, granted_rings, wait_until
 
 from drb_uring.channel.client import Channel
 from drb_uring.enforce import _task, btf, tasks
@@ -185,16 +185,6 @@ def test_trace_ebpf_prints_the_program_with_btf_flags():
     assert "RAW_TRACEPOINT_PROBE(io_uring_submit_req)" in out
 
 
-def _granted_rings() -> set[int]:
-    """The io_ring_ctx addresses in the monitor's `grants` map now."""
-    out = subprocess.run(["bpftool", "map", "dump", "name", "grants", "-j"],
-                         capture_output=True, text=True, check=True).stdout
-    # bpftool -j gives each key as its bytes in hex (and a "formatted" copy
-    # only where the map has BTF).
-    return {int.from_bytes(bytes(int(b, 16) for b in e["key"]), "little")
-            for e in json.loads(out or "[]")}
-
-
 def _removals() -> int:
     """The service's count of grants it removed (grants_gen[0])."""
     out = subprocess.run(["bpftool", "map", "lookup", "name", "grants_gen", "key", "0", "0", "0",
@@ -217,15 +207,15 @@ def test_a_ring_at_a_reused_address_is_checked_against_its_own_table(tmp_path, n
     try:
         with Channel(m.sock_path, EXTENT, geometry=GEO) as ch:
             assert ch.monitored                   # the service and its maps are up
-        assert wait_until(lambda: not _granted_rings(), timeout=10)
+        assert wait_until(lambda: not granted_rings(), timeout=10)
         before = _removals()
         for k in range(40):
             with Channel(m.sock_path, EXTENT, geometry=GEO) as ch:
                 assert ch.monitored
                 ch.pwrite(4096 * k, b"channel %02d" % k)
                 assert ch.pread(4096 * k, 10) == b"channel %02d" % k
-                seen += sorted(_granted_rings())
-            assert wait_until(lambda: not _granted_rings(), timeout=10)
+                seen += sorted(granted_rings())
+            assert wait_until(lambda: not granted_rings(), timeout=10)
         assert "VIOLATION" not in m.log_text()
         assert _removals() - before == 40
     finally:

@@ -56,8 +56,8 @@ class MonitorLink:
         if self.enforce and self.enforcer is None:
             try:
                 self._connect()
-                for group in self.domains.values():
-                    self.enforcer.watch(group)
+                for role, group in self.domains.items():
+                    self.enforcer.watch(group, workers=role == "driver")
             except (DrbError, OSError) as e:
                 if self.enforcer is not None:
                     self.hub.sel.unregister(self.enforcer.sock)
@@ -80,8 +80,8 @@ class MonitorLink:
         `drb trace` and `drb bench`."""
         self.domains.update(groups)
         if self.enforcer:
-            for group in groups.values():
-                self.enforcer.watch(group)
+            for role, group in groups.items():
+                self.enforcer.watch(group, workers=role == "driver")
 
     def unwatch(self, role: str) -> None:
         group = self.domains.pop(role, None)

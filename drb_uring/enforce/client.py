@@ -108,8 +108,13 @@ class EnforceClient:
         return {int(g): {st: {int(b): c for b, c in bk.items()} for st, bk in v.items()}
                 for g, v in h.items()}
 
-    def watch(self, path: str) -> None:
-        self._call("watch", path=path)
+    def watch(self, path: str, workers: bool = False) -> None:
+        """Count the mode switches of the processes in cgroup `path`. With
+        `workers`, it is where this client's workers run: should this
+        client go with grants in place, the service kills every process
+        there and keeps the grants closed until the group is empty (a
+        process that kept a grant ring could otherwise use it unchecked)."""
+        self._call("watch", path=path, workers=workers)
 
     def unwatch(self, path: str) -> None:
         self._call("unwatch", path=path)

@@ -21,6 +21,7 @@ import struct
 import sys
 
 from drb_uring import procs, protocol
+from drb_uring.domains import cgroup
 from drb_uring.enforce.client import OPS, SERVICE_LOCK, SERVICE_SOCK
 from drb_uring.enforce.programs import EnforceError, Enforcer
 from drb_uring.spec import Spec
@@ -49,6 +50,7 @@ class Client:
         self.gids: set[int] = set()
         self.workers: dict[int, int] = {}      # channel -> pidfd of its worker
         self.watched: set[str] = set()
+        self.worker_groups: set[str] = set()   # where its workers run (watch workers=True)
         self.counting = False
 
 
@@ -67,6 +69,8 @@ class Service:
         self.sock = protocol.listen(SERVICE_SOCK)
         self.sel.register(self.sock, selectors.EVENT_READ, None)
         self.clients: dict[protocol.Peer, Client] = {}
+        # A departed broker's closed grants -> the cgroups that must empty first.
+        self.limbo: dict[int, frozenset[str]] = {}
         self.broker_refs: dict[int, int] = {}      # tgid -> its connections
         self.stopping = False
         self.served = 0
@@ -100,14 +104,31 @@ class Service:
 
     def _drop(self, c: Client) -> None:
         # Its workers go with it: a channel whose broker is gone is not
-        # enforced any more, and must not run.
+        # enforced any more, and must not run. Its grants are closed first:
+        # from here on, any use of its rings kills the user.
+        for gid in c.gids:
+            self.enforcer.close_grant(gid)
         for gid in list(c.workers):
             if gid in c.gids:
                 log.warning("broker %d went away: killing the worker of channel %d",
                             c.tgid, gid)
             self._forget_worker(c, gid, kill=True)
-        for gid in c.gids:
-            self.enforcer.ungrant(gid)
+        if c.gids and c.worker_groups:
+            # A worker may have handed its rings to a child (fork); the
+            # broker, which would have waited for the kernel's word that a
+            # ring is gone, is not here to. Everything where the workers
+            # ran dies, and the grants stay, closed, until nothing is left
+            # there (the broker, their only other holder, is gone).
+            for path in c.worker_groups:
+                log.warning("broker %d went away with %d grants: killing every process "
+                            "in %s", c.tgid, len(c.gids), path)
+                cgroup.kill(path)
+            for gid in c.gids:
+                self.limbo[gid] = frozenset(c.worker_groups)
+            self._settle()
+        else:
+            for gid in c.gids:
+                self.enforcer.ungrant(gid)
         for path in c.watched:
             self.enforcer.unwatch(path)
         if c.counting:
@@ -197,10 +218,13 @@ class Service:
             if op == "watch":
                 self.enforcer.watch(path)
                 c.watched.add(path)
+                if msg.get("workers") is True:
+                    c.worker_groups.add(path)
                 return {}, []
             if op == "unwatch":
                 self.enforcer.unwatch(path)
                 c.watched.discard(path)
+                c.worker_groups.discard(path)
                 return {}, []
             return {"counters": self.enforcer.counters(path)}, []
         raise protocol.ProtocolError(f"unknown operation {op!r}")
@@ -267,9 +291,18 @@ class Service:
                         self.sel.modify(c.peer, want, c)
             self.enforcer.poll()
             self.enforcer.expire()
-            if self.served and not self.clients and not self.persist \
+            self._settle()
+            if self.served and not self.clients and not self.limbo and not self.persist \
                     and self._last_one_out():
                 break
+
+    def _settle(self) -> None:
+        """Ungrant each closed grant of a departed broker once no process is
+        left where its workers ran."""
+        for gid, groups in list(self.limbo.items()):
+            if not any(cgroup.populated(g) for g in groups):
+                self.enforcer.ungrant(gid)
+                del self.limbo[gid]
 
     def close(self) -> None:
         for c in list(self.clients.values()):
