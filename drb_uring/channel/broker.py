@@ -202,10 +202,11 @@ class Broker:
             except Exception:   # noqa: BLE001 - the channels matter more than the record
                 log.exception("observer of %s failed", event)
 
-    def watch_domains(self, groups: dict[str, str]) -> None:
+    def watch_domains(self, groups: dict[str, str], workers: str | None = None) -> None:
         """Count the mode switches of these domains (role -> cgroup) for
-        `drb trace` and `drb bench`."""
-        self.link.watch(groups)
+        `drb trace` and `drb bench`; `workers` names the role whose cgroup
+        (made by drb) the workers run in."""
+        self.link.watch(groups, workers)
 
     def unwatch_domain(self, role: str) -> None:
         self.link.unwatch(role)

@@ -36,6 +36,7 @@ class MonitorLink:
         self.deaths: list[float] = []
         self.retry_at = 0.0
         self.domains: dict[str, str] = {}     # role -> cgroup whose mode switches count
+        self.workers_role: str | None = None  # the one drb made, where the workers run
         if enforce:
             self._connect()
         else:
@@ -57,7 +58,7 @@ class MonitorLink:
             try:
                 self._connect()
                 for role, group in self.domains.items():
-                    self.enforcer.watch(group, workers=role == "driver")
+                    self.enforcer.watch(group, workers=role == self.workers_role)
             except (DrbError, OSError) as e:
                 if self.enforcer is not None:
                     self.hub.sel.unregister(self.enforcer.sock)
@@ -75,13 +76,17 @@ class MonitorLink:
 
     # ---- the domains it counts ------------------------------------------------------
 
-    def watch(self, groups: dict[str, str]) -> None:
+    def watch(self, groups: dict[str, str], workers: str | None = None) -> None:
         """Count the mode switches of these domains (role -> cgroup) for
-        `drb trace` and `drb bench`."""
+        `drb trace` and `drb bench`. `workers`: the role whose cgroup drb
+        made and runs the workers in; should this broker die with grants,
+        the service kills every process there (see enforce.service)."""
         self.domains.update(groups)
+        if workers is not None:
+            self.workers_role = workers
         if self.enforcer:
             for role, group in groups.items():
-                self.enforcer.watch(group, workers=role == "driver")
+                self.enforcer.watch(group, workers=role == self.workers_role)
 
     def unwatch(self, role: str) -> None:
         group = self.domains.pop(role, None)

@@ -85,19 +85,9 @@ def kill_and_remove(path: str, timeout: float = 5.0) -> None:
 
 def kill(path: str) -> None:
     """SIGKILL every process in the group and below, at once: cgroup.kill
-    also takes a process that forks meanwhile. Without it (before 5.14),
-    one signal per listed process."""
-    try:
-        with open(os.path.join(path, "cgroup.kill"), "w") as f:
-            f.write("1")
-        return
-    except FileNotFoundError:
-        pass
-    for pid in procs_below(path):
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
+    also takes a process that forks meanwhile (5.14+; drb's rings need 6.6)."""
+    with open(os.path.join(path, "cgroup.kill"), "w") as f:
+        f.write("1")
 
 
 def populated(path: str) -> bool:
@@ -107,7 +97,7 @@ def populated(path: str) -> bool:
         with open(os.path.join(path, "cgroup.events")) as f:
             return any(line.split() == ["populated", "1"] for line in f)
     except FileNotFoundError:
-        return bool(procs_below(path)) if os.path.isdir(path) else False
+        return False
 
 
 def procs_below(path: str) -> list[int]:

@@ -459,7 +459,10 @@ class Pair:
             self._attach_driver()
         else:
             self._make_driver()
-        self.broker.watch_domains({"driver": self.groups["driver"]})
+        # Only a driver domain drb made is killed should the broker die with
+        # grants: an attached container's cgroup is its owner's to arrange.
+        self.broker.watch_domains({"driver": self.groups["driver"]},
+                                  workers=None if a.attached else "driver")
         for k, extent in enumerate(extents):
             self.add_user(f"user{k}", extent, a.attach_user)
         self.state = {

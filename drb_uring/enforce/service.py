@@ -10,6 +10,7 @@ cgroups) goes away with its connection.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
@@ -52,6 +53,41 @@ class Client:
         self.watched: set[str] = set()
         self.worker_groups: set[str] = set()   # where its workers run (watch workers=True)
         self.counting = False
+        try:
+            self.pidfd = os.pidfd_open(tgid)    # so that its death is known, whatever its pid
+        except OSError:
+            self.pidfd = -1
+
+
+@dataclasses.dataclass(eq=False)
+class _Limbo:
+    """The closed grants of a departed broker (see Service._settle)."""
+    groups: frozenset[str]          # where its workers ran
+    pidfd: int                      # the broker's
+    killed: bool = False
+    emptied: bool = False
+
+
+def _exited(pidfd: int) -> bool:
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
+def _kill_group(path: str) -> None:
+    try:
+        cgroup.kill(path)
+    except FileNotFoundError:
+        pass                    # removed: empty
+    except OSError as e:        # being removed (ENODEV): empty, or soon
+        log.warning("could not kill the processes in %s: %s", path, e)
+
+
+def _populated(path: str) -> bool:
+    try:
+        return cgroup.populated(path)
+    except OSError as e:
+        # ENODEV: removed as it was read. Anything else: count it as full
+        # (the grants stay closed) and look again.
+        return e.errno != errno.ENODEV
 
 
 def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
@@ -69,8 +105,7 @@ class Service:
         self.sock = protocol.listen(SERVICE_SOCK)
         self.sel.register(self.sock, selectors.EVENT_READ, None)
         self.clients: dict[protocol.Peer, Client] = {}
-        # A departed broker's closed grants -> the cgroups that must empty first.
-        self.limbo: dict[int, frozenset[str]] = {}
+        self.limbo: dict[int, _Limbo] = {}       # a departed broker's closed grants
         self.broker_refs: dict[int, int] = {}      # tgid -> its connections
         self.stopping = False
         self.served = 0
@@ -102,7 +137,9 @@ class Service:
             select.select([fd], [], [], WORKER_DEATH_WAIT)
         os.close(fd)
 
-    def _drop(self, c: Client) -> None:
+    def _drop(self, c: Client, departed: bool = True) -> None:
+        """Forget a client: it went away (departed), or this service stops
+        (the brokers then handle the service's going themselves)."""
         # Its workers go with it: a channel whose broker is gone is not
         # enforced any more, and must not run. Its grants are closed first:
         # from here on, any use of its rings kills the user.
@@ -113,18 +150,15 @@ class Service:
                 log.warning("broker %d went away: killing the worker of channel %d",
                             c.tgid, gid)
             self._forget_worker(c, gid, kill=True)
-        if c.gids and c.worker_groups:
-            # A worker may have handed its rings to a child (fork); the
-            # broker, which would have waited for the kernel's word that a
-            # ring is gone, is not here to. Everything where the workers
-            # ran dies, and the grants stay, closed, until nothing is left
-            # there (the broker, their only other holder, is gone).
-            for path in c.worker_groups:
-                log.warning("broker %d went away with %d grants: killing every process "
-                            "in %s", c.tgid, len(c.gids), path)
-                cgroup.kill(path)
+        if departed and c.gids and c.worker_groups and c.pidfd >= 0:
+            # A worker may have handed its rings to a child (fork), and the
+            # broker, which waits for the kernel's word that a ring is gone
+            # before it ungrants, is not here to. The grants stay, closed,
+            # until the broker is dead and nothing is left where its workers
+            # ran (see _settle).
+            left = _Limbo(frozenset(c.worker_groups), os.dup(c.pidfd))
             for gid in c.gids:
-                self.limbo[gid] = frozenset(c.worker_groups)
+                self.limbo[gid] = left
             self._settle()
         else:
             for gid in c.gids:
@@ -141,6 +175,9 @@ class Service:
         self.sel.unregister(c.peer)
         self.clients.pop(c.peer, None)
         c.peer.close()
+        if c.pidfd >= 0:
+            os.close(c.pidfd)
+            c.pidfd = -1
 
     def _handle(self, c: Client, msg: dict) -> tuple[dict, list[int]]:
         op = msg["op"]
@@ -297,16 +334,42 @@ class Service:
                 break
 
     def _settle(self) -> None:
-        """Ungrant each closed grant of a departed broker once no process is
-        left where its workers ran."""
-        for gid, groups in list(self.limbo.items()):
-            if not any(cgroup.populated(g) for g in groups):
-                self.enforcer.ungrant(gid)
-                del self.limbo[gid]
+        """The closed grants of departed brokers. A broker that still lives
+        (its link was dropped) keeps its rings and lets go of them itself:
+        its grants stay closed. Once it is dead, every process in its
+        workers' cgroups is killed (cgroup.kill also takes a process that
+        forks meanwhile), and its grants go once those cgroups have been
+        empty: the broker was the rings' only holder outside them."""
+        for gid, left in list(self.limbo.items()):
+            if not left.emptied:
+                if not left.killed:
+                    if not _exited(left.pidfd):
+                        continue
+                    left.killed = True
+                    for path in left.groups:
+                        log.warning("broker of channel %d is dead: killing every process "
+                                    "in %s", gid, path)
+                        _kill_group(path)
+                if any(_populated(path) for path in left.groups):
+                    continue
+                left.emptied = True     # what comes into the group later never had the ring
+            self.enforcer.ungrant(gid)
+            del self.limbo[gid]
+            if left not in self.limbo.values():
+                os.close(left.pidfd)
 
     def close(self) -> None:
+        # The brokers see this service go and stop their workers themselves
+        # (with --restart their pairs carry on under the next one).
         for c in list(self.clients.values()):
-            self._drop(c)
+            self._drop(c, departed=False)
+        # A dead broker's workers' groups die before the checks go.
+        for left in {id(x): x for x in self.limbo.values()}.values():
+            if not left.killed and _exited(left.pidfd):
+                for path in left.groups:
+                    _kill_group(path)
+            os.close(left.pidfd)
+        self.limbo.clear()
         self.sel.close()
         self.sock.close()
         try:
