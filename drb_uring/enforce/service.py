@@ -51,37 +51,53 @@ class Client:
         self.gids: set[int] = set()
         self.workers: dict[int, int] = {}      # channel -> pidfd of its worker
         self.watched: set[str] = set()
-        self.worker_groups: set[str] = set()   # where its workers run (watch workers=True)
+        # Where its workers run (watch workers=True): path -> the group's
+        # inode, so that a group made again at the same path is not taken
+        # for it.
+        self.worker_groups: dict[str, int] = {}
         self.counting = False
         try:
             self.pidfd = os.pidfd_open(tgid)    # so that its death is known, whatever its pid
-        except OSError:
+        except OSError as e:
+            log.warning("no pidfd of client %d (%s): its grants go as soon as it does", tgid, e)
             self.pidfd = -1
 
 
 @dataclasses.dataclass(eq=False)
 class _Limbo:
     """The closed grants of a departed broker (see Service._settle)."""
-    groups: frozenset[str]          # where its workers ran
+    groups: dict[str, int]          # where its workers ran: path -> inode
     pidfd: int                      # the broker's
-    killed: bool = False
+    killed: bool = False            # (told once in the log)
     emptied: bool = False
 
 
-def _exited(pidfd: int) -> bool:
-    return bool(select.select([pidfd], [], [], 0)[0])
+def _readable(fd: int, timeout: float = 0) -> bool:
+    """poll(2), not select(2): a descriptor may be above FD_SETSIZE."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(timeout * 1000))
 
 
-def _kill_group(path: str) -> None:
+def _same_group(path: str, inode: int) -> bool:
+    try:
+        return os.stat(path).st_ino == inode
+    except OSError:
+        return False
+
+
+def _kill_group(path: str, inode: int) -> None:
+    if not _same_group(path, inode):
+        return                  # gone (or another group made at its path): empty
     try:
         cgroup.kill(path)
-    except FileNotFoundError:
-        pass                    # removed: empty
     except OSError as e:        # being removed (ENODEV): empty, or soon
         log.warning("could not kill the processes in %s: %s", path, e)
 
 
-def _populated(path: str) -> bool:
+def _populated(path: str, inode: int) -> bool:
+    if not _same_group(path, inode):
+        return False
     try:
         return cgroup.populated(path)
     except OSError as e:
@@ -134,7 +150,7 @@ class Service:
             except ProcessLookupError:
                 pass
             # Ungranted only once it is gone: until then it could submit.
-            select.select([fd], [], [], WORKER_DEATH_WAIT)
+            _readable(fd, WORKER_DEATH_WAIT)
         os.close(fd)
 
     def _drop(self, c: Client, departed: bool = True) -> None:
@@ -156,7 +172,8 @@ class Service:
             # before it ungrants, is not here to. The grants stay, closed,
             # until the broker is dead and nothing is left where its workers
             # ran (see _settle).
-            left = _Limbo(frozenset(c.worker_groups), os.dup(c.pidfd))
+            left = _Limbo(dict(c.worker_groups), c.pidfd)
+            c.pidfd = -1                # the limbo's now
             for gid in c.gids:
                 self.limbo[gid] = left
             self._settle()
@@ -256,12 +273,12 @@ class Service:
                 self.enforcer.watch(path)
                 c.watched.add(path)
                 if msg.get("workers") is True:
-                    c.worker_groups.add(path)
+                    c.worker_groups[path] = os.stat(path).st_ino
                 return {}, []
             if op == "unwatch":
                 self.enforcer.unwatch(path)
                 c.watched.discard(path)
-                c.worker_groups.discard(path)
+                c.worker_groups.pop(path, None)
                 return {}, []
             return {"counters": self.enforcer.counters(path)}, []
         raise protocol.ProtocolError(f"unknown operation {op!r}")
@@ -342,15 +359,16 @@ class Service:
         empty: the broker was the rings' only holder outside them."""
         for gid, left in list(self.limbo.items()):
             if not left.emptied:
+                if not _readable(left.pidfd):
+                    continue            # the broker lives
                 if not left.killed:
-                    if not _exited(left.pidfd):
-                        continue
                     left.killed = True
-                    for path in left.groups:
-                        log.warning("broker of channel %d is dead: killing every process "
-                                    "in %s", gid, path)
-                        _kill_group(path)
-                if any(_populated(path) for path in left.groups):
+                    log.warning("broker of channel %d is dead: killing every process in %s",
+                                gid, ", ".join(left.groups))
+                full = [p for p, ino in left.groups.items() if _populated(p, ino)]
+                for path in full:       # again on every pass: a kill that failed is retried
+                    _kill_group(path, left.groups[path])
+                if full:
                     continue
                 left.emptied = True     # what comes into the group later never had the ring
             self.enforcer.ungrant(gid)
@@ -359,15 +377,16 @@ class Service:
                 os.close(left.pidfd)
 
     def close(self) -> None:
-        # The brokers see this service go and stop their workers themselves
-        # (with --restart their pairs carry on under the next one).
+        # Connected brokers see this service go and carry on under the next
+        # (--restart) or fail their channels; their workers are killed here,
+        # as before, but not their driver domains. A dead broker's workers'
+        # groups die before the checks go.
         for c in list(self.clients.values()):
             self._drop(c, departed=False)
-        # A dead broker's workers' groups die before the checks go.
         for left in {id(x): x for x in self.limbo.values()}.values():
-            if not left.killed and _exited(left.pidfd):
-                for path in left.groups:
-                    _kill_group(path)
+            if not left.emptied and _readable(left.pidfd):
+                for path, inode in left.groups.items():
+                    _kill_group(path, inode)
             os.close(left.pidfd)
         self.limbo.clear()
         self.sel.close()
