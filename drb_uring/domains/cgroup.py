@@ -83,23 +83,6 @@ def kill_and_remove(path: str, timeout: float = 5.0) -> None:
             time.sleep(0.01)
 
 
-def kill(path: str) -> None:
-    """SIGKILL every process in the group and below, at once: cgroup.kill
-    also takes a process that forks meanwhile (5.14+; drb's rings need 6.6)."""
-    with open(os.path.join(path, "cgroup.kill"), "w") as f:
-        f.write("1")
-
-
-def populated(path: str) -> bool:
-    """Whether any process is in the group or below (the kernel's own
-    flag); a group that is gone holds none."""
-    try:
-        with open(os.path.join(path, "cgroup.events")) as f:
-            return any(line.split() == ["populated", "1"] for line in f)
-    except FileNotFoundError:
-        return False
-
-
 def procs_below(path: str) -> list[int]:
     """Every process in the group and in the groups below it."""
     out: list[int] = []

@@ -459,10 +459,9 @@ class Pair:
             self._attach_driver()
         else:
             self._make_driver()
-        # Only a driver domain drb made is killed should the broker die with
-        # grants: an attached container's cgroup is its owner's to arrange.
+        # A driver domain drb made dies with its broker (attached: its owner's).
         self.broker.watch_domains({"driver": self.groups["driver"]},
-                                  workers=None if a.attached else "driver")
+                                  None if a.attached else "driver")
         for k, extent in enumerate(extents):
             self.add_user(f"user{k}", extent, a.attach_user)
         self.state = {

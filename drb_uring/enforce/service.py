@@ -22,7 +22,6 @@ import struct
 import sys
 
 from drb_uring import procs, protocol
-from drb_uring.domains import cgroup
 from drb_uring.enforce.client import OPS, SERVICE_LOCK, SERVICE_SOCK
 from drb_uring.enforce.programs import EnforceError, Enforcer
 from drb_uring.spec import Spec
@@ -87,19 +86,26 @@ def _same_group(path: str, inode: int) -> bool:
 
 
 def _kill_group(path: str, inode: int) -> None:
+    """SIGKILL every process in the cgroup (v2) and below, at once:
+    cgroup.kill also takes a process that forks meanwhile."""
     if not _same_group(path, inode):
         return                  # gone (or another group made at its path): empty
     try:
-        cgroup.kill(path)
+        with open(os.path.join(path, "cgroup.kill"), "w") as f:
+            f.write("1")
     except OSError as e:        # being removed (ENODEV): empty, or soon
         log.warning("could not kill the processes in %s: %s", path, e)
 
 
 def _populated(path: str, inode: int) -> bool:
+    """Whether any process is in the group or below (the kernel's own flag)."""
     if not _same_group(path, inode):
         return False
     try:
-        return cgroup.populated(path)
+        with open(os.path.join(path, "cgroup.events")) as f:
+            return any(line.split() == ["populated", "1"] for line in f)
+    except FileNotFoundError:
+        return False            # removed
     except OSError as e:
         # ENODEV: removed as it was read. Anything else: count it as full
         # (the grants stay closed) and look again.
