@@ -210,6 +210,25 @@ def _driver_uids(st) -> set[int]:
     return uids
 
 
+def _hold_a_channel(st: dict, name: str, user: str) -> subprocess.Popen:
+    """A program in user domain `user` that opens a channel (so that the
+    rogue worker is handed a grant ring) and holds it for a minute."""
+    p = subprocess.Popen([DRB, "exec", name, user, "--", "python3", "-c", textwrap.dedent(f"""
+        import time
+        from drb_uring.channel.client import Channel
+        from drb_uring.ring import layout as L
+        ch = Channel({st['socket']!r}, 1 << 20, geometry=L.Geometry(slot_size=65536, slot_count=4))
+        print("open", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline().strip()
+    if line != "open":
+        p.kill()
+        p.wait(10)
+        raise AssertionError(f"the channel did not open in {user}: {line!r}")
+    return p
+
+
 def test_a_removed_user_domains_ring_kept_by_a_child_goes_with_it():
     """The rogue worker of user domain user1 forks a child that keeps its
     grant rings and, once the worker is gone, writes through them at the
@@ -222,17 +241,7 @@ def test_a_removed_user_domains_ring_kept_by_a_child_goes_with_it():
     try:
         st = json.loads(drb("status", name, "--json").stdout)
         base, size = st["domains"]["user1"]["extent"]
-        opener = subprocess.Popen([DRB, "exec", name, "user1", "--", "python3", "-c",
-                                   textwrap.dedent(f"""
-            import time
-            from drb_uring.channel.client import Channel
-            from drb_uring.ring import layout as L
-            ch = Channel({st['socket']!r}, 1 << 20,
-                         geometry=L.Geometry(slot_size=65536, slot_count=4))
-            print("open", flush=True)
-            time.sleep(60)
-        """)], stdout=subprocess.PIPE, text=True)
-        assert opener.stdout.readline().strip() == "open"
+        opener = _hold_a_channel(st, name, "user1")
         drb("user", "rm", name, "user1")
         drb("user", "add", name)
         st = json.loads(drb("status", name, "--json").stdout)
@@ -271,17 +280,7 @@ def test_a_ring_kept_by_a_child_is_stopped_when_the_daemon_dies():
         st = json.loads(drb("status", name, "--json").stdout)
         before = granted_rings()
         base, _size = st["domains"]["user0"]["extent"]
-        opener = subprocess.Popen([DRB, "exec", name, "user0", "--", "python3", "-c",
-                                   textwrap.dedent(f"""
-            import time
-            from drb_uring.channel.client import Channel
-            from drb_uring.ring import layout as L
-            ch = Channel({st['socket']!r}, 1 << 20,
-                         geometry=L.Geometry(slot_size=65536, slot_count=4))
-            print("open", flush=True)
-            time.sleep(60)
-        """)], stdout=subprocess.PIPE, text=True)
-        assert opener.stdout.readline().strip() == "open"
+        opener = _hold_a_channel(st, name, "user0")
         ours = granted_rings() - before
         assert len(ours) == 1
         mine = os.urandom(4096)
