@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 
 libc = ctypes.CDLL(None, use_errno=True)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
+
+
+def readable(fd: int, timeout: float = 0) -> bool:
+    """Whether `fd` polls readable within `timeout` seconds (a pidfd: its
+    process has exited). poll(2), not select(2): a descriptor may be above
+    FD_SETSIZE in a process that holds many."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(timeout * 1000))
 
 
 def check(ret: int, what: str) -> int:

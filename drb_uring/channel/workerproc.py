@@ -9,13 +9,12 @@ never waited on in the loop.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import struct
 import subprocess
 from typing import Callable
 
-from drb_uring import procs, protocol
+from drb_uring import linux, procs, protocol
 from drb_uring.channel.worker import WorkerSpec
 
 READY_ID = 0xFFFFFFFF              # its first report: it hears SIGTERM now
@@ -78,7 +77,7 @@ class WorkerProc:
         fd = self.wpidfd if self.wpidfd >= 0 else self.pidfd
         if fd < 0:
             return True
-        return bool(select.select([fd], [], [], timeout)[0])
+        return linux.readable(fd, timeout)
 
     def close_fds(self) -> None:
         protocol.close_fds([fd for fd in (self.ctl_w, self.report_r, self.gate_r, self.pidfd,

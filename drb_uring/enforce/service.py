@@ -14,14 +14,13 @@ import errno
 import fcntl
 import logging
 import os
-import select
 import selectors
 import signal
 import socket
 import struct
 import sys
 
-from drb_uring import procs, protocol
+from drb_uring import linux, procs, protocol
 from drb_uring.enforce.client import OPS, SERVICE_LOCK, SERVICE_SOCK
 from drb_uring.enforce.programs import EnforceError, Enforcer
 from drb_uring.spec import Spec
@@ -69,13 +68,6 @@ class _Limbo:
     pidfd: int                      # the broker's
     killed: bool = False            # (told once in the log)
     emptied: bool = False
-
-
-def _readable(fd: int, timeout: float = 0) -> bool:
-    """poll(2), not select(2): a descriptor may be above FD_SETSIZE."""
-    p = select.poll()
-    p.register(fd, select.POLLIN)
-    return bool(p.poll(timeout * 1000))
 
 
 def _same_group(path: str, inode: int) -> bool:
@@ -156,7 +148,7 @@ class Service:
             except ProcessLookupError:
                 pass
             # Ungranted only once it is gone: until then it could submit.
-            _readable(fd, WORKER_DEATH_WAIT)
+            linux.readable(fd, WORKER_DEATH_WAIT)
         os.close(fd)
 
     def _drop(self, c: Client, departed: bool = True) -> None:
@@ -365,7 +357,7 @@ class Service:
         empty: the broker was the rings' only holder outside them."""
         for gid, left in list(self.limbo.items()):
             if not left.emptied:
-                if not _readable(left.pidfd):
+                if not linux.readable(left.pidfd):
                     continue            # the broker lives
                 if not left.killed:
                     left.killed = True
@@ -390,7 +382,7 @@ class Service:
         for c in list(self.clients.values()):
             self._drop(c, departed=False)
         for left in {id(x): x for x in self.limbo.values()}.values():
-            if not left.emptied and _readable(left.pidfd):
+            if not left.emptied and linux.readable(left.pidfd):
                 for path, inode in left.groups.items():
                     _kill_group(path, inode)
             os.close(left.pidfd)
